@@ -1,0 +1,1 @@
+"""memslots: Linux KVM's tree-based memory slots, in Python."""

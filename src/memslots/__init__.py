@@ -1,1 +1,42 @@
-"""memslots: Linux KVM's tree-based memory slots, in Python."""
+"""memslots: Linux KVM's tree-based memory slots, in Python.
+
+The engine (:class:`Vm`) keeps two memslot sets per address space that share memslot
+objects, changes only the inactive one, publishes it and waits for readers of the old one
+before bringing it in line (commit a54d806688fe). See README.md and docs/design.md.
+"""
+
+from memslots.constants import (
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMSLOT_INVALID,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+from memslots.errors import MemslotError
+from memslots.guest_memory import HostMemory
+from memslots.memslot_set import MemslotSet
+from memslots.slot import Memslot
+from memslots.validate import Change
+from memslots.vm import KVM_HVA_ERR_BAD, KVM_HVA_ERR_RO_BAD, Vcpu, Vm, kvm_is_error_hva
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVM_HVA_ERR_BAD",
+    "KVM_HVA_ERR_RO_BAD",
+    "KVM_MEMSLOT_INVALID",
+    "KVM_MEM_GUEST_MEMFD",
+    "KVM_MEM_LOG_DIRTY_PAGES",
+    "KVM_MEM_READONLY",
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "Change",
+    "HostMemory",
+    "Memslot",
+    "MemslotError",
+    "MemslotSet",
+    "Vcpu",
+    "Vm",
+    "kvm_is_error_hva",
+]

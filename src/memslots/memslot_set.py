@@ -1,0 +1,173 @@
+"""A memslot set (``struct kvm_memslots``): one index of the slots of an address space.
+
+Each address space has two sets, active and inactive (see :mod:`memslots.vm`). Both index
+the same :class:`~memslots.slot.Memslot` objects except while an update is in flight;
+each has its own gfn-ordered index, hva interval tree, id map, generation and last-used
+cache, like the kernel's per-set ``gfn_tree``, ``hva_tree``, ``id_hash`` and
+``last_used_slot``.
+
+Concurrency: a set that is published (the active one) is only ever *read*, apart from the
+``last_used_slot`` cache, which readers update with a single reference store. Only the
+writer changes a set, and only after a grace period has shown that no reader still uses it.
+A caller that keeps a set across several calls must hold a read section
+(``with vm.read_section(): s = vm.memslots(); ...``); see :mod:`memslots.sync`.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterator
+from itertools import pairwise
+
+from memslots.gfn_index import GfnIndex
+from memslots.hva_tree import HvaTree
+from memslots.slot import Memslot
+
+
+class MemslotSet:
+    """The slots of one address space as seen by one of its two sets.
+
+    Attributes: ``as_id``; ``node_idx`` (0 or 1, which of the two sets this is);
+    ``generation`` (the kernel's generation number, see :mod:`memslots.vm`);
+    ``last_used_slot`` (the set-wide cache of the last slot found by gfn, or None).
+    """
+
+    __slots__ = ("_gfn", "_hva", "_ids", "as_id", "generation", "last_used_slot", "node_idx")
+
+    def __init__(self, as_id: int, node_idx: int) -> None:
+        self.as_id = as_id
+        self.node_idx = node_idx
+        self.generation = as_id
+        self.last_used_slot: Memslot | None = None
+        self._gfn = GfnIndex()
+        self._hva = HvaTree()
+        self._ids: dict[int, Memslot] = {}
+
+    # --- read side ------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Number of slots in the set, O(1)."""
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[Memslot]:
+        """Slots in ascending ``base_gfn`` order, O(1) per slot."""
+        return iter(self._gfn)
+
+    def __bool__(self) -> bool:
+        return bool(self._ids)
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """The slot holding ``gfn`` or None (``____gfn_to_memslot(slots, gfn, false)``).
+
+        Tries the set's ``last_used_slot`` first (O(1)), then searches the gfn index
+        (O(log n)) and caches a hit. INVALID slots are returned like any other (the kernel
+        does not check the flag here; gfn->hva does).
+        """
+        s = self.last_used_slot
+        if s is not None and s.base_gfn <= gfn < s.base_gfn + s.npages:
+            return s
+        # GfnIndex.find, inlined: this is the miss path of every guest access
+        index = self._gfn
+        mins = index._mins
+        c = bisect_right(mins, gfn) - 1
+        if c < 0:
+            return None
+        keys = index._keys[c]
+        s = index._vals[c][bisect_right(keys, gfn) - 1]
+        if gfn < s.base_gfn + s.npages:
+            self.last_used_slot = s
+            return s
+        return None
+
+    def search(self, gfn: int) -> Memslot | None:
+        """The slot holding ``gfn`` without touching the cache (``search_memslots``),
+        O(log n)."""
+        return self._gfn.find(gfn)
+
+    def id_to_memslot(self, id: int) -> Memslot | None:
+        """The slot with this id (the low 16 bits of the ABI slot number), O(1)."""
+        return self._ids.get(id)
+
+    def iter_gfn_range(self, start: int, end: int) -> Iterator[Memslot]:
+        """Slots intersecting the gfn range ``[start, end)``, ascending by base_gfn
+        (``kvm_for_each_memslot_in_gfn_range``). O(log n + k), lazy."""
+        if end <= start:
+            return
+        for s in self._gfn.iter_from(start):
+            if s.base_gfn >= end:
+                return
+            yield s
+
+    def iter_hva_range(self, start: int, last: int) -> Iterator[Memslot]:
+        """Slots whose hva range intersects ``[start, last]``, both inclusive
+        (``kvm_for_each_memslot_in_hva_range``), ascending by userspace_addr then id.
+        O(log n + k log n), lazy. INVALID copies that are published are included, as in
+        the kernel."""
+        if last < start:
+            return iter(())
+        return self._hva.iter_range(start, last)
+
+    def first(self) -> Memslot | None:
+        """The slot with the lowest base_gfn, or None."""
+        return self._gfn.first()
+
+    def last(self) -> Memslot | None:
+        """The slot with the highest base_gfn, or None."""
+        return self._gfn.last()
+
+    def __repr__(self) -> str:
+        return (
+            f"MemslotSet(as_id={self.as_id}, node_idx={self.node_idx}, "
+            f"generation={self.generation:#x}, slots={len(self)})"
+        )
+
+    # --- write side (the update protocol only; never on a published set) -------------
+    def replace(self, old: Memslot | None, new: Memslot | None) -> None:
+        """``kvm_replace_memslot`` on this set: put ``new`` where ``old`` was.
+
+        ``old`` None adds ``new``; ``new`` None removes ``old``. A cached ``old`` becomes
+        ``new`` in ``last_used_slot``. Equal base_gfn (or hva range) replaces the index
+        entry in place. O(log n).
+        """
+        if old is None and new is None:
+            raise ValueError("replace needs a slot")
+        if old is not None:
+            del self._ids[old.id]
+            if self.last_used_slot is old:
+                self.last_used_slot = new
+            if new is None:
+                self._hva.remove(old)
+                self._gfn.remove(old)
+                return
+        assert new is not None
+        self._ids[new.id] = new
+        if old is not None and self._hva.can_replace(old, new):
+            self._hva.replace(old, new)
+        else:
+            if old is not None:
+                self._hva.remove(old)
+            self._hva.insert(new)
+        if old is not None and old.base_gfn == new.base_gfn:
+            self._gfn.replace(old, new)
+        else:
+            if old is not None:
+                self._gfn.remove(old)
+            self._gfn.insert(new)
+
+    def check_invariants(self) -> None:
+        """Assert the three indexes agree, no two slots overlap in gfn, the cache points
+        into the set (for tests; O(n))."""
+        self._gfn.check()
+        self._hva.check()
+        by_gfn = list(self._gfn)
+        assert len(by_gfn) == len(self._ids) == len(self._hva), "index sizes differ"
+        for s in by_gfn:
+            assert self._ids.get(s.id) is s, f"id map disagrees for slot {s.id}"
+            assert s.as_id == self.as_id, "slot in the wrong address space"
+            assert s.npages > 0
+        for a, b in pairwise(by_gfn):
+            assert a.base_gfn + a.npages <= b.base_gfn, f"gfn overlap: {a} and {b}"
+        assert {id(s) for s in self._hva} == {id(s) for s in by_gfn}, "hva tree disagrees"
+        if self.last_used_slot is not None:
+            assert self._ids.get(self.last_used_slot.id) is self.last_used_slot, (
+                "last_used_slot is not in the set"
+            )

@@ -1,0 +1,141 @@
+"""The memslot: one guest-physical range backed by one host-virtual range.
+
+A :class:`Memslot` is shared by both memslot sets of its address space. Its fields never
+change while it is published (the kernel's rule too): an update replaces the whole object
+with a copy, so a reader holding a slot always sees a consistent one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memslots.constants import (
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMSLOT_INVALID,
+    PAGE_SHIFT,
+)
+
+
+class Memslot:
+    """``struct kvm_memory_slot``: ``id``, ``as_id``, ``base_gfn``, ``npages``, ``flags``,
+    ``userspace_addr``, and the dirty bitmap (``None`` unless dirty logging is on).
+
+    ``dirty_bitmap`` is a :class:`bytearray` of ``ALIGN(npages, 64) / 8`` bytes whose bit
+    ``i`` (little-endian bit order, the kernel's ``set_bit_le``) is ``gfn = base_gfn + i``.
+    ``arch`` is an opaque per-architecture value, carried over on FLAGS_ONLY changes like
+    the kernel's ``slot->arch``.
+    """
+
+    __slots__ = (
+        "arch",
+        "as_id",
+        "base_gfn",
+        "dirty_bitmap",
+        "flags",
+        "id",
+        "npages",
+        "userspace_addr",
+    )
+
+    def __init__(
+        self,
+        id: int,
+        as_id: int,
+        base_gfn: int,
+        npages: int,
+        flags: int,
+        userspace_addr: int,
+        dirty_bitmap: bytearray | None = None,
+        arch: Any = None,
+    ) -> None:
+        self.id = id
+        self.as_id = as_id
+        self.base_gfn = base_gfn
+        self.npages = npages
+        self.flags = flags
+        self.userspace_addr = userspace_addr
+        self.dirty_bitmap = dirty_bitmap
+        self.arch = arch
+
+    # --- derived values -------------------------------------------------------------
+    @property
+    def slot(self) -> int:
+        """The ABI slot number ``as_id << 16 | id``."""
+        return (self.as_id << 16) | self.id
+
+    @property
+    def invalid(self) -> bool:
+        """True for the temporary INVALID copy published while the slot is deleted/moved."""
+        return bool(self.flags & KVM_MEMSLOT_INVALID)
+
+    @property
+    def readonly(self) -> bool:
+        """True when the guest may not write the slot (``KVM_MEM_READONLY``)."""
+        return bool(self.flags & KVM_MEM_READONLY)
+
+    @property
+    def log_dirty(self) -> bool:
+        """True when dirty logging is on (``KVM_MEM_LOG_DIRTY_PAGES``)."""
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+    @property
+    def end_gfn(self) -> int:
+        """One past the last gfn of the slot."""
+        return self.base_gfn + self.npages
+
+    @property
+    def guest_phys_addr(self) -> int:
+        """The first guest physical address of the slot."""
+        return self.base_gfn << PAGE_SHIFT
+
+    @property
+    def memory_size(self) -> int:
+        """The size of the slot in bytes."""
+        return self.npages << PAGE_SHIFT
+
+    @property
+    def hva_last(self) -> int:
+        """The last host virtual address of the slot (inclusive, as the kernel's
+        ``hva_node.last``)."""
+        return self.userspace_addr + (self.npages << PAGE_SHIFT) - 1
+
+    def contains_gfn(self, gfn: int) -> bool:
+        """``base_gfn <= gfn < base_gfn + npages``, O(1)."""
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def copy(self) -> Memslot:
+        """``kvm_copy_memslot``: a new object with the same fields (bitmap shared)."""
+        return Memslot(
+            self.id,
+            self.as_id,
+            self.base_gfn,
+            self.npages,
+            self.flags,
+            self.userspace_addr,
+            self.dirty_bitmap,
+            self.arch,
+        )
+
+    def same_fields(self, other: Memslot) -> bool:
+        """True when both slots describe the same mapping (id, as_id, gfns, flags, hva)."""
+        return (
+            self.id == other.id
+            and self.as_id == other.as_id
+            and self.base_gfn == other.base_gfn
+            and self.npages == other.npages
+            and self.flags == other.flags
+            and self.userspace_addr == other.userspace_addr
+        )
+
+    def as_tuple(self) -> tuple[int, int, int, int, int, int]:
+        """``(as_id, id, base_gfn, npages, flags, userspace_addr)``, handy for comparisons."""
+        return (self.as_id, self.id, self.base_gfn, self.npages, self.flags, self.userspace_addr)
+
+    def __repr__(self) -> str:
+        extra = " INVALID" if self.invalid else ""
+        return (
+            f"Memslot(as_id={self.as_id}, id={self.id}, base_gfn={self.base_gfn:#x}, "
+            f"npages={self.npages:#x}, flags={self.flags & 0xFFFF:#x}{extra}, "
+            f"userspace_addr={self.userspace_addr:#x})"
+        )

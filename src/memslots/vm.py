@@ -1,0 +1,619 @@
+"""The VM: address spaces with two memslot sets each, and the update protocol.
+
+This module is the kernel's ``kvm_set_memslot`` and its helpers, in the kernel's names and
+order; read :meth:`Vm._set_memslot` top to bottom. The design (commit a54d806688fe, "KVM:
+Keep memslots in tree-based structures instead of array-based ones"):
+
+- Memslot data lives apart from the sets. Each address space has two
+  :class:`~memslots.memslot_set.MemslotSet` objects, the *active* one (published in
+  ``Vm._memslots[as_id]``, read by lookups) and the *inactive* one. Outside an update both
+  hold the very same :class:`~memslots.slot.Memslot` objects.
+- An update changes only the inactive set, replacing just the one slot that changes with
+  its copy (O(log n)), publishes it (a swap), waits for a grace period so no reader still
+  uses the previously active set, then applies the same replacement there. Both sets then
+  share every slot again.
+- DELETE and MOVE first publish an INVALID copy of the slot, so that while the slot is
+  being taken away lookups find the INVALID copy (and guest accesses fault) instead of a
+  slot that is about to disappear.
+- Generations: both sets of address space ``as`` start at ``as``; a swap sets bit 63 in the
+  set being published and, once readers of the old set are gone, stores
+  ``old + nr_address_spaces``. Caches tagged with a generation (vCPU last-used slot) can
+  therefore never confuse two states of the sets.
+
+Locks: ``slots_lock`` serialises writers (one update at a time). Readers take no lock:
+they use :class:`~memslots.sync.Srcu` read sections, which never block.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from errno import EEXIST, EINVAL
+from typing import TYPE_CHECKING
+
+from memslots import dirty_log as _dirty_log
+from memslots import guest_memory as _guest_memory
+from memslots.constants import (
+    KVM_ADDRESS_SPACE_NUM_X86,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+    KVM_MEMSLOT_INVALID,
+    KVM_USER_MEM_SLOTS_X86,
+    PAGE_SHIFT,
+    X86_MAX_GFN,
+    X86_TASK_SIZE_MAX,
+)
+from memslots.errors import MemslotError
+from memslots.faults import FaultInjector
+from memslots.memslot_set import MemslotSet
+from memslots.slot import Memslot
+from memslots.sync import Srcu
+from memslots.validate import Change, Decision, VmLimits, check_set_user_memory_region
+
+if TYPE_CHECKING:
+    from memslots.guest_memory import HostMemory
+
+#: what kvm_is_error_hva() rejects: gfn_to_hva() of a hole, an INVALID slot, or (write)
+#: a read-only slot gives one of these
+KVM_HVA_ERR_BAD = 1 << 63
+KVM_HVA_ERR_RO_BAD = KVM_HVA_ERR_BAD + (1 << PAGE_SHIFT)
+
+InvalidateCallback = Callable[[Memslot], None]
+
+
+def kvm_is_error_hva(hva: int) -> bool:
+    """True for the error values gfn->hva returns (``KVM_HVA_ERR_BAD`` and ``..._RO_BAD``)."""
+    return hva >= KVM_HVA_ERR_BAD
+
+
+def gfn_to_hva_memslot_prot(slot: Memslot | None, gfn: int, write: bool) -> int:
+    """``__gfn_to_hva_many``: the hva of ``gfn`` in ``slot``, or an error hva.
+
+    ``KVM_HVA_ERR_BAD`` for no slot, an INVALID slot or a gfn outside the slot;
+    ``KVM_HVA_ERR_RO_BAD`` when ``write`` and the slot is read-only. O(1).
+    """
+    if slot is None or slot.flags & KVM_MEMSLOT_INVALID:
+        return KVM_HVA_ERR_BAD
+    if not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+        return KVM_HVA_ERR_BAD
+    if write and slot.readonly:
+        return KVM_HVA_ERR_RO_BAD
+    return slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
+
+
+class Vcpu:
+    """A vCPU's view of the memslots: its address space and its last-used-slot cache.
+
+    ``as_id`` may be changed at any time (x86 SMM entry/exit switches to address space 1).
+    The cache is dropped whenever the active set's generation differs from the one it was
+    filled under (``kvm_vcpu_gfn_to_memslot``).
+    """
+
+    __slots__ = ("as_id", "id", "last_used_slot", "last_used_slot_gen", "vm")
+
+    def __init__(self, vm: Vm, id: int) -> None:
+        self.vm = vm
+        self.id = id
+        self.as_id = 0
+        self.last_used_slot: Memslot | None = None
+        self.last_used_slot_gen = -1
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """The slot holding ``gfn`` in this vCPU's address space, or None.
+
+        Hit: O(1), no read section: a cached slot whose generation equals the active set's
+        generation was in that set when it was loaded (every swap changes the generation).
+        Miss: a read section and one O(log n) search of the active set; the VM-wide cache
+        is deliberately not used, as in the kernel.
+        """
+        vm = self.vm
+        slots = vm._memslots[self.as_id]
+        if slots.generation == self.last_used_slot_gen:
+            s = self.last_used_slot
+            if s is not None and s.base_gfn <= gfn < s.base_gfn + s.npages:
+                return s
+        srcu = vm.srcu
+        idx = srcu.read_lock()
+        try:
+            slots = vm._memslots[self.as_id]
+            gen = slots.generation
+            if gen != self.last_used_slot_gen:
+                self.last_used_slot = None
+                self.last_used_slot_gen = gen
+            s = slots.search(gfn)
+            if s is not None:
+                self.last_used_slot = s
+            return s
+        finally:
+            srcu.read_unlock(idx)
+
+    def memslots(self) -> MemslotSet:
+        """The active set of this vCPU's address space (hold a read section to use it)."""
+        return self.vm._memslots[self.as_id]
+
+    def __repr__(self) -> str:
+        return f"Vcpu(id={self.id}, as_id={self.as_id})"
+
+
+class Vm:
+    """A virtual machine's memslots: the tree-based engine with the kernel's semantics.
+
+    ``Vm()`` has x86-64 defaults (2 address spaces, 32764 user slots, max gfn 2^40-1,
+    READONLY supported). Keyword arguments: ``nr_address_spaces``, ``max_user_slots``,
+    ``max_gfn``, ``readonly_mem``, ``private_mem``, ``task_size_max``.
+
+    Writers: :meth:`set_user_memory_region` and :meth:`set_user_memory_region2` (O(log n)
+    each; one at a time, under ``slots_lock``). Readers: :meth:`gfn_to_memslot`,
+    :meth:`memslots`, vCPUs; they never block.
+    """
+
+    def __init__(
+        self,
+        *,
+        nr_address_spaces: int = KVM_ADDRESS_SPACE_NUM_X86,
+        max_user_slots: int = KVM_USER_MEM_SLOTS_X86,
+        max_gfn: int = X86_MAX_GFN,
+        readonly_mem: bool = True,
+        private_mem: bool = False,
+        task_size_max: int = X86_TASK_SIZE_MAX,
+    ) -> None:
+        self.limits = VmLimits(
+            nr_address_spaces=nr_address_spaces,
+            max_user_slots=max_user_slots,
+            max_gfn=max_gfn,
+            readonly_mem=readonly_mem,
+            private_mem=private_mem,
+            task_size_max=task_size_max,
+        )
+        self.nr_address_spaces = nr_address_spaces
+        #: both sets of each address space: ``_sets[as_id][node_idx]``
+        self._sets = [(MemslotSet(a, 0), MemslotSet(a, 1)) for a in range(nr_address_spaces)]
+        #: the published (active) set of each address space
+        self._memslots: list[MemslotSet] = [pair[0] for pair in self._sets]
+        self.srcu = Srcu()
+        #: serialises updates (the kernel's kvm->slots_lock)
+        self.slots_lock = threading.RLock()
+        #: sum of npages over all slots of all address spaces
+        self.nr_memslot_pages = 0
+        #: number of slots with dirty logging on (mainline's nr_memslots_dirty_logging)
+        self.nr_memslots_dirty_logging = 0
+        #: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 value
+        self.manual_dirty_log_protect = 0
+        #: bytes of dirty bitmap currently allocated (leak accounting for tests)
+        self.dirty_bitmap_bytes = 0
+        self.faults = FaultInjector()
+        #: what the last successful set_user_memory_region call did
+        self.last_change: Change | None = None
+        self._vcpus: dict[int, Vcpu] = {}
+        self._invalidate_callbacks: list[InvalidateCallback] = []
+        #: exceptions raised by invalidation callbacks: ``(slot, exception)``
+        self.callback_errors: list[tuple[int, BaseException]] = []
+        self._host_memory: list[HostMemory] = []
+
+    # ==================================================================================
+    # The ioctls
+    # ==================================================================================
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION``: create, delete (size 0), move or change the
+        flags of a slot. Raises :class:`MemslotError` with the kernel's errno; a failure
+        changes nothing (except the generation of a DELETE/MOVE that failed in prepare,
+        as in the kernel). O(log n)."""
+        self._set_user_memory_region(
+            False, slot, flags, guest_phys_addr, memory_size, userspace_addr, 0
+        )
+
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd_offset: int = 0,
+        guest_memfd: int = 0,
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2``: as :meth:`set_user_memory_region`, also taking
+        ``KVM_MEM_GUEST_MEMFD`` (accepted only when the VM has private memory;
+        ``guest_memfd`` is not opened by the engine). O(log n)."""
+        self._set_user_memory_region(
+            True, slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset
+        )
+
+    def _set_user_memory_region(
+        self,
+        v2: bool,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd_offset: int,
+    ) -> None:
+        with self.slots_lock:
+            d = self.check_region(
+                v2, slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset
+            )
+            self.apply(d)
+
+    def check_region(
+        self,
+        v2: bool,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd_offset: int = 0,
+    ) -> Decision:
+        """Validate and classify a request without changing anything (what the kernel
+        would decide before ``kvm_set_memslot``); raises :class:`MemslotError`."""
+        return check_set_user_memory_region(
+            self.limits,
+            self._memslots,
+            self.nr_memslot_pages,
+            v2=v2,
+            slot=slot,
+            flags=flags,
+            guest_phys_addr=guest_phys_addr,
+            memory_size=memory_size,
+            userspace_addr=userspace_addr,
+            guest_memfd_offset=guest_memfd_offset,
+        )
+
+    def apply(self, d: Decision) -> None:
+        """Carry out a validated request (the end of ``kvm_set_memory_region``)."""
+        with self.slots_lock:
+            if d.change is Change.NONE:
+                self.last_change = Change.NONE
+                return
+            new: Memslot | None = None
+            if d.change is not Change.DELETE:
+                self.faults.check("kzalloc_new")
+                new = Memslot(d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr)
+            self._set_memslot(d.old, new, d.change)
+            self.last_change = d.change
+
+    # ==================================================================================
+    # The update protocol: kvm_set_memslot and its helpers
+    # ==================================================================================
+    def _set_memslot(self, old: Memslot | None, new: Memslot | None, change: Change) -> None:
+        """``kvm_set_memslot``: the whole update, with rollback on failure."""
+        invalid: Memslot | None = None
+        if change in (Change.DELETE, Change.MOVE):
+            assert old is not None
+            # The INVALID copy must exist before anything is touched.
+            self.faults.check("kzalloc_invalid")
+            # Swap #1: readers now find the INVALID copy; `old` stays in the other set.
+            invalid = self._invalidate_memslot(old)
+
+        try:
+            self._prepare_memory_region(old, new, change)
+        except MemslotError:
+            if invalid is not None:
+                # Swap #2 in reverse: readers see `old` again and both sets hold it.
+                assert old is not None
+                self._activate_memslot(invalid, old)
+            raise
+
+        # From here on nothing can fail.
+        if change is Change.CREATE:
+            assert new is not None
+            self._create_memslot(new)
+        elif change is Change.DELETE:
+            assert old is not None and invalid is not None
+            self._delete_memslot(old, invalid)
+        elif change is Change.MOVE:
+            assert old is not None and new is not None and invalid is not None
+            self._move_memslot(old, new, invalid)
+        elif change is Change.FLAGS_ONLY:
+            assert old is not None and new is not None
+            self._update_flags_memslot(old, new)
+        else:  # pragma: no cover
+            raise AssertionError(change)
+
+        self._commit_memory_region(old, new, change)
+
+    def _create_memslot(self, new: Memslot) -> None:
+        """``kvm_create_memslot``: add to the inactive set, publish, add to the other."""
+        self._replace_memslot(None, new)
+        self._activate_memslot(None, new)
+
+    def _delete_memslot(self, old: Memslot, invalid: Memslot) -> None:
+        """``kvm_delete_memslot``: remove `old` from the inactive set (the INVALID copy is
+        published), publish that, then remove the INVALID copy from the other set."""
+        self._replace_memslot(old, None)
+        self._activate_memslot(invalid, None)
+
+    def _move_memslot(self, old: Memslot, new: Memslot, invalid: Memslot) -> None:
+        """``kvm_move_memslot``: `old` becomes `new` in the inactive set, publish, then the
+        INVALID copy becomes `new` in the other set."""
+        self._replace_memslot(old, new)
+        self._activate_memslot(invalid, new)
+
+    def _update_flags_memslot(self, old: Memslot, new: Memslot) -> None:
+        """``kvm_update_flags_memslot``: one swap, no INVALID step."""
+        self._replace_memslot(old, new)
+        self._activate_memslot(old, new)
+
+    def _inactive_memslots(self, as_id: int) -> MemslotSet:
+        """``kvm_get_inactive_memslots``: the set of ``as_id`` that is not published."""
+        return self._sets[as_id][self._memslots[as_id].node_idx ^ 1]
+
+    def _replace_memslot(self, old: Memslot | None, new: Memslot | None) -> None:
+        """``kvm_replace_memslot``: on the inactive set only."""
+        s = old if old is not None else new
+        assert s is not None
+        self._inactive_memslots(s.as_id).replace(old, new)
+
+    def _swap_active_memslots(self, as_id: int) -> None:
+        """``kvm_swap_active_memslots``: publish the inactive set, wait for every reader of
+        the previously active set to leave, then settle the generation."""
+        active = self._memslots[as_id]
+        inactive = self._inactive_memslots(as_id)
+        gen = active.generation
+        assert not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, "swap already in progress"
+        # Caches tagged with any final generation miss while the swap is in flight.
+        inactive.generation = gen | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+        self._memslots[as_id] = inactive  # publish: new readers see this set
+        self.srcu.synchronize()  # all readers of `active` are gone
+        gen = (inactive.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.nr_address_spaces
+        inactive.generation = gen
+
+    def _activate_memslot(self, old: Memslot | None, new: Memslot | None) -> None:
+        """``kvm_activate_memslot``: swap, then repeat the replacement on the set that was
+        active before the swap, so both sets converge."""
+        s = old if old is not None else new
+        assert s is not None
+        self._swap_active_memslots(s.as_id)
+        self._replace_memslot(old, new)
+
+    def _invalidate_memslot(self, old: Memslot) -> Memslot:
+        """``kvm_invalidate_memslot``: publish an INVALID copy of `old` (swap #1) and
+        flush what was mapped through `old`."""
+        invalid = old.copy()
+        invalid.flags |= KVM_MEMSLOT_INVALID
+        self._replace_memslot(old, invalid)
+        self._swap_active_memslots(old.as_id)
+        self._arch_flush_shadow_memslot(old)
+        old.arch = invalid.arch
+        return invalid
+
+    def _arch_flush_shadow_memslot(self, old: Memslot) -> None:
+        """``kvm_arch_flush_shadow_memslot``: tell registered invalidation callbacks
+        (shadow MMUs, caches of hvas) that `old` is going away. A callback that raises is
+        reported after the update, never half-way (the kernel's flush cannot fail)."""
+        for cb in list(self._invalidate_callbacks):
+            try:
+                self.faults.check("invalidate_callback")
+                cb(old)
+            except Exception as exc:
+                self.callback_errors.append((old.slot, exc))
+
+    def _prepare_memory_region(
+        self, old: Memslot | None, new: Memslot | None, change: Change
+    ) -> None:
+        """``kvm_prepare_memory_region``: dirty bitmap, then the arch hook; on failure
+        frees what it allocated."""
+        allocated = False
+        if change is not Change.DELETE:
+            assert new is not None
+            if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                new.dirty_bitmap = None
+            elif old is not None and old.dirty_bitmap is not None:
+                new.dirty_bitmap = old.dirty_bitmap  # shared: MOVE/FLAGS keep pending bits
+            else:
+                self.faults.check("dirty_bitmap")
+                new.dirty_bitmap = _dirty_log.alloc_dirty_bitmap(
+                    new.npages, self.manual_dirty_log_protect
+                )
+                self.dirty_bitmap_bytes += len(new.dirty_bitmap)
+                allocated = True
+        try:
+            self._arch_prepare_memory_region(old, new, change)
+        except MemslotError:
+            if allocated:
+                assert new is not None and new.dirty_bitmap is not None
+                self.dirty_bitmap_bytes -= len(new.dirty_bitmap)
+                new.dirty_bitmap = None
+            raise
+
+    def _arch_prepare_memory_region(
+        self, old: Memslot | None, new: Memslot | None, change: Change
+    ) -> None:
+        """``kvm_arch_prepare_memory_region`` (x86): the max-gfn check and metadata
+        allocation for CREATE/MOVE, arch data carried over on FLAGS_ONLY."""
+        if change in (Change.CREATE, Change.MOVE):
+            assert new is not None
+            if new.base_gfn + new.npages - 1 > self.limits.max_gfn:
+                raise MemslotError(EINVAL, "gfn range beyond the maximum gfn")
+        self.faults.check("arch_prepare")
+        if change is Change.FLAGS_ONLY:
+            assert old is not None and new is not None
+            new.arch = old.arch
+
+    def _commit_memory_region(
+        self, old: Memslot | None, new: Memslot | None, change: Change
+    ) -> None:
+        """``kvm_commit_memory_region``: page accounting, then free what `old` no longer
+        needs."""
+        if change is Change.DELETE:
+            assert old is not None
+            self.nr_memslot_pages -= old.npages
+        elif change is Change.CREATE:
+            assert new is not None
+            self.nr_memslot_pages += new.npages
+        old_flags = old.flags if old is not None else 0
+        new_flags = new.flags if new is not None else 0
+        if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
+            self.nr_memslots_dirty_logging += 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
+        if (
+            old is not None
+            and old.dirty_bitmap is not None
+            and (new is None or new.dirty_bitmap is None)
+        ):
+            self.dirty_bitmap_bytes -= len(old.dirty_bitmap)
+            old.dirty_bitmap = None  # kvm_destroy_dirty_bitmap
+
+    # ==================================================================================
+    # Lookups (readers)
+    # ==================================================================================
+    def memslots(self, as_id: int = 0) -> MemslotSet:
+        """The active set of ``as_id`` (``__kvm_memslots``). O(1).
+
+        The set stays valid only inside a read section: ``with vm.read_section(): ...``.
+        """
+        if not 0 <= as_id < self.nr_address_spaces:
+            raise MemslotError(EINVAL, f"address space {as_id} does not exist")
+        return self._memslots[as_id]
+
+    def read_section(self) -> AbstractContextManager[None]:
+        """``with vm.read_section():`` a read section (``srcu_read_lock``): sets obtained
+        inside it are not changed by writers until it ends. Never blocks."""
+        return self.srcu.read()
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """``gfn_to_memslot(kvm, gfn)``: the slot of address space 0 holding ``gfn``, or
+        None; uses and fills the set's last-used cache. O(1) on a hit, O(log n) else."""
+        srcu = self.srcu
+        idx = srcu.read_lock()
+        try:
+            return self._memslots[0].gfn_to_memslot(gfn)
+        finally:
+            srcu.read_unlock(idx)
+
+    def id_to_memslot(self, slot: int) -> Memslot | None:
+        """The slot with ABI number ``slot`` (``as_id << 16 | id``) in the active set, or
+        None. O(1)."""
+        as_id = slot >> 16
+        if as_id >= self.nr_address_spaces:
+            return None
+        return self._memslots[as_id].id_to_memslot(slot & 0xFFFF)
+
+    def gfn_to_hva(self, gfn: int, write: bool = True) -> int:
+        """``gfn_to_hva`` (write semantics by default, so a read-only slot gives
+        ``KVM_HVA_ERR_RO_BAD``) or ``gfn_to_hva_prot`` with ``write=False``. Returns an
+        error hva (see :func:`kvm_is_error_hva`) for holes and INVALID slots. O(log n)."""
+        srcu = self.srcu
+        idx = srcu.read_lock()
+        try:
+            slot = self._memslots[0].gfn_to_memslot(gfn)
+            return gfn_to_hva_memslot_prot(slot, gfn, write)
+        finally:
+            srcu.read_unlock(idx)
+
+    def is_visible_gfn(self, gfn: int) -> bool:
+        """``kvm_is_visible_gfn``: a user slot that is not INVALID holds ``gfn``."""
+        s = self.gfn_to_memslot(gfn)
+        return s is not None and s.id < self.limits.max_user_slots and not s.invalid
+
+    def create_vcpu(self, id: int) -> Vcpu:
+        """A vCPU with its own last-used-slot cache (address space 0 to start with)."""
+        if id in self._vcpus:
+            raise MemslotError(EEXIST, f"vCPU {id} exists")
+        vcpu = Vcpu(self, id)
+        self._vcpus[id] = vcpu
+        return vcpu
+
+    def slots(self) -> list[Memslot]:
+        """A snapshot of every slot of every address space (as_id, then base_gfn order)."""
+        with self.read_section():
+            return [s for a in range(self.nr_address_spaces) for s in self._memslots[a]]
+
+    def __iter__(self) -> Iterator[Memslot]:
+        return iter(self.slots())
+
+    # ==================================================================================
+    # Invalidation callbacks (the MMU-notifier side)
+    # ==================================================================================
+    def register_invalidate_callback(self, cb: InvalidateCallback) -> None:
+        """Call ``cb(old_slot)`` whenever a slot is invalidated (DELETE and MOVE, right
+        after the INVALID copy is published), like ``kvm_arch_flush_shadow_memslot``."""
+        self._invalidate_callbacks.append(cb)
+
+    # ==================================================================================
+    # Dirty logging (memslots.dirty_log) and guest memory (memslots.guest_memory)
+    # ==================================================================================
+    def enable_manual_dirty_log_protect(self, flags: int) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)``: 0, 1 or 3; 2 alone is
+        EINVAL. INITIALLY_SET applies to bitmaps allocated afterwards."""
+        _dirty_log.enable_manual_dirty_log_protect(self, flags)
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG``: the slot's bitmap as little-endian u64 words
+        (``ALIGN(npages, 64) / 8`` bytes); clears it unless manual protect is on."""
+        return _dirty_log.get_dirty_log(self, slot)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+        """``KVM_CLEAR_DIRTY_LOG``: clear the pages set in ``bitmap`` (bit 0 is
+        ``first_page``), with the kernel's alignment rules and errnos."""
+        _dirty_log.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
+
+    def mark_page_dirty(self, gfn: int) -> None:
+        """``mark_page_dirty``: set ``gfn``'s bit if its slot (address space 0) logs."""
+        _dirty_log.mark_page_dirty(self, gfn)
+
+    def read_guest(self, gpa: int, length: int) -> bytes:
+        """``kvm_read_guest``: ``length`` bytes at guest physical ``gpa`` of address
+        space 0, page by page across slots; EFAULT for holes and INVALID slots."""
+        return _guest_memory.read_guest(self, gpa, length)
+
+    def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """``kvm_write_guest``: write ``data`` at ``gpa``; EFAULT for holes, INVALID or
+        read-only slots (earlier pages stay written, as in the kernel); marks pages dirty."""
+        _guest_memory.write_guest(self, gpa, data)
+
+    def clear_guest(self, gpa: int, length: int) -> None:
+        """``kvm_clear_guest``: write zeros, as :meth:`write_guest`."""
+        _guest_memory.clear_guest(self, gpa, length)
+
+    # ==================================================================================
+    # Checks
+    # ==================================================================================
+    def check_invariants(self) -> None:
+        """Assert the VM is consistent (for tests; O(n)): outside an update both sets of
+        every address space hold the same objects; each set's indexes agree; no gfn
+        overlap; caches point into their set; page and bitmap accounting add up."""
+        with self.slots_lock:
+            pages = 0
+            bitmap_bytes = 0
+            logging = 0
+            for a, (s0, s1) in enumerate(self._sets):
+                s0.check_invariants()
+                s1.check_invariants()
+                l0, l1 = list(s0), list(s1)
+                assert len(l0) == len(l1), "sets differ in size"
+                for x, y in zip(l0, l1, strict=True):
+                    assert x is y, f"sets do not share slot objects: {x} / {y}"
+                    assert not x.invalid, "INVALID slot left behind"
+                active = self._memslots[a]
+                assert active is s0 or active is s1
+                assert not active.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+                assert active.generation % self.nr_address_spaces == a
+                for x in l0:
+                    pages += x.npages
+                    if x.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                        logging += 1
+                    if x.dirty_bitmap is not None:
+                        assert x.flags & KVM_MEM_LOG_DIRTY_PAGES
+                        assert len(x.dirty_bitmap) == _dirty_log.dirty_bitmap_bytes(x.npages)
+                        bitmap_bytes += len(x.dirty_bitmap)
+            assert pages == self.nr_memslot_pages, "nr_memslot_pages is off"
+            assert logging == self.nr_memslots_dirty_logging
+            assert bitmap_bytes == self.dirty_bitmap_bytes, "dirty bitmap leaked"
+
+    def __repr__(self) -> str:
+        n = sum(len(s) for s in self._memslots)
+        return f"Vm(address_spaces={self.nr_address_spaces}, slots={n})"
+
+
+__all__ = [
+    "KVM_HVA_ERR_BAD",
+    "KVM_HVA_ERR_RO_BAD",
+    "Vcpu",
+    "Vm",
+    "gfn_to_hva_memslot_prot",
+    "kvm_is_error_hva",
+]

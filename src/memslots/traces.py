@@ -775,8 +775,8 @@ def _detect_in(lines: Iterable[str]) -> TraceFormat | None:
 
 def _open(path: StrPath | Traversable) -> IO[str]:
     if isinstance(path, str | os.PathLike):
-        return open(path, encoding="utf-8", errors="replace")
-    return path.open("r", encoding="utf-8", errors="replace")
+        return open(path, encoding="utf-8-sig", errors="replace")
+    return path.open("r", encoding="utf-8-sig", errors="replace")
 
 
 def _name(path: StrPath | Traversable) -> str:
@@ -869,10 +869,10 @@ def read_embedded_trace() -> list[MemslotCall]:
 
 # --------------------------------------------------------------------------- recording
 
-T = TypeVar("T", bound=MemslotTarget)
+_TargetT = TypeVar("_TargetT", bound=MemslotTarget)
 
 
-class Recorder(Generic[T]):
+class Recorder(Generic[_TargetT]):
     """Wraps a memslot target (``Vm``, ``KvmVm``, ``ArrayVm``...) and records its calls.
 
     ``set_user_memory_region`` and ``set_user_memory_region2`` are forwarded to the target
@@ -885,14 +885,14 @@ class Recorder(Generic[T]):
     ``.dump(fp)`` writes it as JSON Lines. Overhead: O(1) per call.
     """
 
-    def __init__(self, target: T, source: str = "") -> None:
+    def __init__(self, target: _TargetT, source: str = "") -> None:
         self._target = target
         self._source = source
         self._calls: list[MemslotCall] = []
         self._lock = threading.Lock()
 
     @property
-    def target(self) -> T:
+    def target(self) -> _TargetT:
         """The wrapped object."""
         return self._target
 
@@ -988,7 +988,7 @@ class Recorder(Generic[T]):
             raise AttributeError(name)
         return getattr(self._target, name)
 
-    def __enter__(self) -> Recorder[T]:
+    def __enter__(self) -> Recorder[_TargetT]:
         enter = getattr(self._target, "__enter__", None)
         if enter is not None:
             enter()

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from memslots import Vm  # noqa: E402
+from memslots import Vm
 
 
 def kvm_usable() -> bool:

@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from model import Model
 
 from memslots import MemslotError, Vm
 from memslots.faults import POINTS
+from model import Model
 
 NR_AS = 2
 IDS = st.one_of(st.integers(0, 5), st.sampled_from([32763, 32764, 0xFFFF]))

@@ -75,9 +75,7 @@ def test_gfn_index_matches_brute_force(
 
 @settings(max_examples=60, deadline=None)
 @given(
-    ops=st.lists(
-        st.tuples(st.booleans(), st.integers(0, 64), st.integers(1, 8)), max_size=200
-    ),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 64), st.integers(1, 8)), max_size=200),
     queries=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 20)), max_size=30),
 )
 def test_hva_tree_matches_brute_force(

@@ -29,7 +29,6 @@ KVM_OK = kvm_available()
 needs_kvm = pytest.mark.skipif(
     not KVM_OK, reason="needs a usable /dev/kvm (opens read-write, KVM API version 12)"
 )
-kvm = [pytest.mark.kvm, needs_kvm]
 
 PAGE = 4096
 CODE_GPA = 0x1000  # programs live in slot 0, which covers gpa 0..64 KiB

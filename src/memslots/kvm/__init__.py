@@ -1,11 +1,26 @@
-"""The ``/dev/kvm`` backend: the raw ABI (:mod:`memslots.kvm.abi`), vCPUs that run small
-real-mode guests (:mod:`memslots.kvm.vcpu`) and those guests (:mod:`memslots.kvm.guests`).
+"""The ``/dev/kvm`` backend.
 
-Importing this package loads nothing heavy and opens no device; use
-:func:`memslots.kvm.abi.kvm_available` to learn whether ``/dev/kvm`` is usable.
+- :class:`KvmVm`: the memslots API (SPEC section 3) on a real VM; every memslot call goes
+  to the kernel and is checked against the engine (:class:`ConformanceError` in strict
+  mode).
+- :mod:`memslots.kvm.abi`: the raw ABI (uapi structures, ioctls, :class:`KvmSystem`,
+  :class:`VmFd`, :func:`kvm_available`).
+- :mod:`memslots.kvm.vcpu`: vCPUs that run small real-mode guests.
+- :mod:`memslots.kvm.guests`: those guests, as bytes with their assembly source.
+
+Importing this package opens no device.
 """
 
 from __future__ import annotations
 
-# Placeholder: ``KvmVm`` (the SPEC section 3 API on a real VM) and ``ConformanceError`` are
-# exported here by the module that implements them; nothing else is exported yet.
+from memslots.kvm.abi import kvm_available
+from memslots.kvm.vm import ConformanceError, Disagreement, KvmVcpuHandle, KvmVm, probe_max_gfn
+
+__all__ = [
+    "ConformanceError",
+    "Disagreement",
+    "KvmVcpuHandle",
+    "KvmVm",
+    "kvm_available",
+    "probe_max_gfn",
+]

@@ -1,0 +1,393 @@
+"""``KvmVm``: the memslots API on a real VM, with the kernel as the oracle.
+
+Every memslot call goes to ``/dev/kvm``; the engine (:class:`memslots.vm.Vm`, which this
+class extends) is configured from the kernel it runs on and mirrors the kernel's state.
+Each call is answered twice, by the kernel and by the engine: in strict mode (the
+default) any difference raises :class:`ConformanceError`, naming the call and both
+answers; otherwise it is recorded in :attr:`KvmVm.disagreements` and the kernel's answer
+wins. Lookups (``gfn_to_memslot``, ``memslots()``, vCPU caches) and guest memory access
+(``read_guest``/``write_guest`` through :class:`memslots.HostMemory`) are served by the
+engine, since the kernel does not expose them.
+
+Dirty logs are the union of the kernel's bitmap (pages the guest wrote) and the engine's
+(pages Python wrote with :meth:`write_guest` or marked with :meth:`mark_page_dirty`): this
+is what QEMU does, which keeps its own bitmap for device and host writes and ORs the KVM
+log into it at every sync (``kvm_physical_sync_dirty_bitmap``). Both are cleared together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from memslots.constants import PAGE_SHIFT, PAGE_SIZE
+from memslots.dirty_log import dirty_bitmap_bytes
+from memslots.errors import MemslotError, errno_name
+from memslots.guest_memory import HostMemory
+from memslots.kvm.abi import (
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_READONLY_MEM,
+    KVM_DEV_PATH,
+    KvmSystem,
+    VmFd,
+)
+from memslots.kvm.vcpu import IoExit, KvmVcpu, MmioExit, RunResult, VcpuExit
+from memslots.validate import check_abi_fields
+from memslots.vm import Vcpu, Vm
+
+__all__ = ["ConformanceError", "Disagreement", "KvmVcpuHandle", "KvmVm", "probe_max_gfn"]
+
+
+@dataclass(frozen=True, slots=True)
+class Disagreement:
+    """One call the kernel and the engine answered differently (0 = success)."""
+
+    call: str
+    kernel: int
+    engine: int
+
+    def __str__(self) -> str:
+        return f"{self.call}: kernel {errno_name(self.kernel)}, engine {errno_name(self.engine)}"
+
+
+class ConformanceError(AssertionError):
+    """The engine predicted a different result than the kernel gave (strict mode)."""
+
+    def __init__(self, d: Disagreement) -> None:
+        super().__init__(str(d))
+        self.disagreement = d
+        self.call = d.call
+        self.kernel = d.kernel
+        self.engine = d.engine
+
+
+_PROBE_HVA = 0x10000000
+
+
+@functools.cache
+def probe_max_gfn(path: str = KVM_DEV_PATH) -> int:
+    """The highest gfn the kernel lets a slot cover, found by binary search with one-page
+    slots on a scratch VM (about 50 create/delete pairs; cached per process).
+
+    On x86 this is ``kvm_mmu_max_gfn()``, which depends on the MMU in use and the host's
+    physical address width; the machine this was written on accepts a slot ending at
+    2^52 (gfn 2^40 - 1) although /proc/cpuinfo shows 48 physical address bits.
+    """
+    with KvmSystem(path) as kvm, kvm.create_vm() as vm:
+
+        def accepted(gfn: int) -> bool:
+            try:
+                vm.set_user_memory_region(0, 0, gfn << PAGE_SHIFT, PAGE_SIZE, _PROBE_HVA)
+            except MemslotError:
+                return False
+            vm.set_user_memory_region(0, 0, 0, 0, 0)
+            return True
+
+        lo, hi = 0, (1 << (64 - PAGE_SHIFT)) - 1  # lo accepted, answer in [lo, hi]
+        if not accepted(lo):
+            raise MemslotError(0, "the kernel refuses a one-page slot at gfn 0")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if accepted(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+class KvmVcpuHandle(Vcpu):
+    """A vCPU of a :class:`KvmVm`: the engine's :class:`~memslots.vm.Vcpu` (its
+    last-used-slot cache and ``gfn_to_memslot``) plus the real vCPU in :attr:`kvm`
+    (a :class:`memslots.kvm.vcpu.KvmVcpu`) that runs real-mode guest code."""
+
+    __slots__ = ("kvm",)
+
+    def __init__(self, vm: KvmVm, id: int, kvm: KvmVcpu) -> None:
+        super().__init__(vm, id)
+        self.kvm = kvm
+
+    def setup_real_mode(
+        self,
+        entry: int,
+        *,
+        regs: Mapping[str, int] | None = None,
+        segments: Mapping[str, int] | None = None,
+    ) -> None:
+        """16-bit real mode, about to run the code at gpa ``entry`` (see
+        :meth:`memslots.kvm.vcpu.KvmVcpu.setup_real_mode`)."""
+        self.kvm.setup_real_mode(entry, regs=regs, segments=segments)
+
+    def run(self) -> VcpuExit:
+        """One ``KVM_RUN``; the decoded exit."""
+        return self.kvm.run()
+
+    def run_until_hlt(
+        self,
+        on_io: Callable[[IoExit], Any] | None = None,
+        on_mmio: Callable[[MmioExit], Any] | None = None,
+        *,
+        timeout: float | None = None,
+        max_exits: int | None = None,
+    ) -> RunResult:
+        """Run until the guest halts, handing port-I/O and MMIO exits to the callbacks
+        (see :meth:`memslots.kvm.vcpu.KvmVcpu.run_until_hlt`)."""
+        return self.kvm.run_until_hlt(on_io, on_mmio, timeout=timeout, max_exits=max_exits)
+
+    def kick(self) -> None:
+        """Make a running guest exit soon (from any thread)."""
+        self.kvm.kick()
+
+    def close(self) -> None:
+        """Close the real vCPU (idempotent)."""
+        self.kvm.close()
+
+
+class KvmVm(Vm):
+    """A real VM on ``/dev/kvm`` behind the memslots API (SPEC section 3).
+
+    ``KvmVm(strict=True, path="/dev/kvm")``: opens the device and creates a VM. The engine
+    limits come from the kernel: ``KVM_CAP_MULTI_ADDRESS_SPACE`` (address spaces),
+    ``KVM_CAP_NR_MEMSLOTS`` (slot ids), ``KVM_CAP_READONLY_MEM``, and the highest gfn
+    found by :func:`probe_max_gfn`. Use it as a context manager or call :meth:`close`,
+    which deletes every slot in the kernel, then releases vCPUs, the VM fd and the
+    :class:`HostMemory` mappings made by :meth:`host_memory`.
+
+    Raises :class:`OSError` when ``/dev/kvm`` cannot be opened.
+    """
+
+    def __init__(self, *, strict: bool = True, path: str = KVM_DEV_PATH) -> None:
+        self._system = KvmSystem(path)
+        try:
+            self.fd: VmFd = self._system.create_vm()
+        except BaseException:
+            self._system.close()
+            raise
+        nr_as = max(1, self.fd.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE))
+        super().__init__(
+            nr_address_spaces=nr_as,
+            max_user_slots=self.fd.check_extension(KVM_CAP_NR_MEMSLOTS),
+            max_gfn=probe_max_gfn(path),
+            readonly_mem=bool(self.fd.check_extension(KVM_CAP_READONLY_MEM)),
+        )
+        self.strict = strict
+        #: every call the kernel and the engine answered differently
+        self.disagreements: list[Disagreement] = []
+        #: calls made to the kernel (memslot, dirty log and capability ioctls)
+        self.kernel_calls = 0
+        self._owned_memory: list[HostMemory] = []
+        self._kvm_vcpus: list[KvmVcpuHandle] = []
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    # -- the oracle ------------------------------------------------------------------
+    def _compare(self, call: str, kernel: int, engine: int) -> None:
+        if kernel == engine:
+            return
+        d = Disagreement(call, kernel, engine)
+        self.disagreements.append(d)
+        if self.strict:
+            raise ConformanceError(d)
+
+    def _kernel(self, fn: Callable[[], Any]) -> tuple[int, Any]:
+        self.kernel_calls += 1
+        try:
+            return 0, fn()
+        except MemslotError as exc:
+            return exc.errno or 0, None
+
+    @staticmethod
+    def _engine(fn: Callable[[], Any]) -> tuple[int, Any]:
+        try:
+            return 0, fn()
+        except MemslotError as exc:
+            return exc.errno or 0, None
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` on the kernel, mirrored by the engine; raises
+        :class:`MemslotError` with the kernel's errno (and :class:`ConformanceError` in
+        strict mode if the engine disagrees)."""
+        check_abi_fields(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        args = (slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        with self.slots_lock:
+            self._check_open()
+            k, _ = self._kernel(lambda: self.fd.set_user_memory_region(*args))
+            e, _ = self._engine(lambda: Vm.set_user_memory_region(self, *args))
+            self._compare(_fmt_call("set_user_memory_region", args), k, e)
+            if k:
+                raise MemslotError(k, "KVM_SET_USER_MEMORY_REGION")
+
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd_offset: int = 0,
+        guest_memfd: int = 0,
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` on the kernel, mirrored by the engine."""
+        check_abi_fields(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        args = (slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        with self.slots_lock:
+            self._check_open()
+            k, _ = self._kernel(
+                lambda: self.fd.set_user_memory_region2(*args, guest_memfd_offset, guest_memfd)
+            )
+            e, _ = self._engine(
+                lambda: Vm.set_user_memory_region2(self, *args, guest_memfd_offset, guest_memfd)
+            )
+            self._compare(_fmt_call("set_user_memory_region2", args), k, e)
+            if k:
+                raise MemslotError(k, "KVM_SET_USER_MEMORY_REGION2")
+
+    def enable_manual_dirty_log_protect(self, flags: int) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)`` on both."""
+        with self.slots_lock:
+            self._check_open()
+            if not 0 <= flags < 1 << 64:
+                raise MemslotError(22, "flags do not fit u64")
+            k, _ = self._kernel(
+                lambda: self.fd.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)
+            )
+            e, _ = self._engine(lambda: Vm.enable_manual_dirty_log_protect(self, flags))
+            self._compare(f"enable_manual_dirty_log_protect({flags:#x})", k, e)
+            if k:
+                raise MemslotError(k, "KVM_ENABLE_CAP")
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG``: the kernel's bitmap ORed with the engine's (pages written
+        from Python); both are cleared unless manual protect is on."""
+        with self.slots_lock:
+            self._check_open()
+            if not 0 <= slot <= 0xFFFFFFFF:
+                raise MemslotError(22, "slot does not fit u32")
+            s = self.id_to_memslot(slot)
+            nbytes = dirty_bitmap_bytes(s.npages) if s is not None else 8
+            k, kbits = self._kernel(lambda: self.fd.get_dirty_log(slot, nbytes))
+            e, ebits = self._engine(lambda: Vm.get_dirty_log(self, slot))
+            self._compare(f"get_dirty_log({slot:#x})", k, e)
+            if k:
+                raise MemslotError(k, "KVM_GET_DIRTY_LOG")
+            if ebits is None or not any(ebits):
+                return bytes(kbits)
+            merged = int.from_bytes(kbits, "little") | int.from_bytes(ebits, "little")
+            return merged.to_bytes(nbytes, "little")
+
+    def kernel_dirty_log(self, slot: int) -> bytes:
+        """The kernel's own dirty bitmap of ``slot`` (``KVM_GET_DIRTY_LOG``), not merged
+        and not mirrored; clears the kernel's bits unless manual protect is on."""
+        with self.slots_lock:
+            self._check_open()
+            s = self.id_to_memslot(slot)
+            nbytes = dirty_bitmap_bytes(s.npages) if s is not None else 8
+            self.kernel_calls += 1
+            return self.fd.get_dirty_log(slot, nbytes)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+        """``KVM_CLEAR_DIRTY_LOG`` on both the kernel's and the engine's bitmaps."""
+        with self.slots_lock:
+            self._check_open()
+            if not (0 <= slot <= 0xFFFFFFFF and 0 <= num_pages <= 0xFFFFFFFF
+                    and 0 <= first_page < 1 << 64):  # fmt: skip
+                raise MemslotError(22, "values do not fit the ioctl structure")
+            k, _ = self._kernel(
+                lambda: self.fd.clear_dirty_log(slot, first_page, num_pages, bitmap)
+            )
+            e, _ = self._engine(
+                lambda: Vm.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
+            )
+            self._compare(f"clear_dirty_log({slot:#x}, {first_page}, {num_pages})", k, e)
+            if k:
+                raise MemslotError(k, "KVM_CLEAR_DIRTY_LOG")
+
+    # -- memory and vCPUs ------------------------------------------------------------
+    def host_memory(self, size: int) -> HostMemory:
+        """A new :class:`HostMemory` mapping of ``size`` bytes owned by this VM: it is
+        unmapped by :meth:`close`, after every slot has been deleted in the kernel."""
+        self._check_open()
+        mem = HostMemory(size)
+        self._owned_memory.append(mem)
+        return mem
+
+    def create_vcpu(self, id: int) -> KvmVcpuHandle:
+        """A vCPU: the engine's lookup cache plus a real vCPU that runs real-mode guests
+        (``KVM_SET_TSS_ADDR`` is done on the first one)."""
+        self._check_open()
+        if id in self._vcpus:
+            raise MemslotError(17, f"vCPU {id} exists")
+        kvm_vcpu = KvmVcpu(self.fd, id)
+        handle = KvmVcpuHandle(self, id, kvm_vcpu)
+        self._vcpus[id] = handle
+        self._kvm_vcpus.append(handle)
+        return handle
+
+    # -- lifetime --------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MemslotError(9, "the VM is closed")  # EBADF
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed
+
+    def close(self) -> None:
+        """Delete every slot in the kernel (so no slot outlives its memory), close the
+        vCPUs and the VM, then unmap the memory this VM owns. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            with self.slots_lock:
+                try:
+                    for s in self.slots():
+                        with contextlib.suppress(MemslotError):
+                            self.fd.set_user_memory_region(s.slot, 0, 0, 0, 0)
+                finally:
+                    self._closed = True
+                    for v in self._kvm_vcpus:
+                        v.close()
+                    self.fd.close()
+                    self._system.close()
+                    for mem in self._owned_memory:
+                        mem.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self.fd.fd}"
+        return f"KvmVm({state}, slots={sum(len(s) for s in self._memslots)}, strict={self.strict})"
+
+
+def _fmt_call(name: str, args: tuple[int, ...]) -> str:
+    slot, flags, gpa, size, hva = args
+    return f"{name}(slot={slot:#x}, flags={flags:#x}, gpa={gpa:#x}, size={size:#x}, hva={hva:#x})"
+
+
+def open_fd_count() -> int:
+    """Number of open file descriptors of this process (for leak tests)."""
+    return len(os.listdir("/proc/self/fd"))

@@ -1,30 +1,441 @@
-"""Guest memory access (placeholder until issue 4 lands)."""
+"""Guest memory: host mappings (:class:`HostMemory`) and guest-physical access
+(:func:`read_guest`, :func:`write_guest`, :func:`clear_guest`), reference section 6.
+
+Host memory is only ever reached through a live :class:`HostMemory`: an anonymous shared,
+page-aligned ``mmap``. Every live mapping is in a process-wide registry sorted by address,
+so any hva resolves to ``(mapping, offset)`` (:func:`resolve_hva`) or to nothing. A slot
+whose hva is not inside a live mapping (never mapped, closed, garbage-collected, or a
+foreign address) gives EFAULT, as an unmapped hva makes the kernel's ``copy_from_user``
+fail. The library never dereferences a raw address: copies are :class:`memoryview` slice
+assignments on the mapping's own ``mmap`` object, which checks its bounds.
+
+Guest access follows the kernel's ``kvm_read_guest``/``kvm_write_guest``/
+``kvm_clear_guest``: page by page, the slot looked up again for every page, so crossing
+slot boundaries works wherever each page lies in a valid slot, and the first bad page
+stops the call with EFAULT after the pages before it were copied (no rollback).
+
+- read: ``gfn_to_hva_memslot_prot`` read semantics: read-only slots are readable; a hole
+  or an INVALID slot is EFAULT.
+- write and clear: write semantics: a read-only slot, a hole or an INVALID slot is
+  EFAULT; each page is marked dirty in its slot (if the slot logs) after it was written.
+
+For speed, pages that follow each other in one slot and one mapping are handled together:
+one read section, one slot lookup, one registry lookup, one copy and one dirty-bitmap
+update for the whole run, instead of one per page. This gives the same results as the
+page-by-page walk, because inside one read section the memslot set cannot change and a
+mapping is contiguous, page-aligned and page-sized: the run stops exactly at the first page
+that is in another slot, in a hole, or outside the mapping, and that page is then looked up
+on its own.
+
+Lifetime and concurrency. :meth:`HostMemory.close` may run while other threads copy: each
+mapping has a lock held for the duration of every copy into or out of it; ``close`` takes
+the same lock, so it waits for the copy in flight, then marks the mapping closed and takes
+it out of the registry, and only then unmaps it. A copy that looks the mapping up after
+that finds it closed (EFAULT). Copies into one mapping are therefore serialised; under the
+GIL, where a memoryview copy holds the interpreter anyway, this costs no parallelism. The
+registry itself is copy-on-write: writers (new mappings, close) build a new sorted snapshot
+under a lock and publish it with one store; readers (every copy) load that snapshot once
+and bisect it, with no lock. Mappings are referenced weakly by the registry: a
+:class:`HostMemory` that is garbage-collected without ``close`` leaves the registry before
+it is unmapped.
+"""
 
 from __future__ import annotations
 
-from errno import EFAULT
-from typing import TYPE_CHECKING
+import contextlib
+import ctypes
+import mmap
+import threading
+import weakref
+from bisect import bisect_right
+from errno import EFAULT, EINVAL
+from types import TracebackType
+from typing import TYPE_CHECKING, Final, Self
 
+from memslots import dirty_log as _dirty_log
+from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, U64_MAX
 from memslots.errors import MemslotError
+from memslots.vm import KVM_HVA_ERR_BAD, gfn_to_hva_memslot_prot
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from memslots.vm import Vm
 
+__all__ = [
+    "HostMemory",
+    "clear_guest",
+    "live_mappings",
+    "read_guest",
+    "read_guest_into",
+    "resolve_hva",
+    "write_guest",
+]
 
+_PAGE_MASK: Final = PAGE_SIZE - 1
+#: Linux MAP_NORESERVE (the mmap module of Python 3.11 does not export it): large guest
+#: memories are backed lazily, page by page, without reserving swap up front
+_MAP_NORESERVE: Final = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_EMPTY_VIEW: Final = memoryview(b"")
+#: zeros copied by clear_guest, a piece at a time
+_ZEROS: Final = memoryview(bytes(1 << 20))
+
+
+# ======================================================================================
+# Host memory and the registry
+# ======================================================================================
 class HostMemory:
-    """Placeholder."""
+    """An anonymous shared, page-aligned host mapping that guest memory can live in.
+
+    ``HostMemory(size)`` maps ``size`` bytes rounded up to whole pages (``size > 0``;
+    ``ValueError`` otherwise, ``OSError`` if the kernel refuses the mapping). Attributes:
+    ``addr``, its real host virtual address (pass it as a slot's ``userspace_addr``, here
+    and to ``/dev/kvm``); ``size``, in bytes; ``closed``. Use as a context manager or call
+    :meth:`close` (idempotent).
+
+    Host-side access: :meth:`read` and :meth:`write` (bounds-checked, safe against a
+    concurrent :meth:`close`), or :meth:`view`, a :class:`memoryview` of the whole
+    mapping. A view keeps the pages mapped for as long as it is alive: :meth:`close` then
+    only detaches the mapping from the library (guest accesses give EFAULT at once) and
+    the unmapping happens when the last view is released. Release views
+    (``with mem.view() as v: ...``) to unmap promptly.
+
+    Creation and :meth:`close` cost O(number of live mappings) (the registry snapshot is
+    rebuilt); lookups by address cost O(log mappings).
+    """
+
+    __slots__ = ("__weakref__", "_closed", "_lock", "_mmap", "_view", "addr", "size")
+
+    def __init__(self, size: int) -> None:
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"HostMemory size must be a positive int, not {size!r}")
+        size = (size + _PAGE_MASK) & ~_PAGE_MASK
+        try:
+            mm = mmap.mmap(
+                -1,
+                size,
+                flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except OverflowError as exc:
+            raise ValueError(f"HostMemory size {size:#x} is too large") from exc
+        anchor = ctypes.c_char.from_buffer(mm)
+        addr = ctypes.addressof(anchor)
+        del anchor  # drop the buffer export at once, or close() could not unmap
+        self._mmap = mm
+        self._view = memoryview(mm)
+        self._lock = threading.Lock()
+        self._closed = False
+        #: host virtual address of the first byte (page-aligned)
+        self.addr: int = addr
+        #: size in bytes (a multiple of PAGE_SIZE)
+        self.size: int = size
+        _registry.add(self)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed
+
+    @property
+    def end(self) -> int:
+        """One past the last host virtual address of the mapping."""
+        return self.addr + self.size
+
+    def close(self) -> None:
+        """Detach and unmap. Waits for a copy into or out of this mapping that is in
+        flight, then takes the mapping out of the registry (guest accesses through it
+        give EFAULT from then on) and unmaps it (deferred while views from :meth:`view`
+        are alive). Idempotent. O(live mappings)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            _registry.remove(self)
+            view, self._view = self._view, _EMPTY_VIEW
+            view.release()
+            # With views from view() alive, close() raises BufferError and the mmap
+            # object unmaps itself when the last of them is released. The library never
+            # touches it again either way.
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(
+                f"[{offset:#x}, +{length:#x}) is outside the {self.size:#x}-byte mapping"
+            )
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``. ValueError outside the mapping or once closed.
+        O(length)."""
+        self._check_range(offset, length)
+        with self._lock:
+            if self._closed:
+                raise ValueError("HostMemory is closed")
+            return self._view[offset : offset + length].tobytes()
+
+    def write(self, offset: int, data: Buffer) -> None:
+        """Copy ``data`` (any bytes-like object) to ``offset``. ValueError outside the
+        mapping or once closed. O(len(data))."""
+        src = memoryview(data).cast("B")
+        self._check_range(offset, len(src))
+        with self._lock:
+            if self._closed:
+                raise ValueError("HostMemory is closed")
+            self._view[offset : offset + len(src)] = src
+
+    def view(self) -> memoryview:
+        """A writable :class:`memoryview` of the whole mapping (see the class docstring
+        for how it interacts with :meth:`close`). ValueError once closed. O(1)."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("HostMemory is closed")
+            return memoryview(self._mmap)
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"HostMemory(addr={self.addr:#x}, size={self.size:#x}{state})"
 
 
-def read_guest(vm: Vm, gpa: int, length: int) -> bytes:
-    """Placeholder."""
-    raise MemslotError(EFAULT, "guest memory access is not implemented yet")
+class _Registry:
+    """Live mappings sorted by address, published as an immutable snapshot
+    ``(starts, ends, refs)`` that readers load with one attribute read.
+
+    Entries hold weak references. An entry whose mapping was garbage-collected without
+    :meth:`HostMemory.close` resolves to nothing and is pruned at the next change; its
+    address range cannot be in use by another live mapping before that mapping
+    registers, and registering drops every entry it overlaps.
+    """
+
+    __slots__ = ("lock", "snap")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.snap: tuple[tuple[int, ...], tuple[int, ...], tuple[weakref.ref[HostMemory], ...]] = (
+            (),
+            (),
+            (),
+        )
+
+    def _publish(self, entries: list[tuple[int, int, weakref.ref[HostMemory]]]) -> None:
+        entries.sort(key=lambda t: t[0])
+        self.snap = (
+            tuple(t[0] for t in entries),
+            tuple(t[1] for t in entries),
+            tuple(t[2] for t in entries),
+        )
+
+    def add(self, mem: HostMemory) -> None:
+        with self.lock:
+            starts, ends, refs = self.snap
+            entries = [
+                (s, e, r)
+                for s, e, r in zip(starts, ends, refs, strict=True)
+                if (e <= mem.addr or s >= mem.end) and r() is not None
+            ]
+            entries.append((mem.addr, mem.end, weakref.ref(mem)))
+            self._publish(entries)
+
+    def remove(self, mem: HostMemory) -> None:
+        with self.lock:
+            starts, ends, refs = self.snap
+            entries = []
+            for s, e, r in zip(starts, ends, refs, strict=True):
+                m = r()
+                if m is not None and m is not mem:
+                    entries.append((s, e, r))
+            self._publish(entries)
 
 
-def write_guest(vm: Vm, gpa: int, data: bytes | bytearray | memoryview) -> None:
-    """Placeholder."""
-    raise MemslotError(EFAULT, "guest memory access is not implemented yet")
+_registry: Final = _Registry()
 
 
-def clear_guest(vm: Vm, gpa: int, length: int) -> None:
-    """Placeholder."""
-    raise MemslotError(EFAULT, "guest memory access is not implemented yet")
+def resolve_hva(hva: int) -> tuple[HostMemory, int, int] | None:
+    """The live mapping holding host virtual address ``hva``: ``(mapping, offset,
+    bytes from hva to the mapping's end)``, or None. Lock-free. O(log mappings)."""
+    starts, ends, refs = _registry.snap
+    i = bisect_right(starts, hva) - 1
+    if i < 0 or hva >= ends[i]:
+        return None
+    mem = refs[i]()
+    if mem is None:
+        return None
+    return mem, hva - starts[i], ends[i] - hva
+
+
+def live_mappings() -> list[HostMemory]:
+    """Every live :class:`HostMemory`, by address. O(mappings)."""
+    return [m for r in _registry.snap[2] if (m := r()) is not None]
+
+
+# ======================================================================================
+# Guest access
+# ======================================================================================
+def _efault(gpa: int, why: str) -> MemslotError:
+    return MemslotError(EFAULT, f"gpa {gpa:#x}: {why}")
+
+
+def _check_gpa(gpa: int, length: int) -> None:
+    if not 0 <= gpa <= U64_MAX:
+        raise MemslotError(EINVAL, f"gpa {gpa:#x} does not fit in u64")
+    if length < 0:
+        raise MemslotError(EINVAL, f"length {length} is negative")
+
+
+def _access(
+    vm: Vm,
+    gpa: int,
+    length: int,
+    as_id: int,
+    write: bool,
+    copy: _Copy,
+) -> None:
+    """The page walk shared by read, write and clear: for each run of pages in one slot
+    and one mapping, inside one read section, look up the slot and the mapping, call
+    ``copy(view, mapping_offset, pos, n)`` under the mapping's lock and (``write``) mark
+    the run dirty. Raises EFAULT at the first page that cannot be accessed."""
+    srcu = vm.srcu
+    sets = vm._memslots
+    pos = 0
+    while pos < length:
+        gfn = gpa >> PAGE_SHIFT
+        off = gpa & _PAGE_MASK
+        idx = srcu.read_lock()
+        try:
+            slot = sets[as_id].gfn_to_memslot(gfn)
+            hva = gfn_to_hva_memslot_prot(slot, gfn, write)
+            if hva >= KVM_HVA_ERR_BAD:
+                if slot is None:
+                    raise _efault(gpa, "no memslot")
+                if slot.invalid:
+                    raise _efault(gpa, f"slot {slot.slot:#x} is being deleted or moved")
+                raise _efault(gpa, f"slot {slot.slot:#x} is read-only")
+            assert slot is not None
+            n = ((slot.base_gfn + slot.npages - gfn) << PAGE_SHIFT) - off
+            if n > length - pos:
+                n = length - pos
+            hva += off
+            found = resolve_hva(hva)
+            if found is None:
+                raise _efault(gpa, f"hva {hva:#x} is not in a live HostMemory")
+            mem, moff, avail = found
+            if n > avail:
+                n = avail
+            with mem._lock:
+                if mem._closed:
+                    raise _efault(gpa, f"hva {hva:#x}: its HostMemory was closed")
+                copy(mem._view, moff, pos, n)
+            if write and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                _dirty_log.mark_pages_dirty_in_slot(slot, gfn, (off + n + _PAGE_MASK) >> PAGE_SHIFT)
+        finally:
+            srcu.read_unlock(idx)
+        pos += n
+        gpa += n
+
+
+class _Copy:
+    """A copy step for :func:`_access` (a tiny class rather than a closure so the hot
+    loop calls one bound method)."""
+
+    __slots__ = ()
+
+    def __call__(self, view: memoryview, moff: int, pos: int, n: int) -> None:
+        raise NotImplementedError
+
+
+class _ReadChunks(_Copy):
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def __call__(self, view: memoryview, moff: int, pos: int, n: int) -> None:
+        self.chunks.append(view[moff : moff + n].tobytes())
+
+
+class _ReadInto(_Copy):
+    __slots__ = ("dest",)
+
+    def __init__(self, dest: memoryview) -> None:
+        self.dest = dest
+
+    def __call__(self, view: memoryview, moff: int, pos: int, n: int) -> None:
+        self.dest[pos : pos + n] = view[moff : moff + n]
+
+
+class _Write(_Copy):
+    __slots__ = ("src",)
+
+    def __init__(self, src: memoryview) -> None:
+        self.src = src
+
+    def __call__(self, view: memoryview, moff: int, pos: int, n: int) -> None:
+        view[moff : moff + n] = self.src[pos : pos + n]
+
+
+class _Zero(_Copy):
+    __slots__ = ()
+
+    def __call__(self, view: memoryview, moff: int, pos: int, n: int) -> None:
+        step = len(_ZEROS)
+        end = moff + n
+        while moff < end:
+            k = min(step, end - moff)
+            view[moff : moff + k] = _ZEROS[:k]
+            moff += k
+
+
+def read_guest(vm: Vm, gpa: int, length: int, *, as_id: int = 0) -> bytes:
+    """``kvm_read_guest``: ``length`` bytes at guest physical ``gpa`` in address space
+    ``as_id``. Read-only slots are readable; EFAULT for a hole, an INVALID slot or an hva
+    outside a live :class:`HostMemory`; EINVAL for a gpa outside u64 or a negative
+    length. O(length + runs x (log slots + log mappings)), a run being the pages that
+    lie in one slot and one mapping."""
+    _check_gpa(gpa, length)
+    reader = _ReadChunks()
+    _access(vm, gpa, length, as_id, False, reader)
+    chunks = reader.chunks
+    if len(chunks) == 1:
+        return chunks[0]
+    return b"".join(chunks)
+
+
+def read_guest_into(vm: Vm, gpa: int, buf: Buffer, *, as_id: int = 0) -> None:
+    """As :func:`read_guest`, into the writable buffer ``buf`` (``len(buf)`` bytes): no
+    intermediate copy. On EFAULT, the bytes before the bad page have been filled."""
+    dest = memoryview(buf).cast("B")
+    if dest.readonly:
+        raise TypeError("read_guest_into needs a writable buffer")
+    _check_gpa(gpa, len(dest))
+    _access(vm, gpa, len(dest), as_id, False, _ReadInto(dest))
+
+
+def write_guest(vm: Vm, gpa: int, data: Buffer, *, as_id: int = 0) -> None:
+    """``kvm_write_guest``: copy ``data`` (any bytes-like object) to guest physical
+    ``gpa`` in address space ``as_id``. EFAULT for a hole, an INVALID or read-only slot,
+    or an hva outside a live :class:`HostMemory`; the pages before the bad one stay
+    written and marked dirty, as in the kernel. Each written page is marked dirty in
+    its slot if the slot logs. O(len(data) + runs x (log slots + log mappings))."""
+    src = memoryview(data).cast("B")
+    _check_gpa(gpa, len(src))
+    _access(vm, gpa, len(src), as_id, True, _Write(src))
+
+
+def clear_guest(vm: Vm, gpa: int, length: int, *, as_id: int = 0) -> None:
+    """``kvm_clear_guest`` (as fixed in 2024: each page gets its own segment): write
+    ``length`` zero bytes at ``gpa``, with :func:`write_guest`'s semantics and errors.
+    O(length + runs x (log slots + log mappings))."""
+    _check_gpa(gpa, length)
+    _access(vm, gpa, length, as_id, True, _Zero())

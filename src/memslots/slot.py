@@ -19,7 +19,8 @@ from memslots.constants import (
 
 class Memslot:
     """``struct kvm_memory_slot``: ``id``, ``as_id``, ``base_gfn``, ``npages``, ``flags``,
-    ``userspace_addr``, and the dirty bitmap (``None`` unless dirty logging is on).
+    ``userspace_addr``, the dirty bitmap (``None`` unless dirty logging is on) and, for a
+    guest_memfd slot, its binding ``gmem``.
 
     ``dirty_bitmap`` is a :class:`bytearray` of ``ALIGN(npages, 64) / 8`` bytes whose bit
     ``i`` (little-endian bit order, the kernel's ``set_bit_le``) is ``gfn = base_gfn + i``.
@@ -33,6 +34,7 @@ class Memslot:
         "base_gfn",
         "dirty_bitmap",
         "flags",
+        "gmem",
         "id",
         "npages",
         "userspace_addr",
@@ -57,6 +59,8 @@ class Memslot:
         self.userspace_addr = userspace_addr
         self.dirty_bitmap = dirty_bitmap
         self.arch = arch
+        #: ``(GuestMemfdFile, offset)`` for a KVM_MEM_GUEST_MEMFD slot, else None
+        self.gmem: Any = None
 
     # --- derived values -------------------------------------------------------------
     @property
@@ -106,7 +110,7 @@ class Memslot:
 
     def copy(self) -> Memslot:
         """``kvm_copy_memslot``: a new object with the same fields (bitmap shared)."""
-        return Memslot(
+        c = Memslot(
             self.id,
             self.as_id,
             self.base_gfn,
@@ -116,6 +120,8 @@ class Memslot:
             self.dirty_bitmap,
             self.arch,
         )
+        c.gmem = self.gmem
+        return c
 
     def same_fields(self, other: Memslot) -> bool:
         """True when both slots describe the same mapping (id, as_id, gfns, flags, hva)."""

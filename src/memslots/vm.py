@@ -36,6 +36,7 @@ from memslots import dirty_log as _dirty_log
 from memslots import guest_memory as _guest_memory
 from memslots.constants import (
     KVM_ADDRESS_SPACE_NUM_X86,
+    KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MEMSLOT_INVALID,
@@ -46,6 +47,7 @@ from memslots.constants import (
 )
 from memslots.errors import MemslotError
 from memslots.faults import FaultInjector
+from memslots.guest_memfd import GuestMemfdTable
 from memslots.memslot_set import MemslotSet
 from memslots.slot import Memslot
 from memslots.sync import Srcu
@@ -190,6 +192,8 @@ class Vm:
         #: exceptions raised by invalidation callbacks: ``(slot, exception)``
         self.callback_errors: list[tuple[int, BaseException]] = []
         self._host_memory: list[HostMemory] = []
+        #: guest_memfd files of this VM and their bindings to slots
+        self.guest_memfds = GuestMemfdTable()
 
     # ==================================================================================
     # The ioctls
@@ -202,7 +206,7 @@ class Vm:
         changes nothing (except the generation of a DELETE/MOVE that failed in prepare,
         as in the kernel). O(log n)."""
         self._set_user_memory_region(
-            False, slot, flags, guest_phys_addr, memory_size, userspace_addr, 0
+            False, slot, flags, guest_phys_addr, memory_size, userspace_addr, 0, 0
         )
 
     def set_user_memory_region2(
@@ -216,10 +220,18 @@ class Vm:
         guest_memfd: int = 0,
     ) -> None:
         """``KVM_SET_USER_MEMORY_REGION2``: as :meth:`set_user_memory_region`, also taking
-        ``KVM_MEM_GUEST_MEMFD`` (accepted only when the VM has private memory;
-        ``guest_memfd`` is not opened by the engine). O(log n)."""
+        ``KVM_MEM_GUEST_MEMFD`` (when the VM allows it: ``private_mem``), which binds the
+        slot to ``[guest_memfd_offset, + memory_size)`` of a guest_memfd made by
+        :meth:`create_guest_memfd`. O(log n)."""
         self._set_user_memory_region(
-            True, slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset
+            True,
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            guest_memfd_offset,
+            guest_memfd,
         )
 
     def _set_user_memory_region(
@@ -231,10 +243,18 @@ class Vm:
         memory_size: int,
         userspace_addr: int,
         guest_memfd_offset: int,
+        guest_memfd: int,
     ) -> None:
         with self.slots_lock:
             d = self.check_region(
-                v2, slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset
+                v2,
+                slot,
+                flags,
+                guest_phys_addr,
+                memory_size,
+                userspace_addr,
+                guest_memfd_offset,
+                guest_memfd,
             )
             self.apply(d)
 
@@ -247,6 +267,7 @@ class Vm:
         memory_size: int,
         userspace_addr: int,
         guest_memfd_offset: int = 0,
+        guest_memfd: int = 0,
     ) -> Decision:
         """Validate and classify a request without changing anything (what the kernel
         would decide before ``kvm_set_memslot``); raises :class:`MemslotError`."""
@@ -261,6 +282,7 @@ class Vm:
             memory_size=memory_size,
             userspace_addr=userspace_addr,
             guest_memfd_offset=guest_memfd_offset,
+            guest_memfd=guest_memfd,
         )
 
     def apply(self, d: Decision) -> None:
@@ -273,7 +295,14 @@ class Vm:
             if d.change is not Change.DELETE:
                 self.faults.check("kzalloc_new")
                 new = Memslot(d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr)
-            self._set_memslot(d.old, new, d.change)
+                if d.flags & KVM_MEM_GUEST_MEMFD:
+                    self.guest_memfds.bind(new, d.guest_memfd, d.guest_memfd_offset)
+            try:
+                self._set_memslot(d.old, new, d.change)
+            except MemslotError:
+                if new is not None:
+                    self.guest_memfds.unbind(new)
+                raise
             self.last_change = d.change
 
     # ==================================================================================
@@ -442,6 +471,7 @@ class Vm:
         if change is Change.DELETE:
             assert old is not None
             self.nr_memslot_pages -= old.npages
+            self.guest_memfds.unbind(old)
         elif change is Change.CREATE:
             assert new is not None
             self.nr_memslot_pages += new.npages
@@ -508,6 +538,12 @@ class Vm:
         """``kvm_is_visible_gfn``: a user slot that is not INVALID holds ``gfn``."""
         s = self.gfn_to_memslot(gfn)
         return s is not None and s.id < self.limits.max_user_slots and not s.invalid
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """``KVM_CREATE_GUEST_MEMFD``: a guest_memfd of ``size`` bytes for this VM's
+        ``KVM_MEM_GUEST_MEMFD`` slots. The engine alone stands in a memfd for it; the
+        caller owns the returned fd."""
+        return self.guest_memfds.create(size, flags)
 
     def create_vcpu(self, id: int) -> Vcpu:
         """A vCPU with its own last-used-slot cache (address space 0 to start with)."""
@@ -603,6 +639,10 @@ class Vm:
             assert pages == self.nr_memslot_pages, "nr_memslot_pages is off"
             assert logging == self.nr_memslots_dirty_logging
             assert bitmap_bytes == self.dirty_bitmap_bytes, "dirty bitmap leaked"
+            gmem_pages = sum(
+                s.npages for s0, _ in self._sets for s in s0 if s.flags & KVM_MEM_GUEST_MEMFD
+            )
+            assert gmem_pages == self.guest_memfds.bound_pages(), "guest_memfd binding leaked"
 
     def __repr__(self) -> str:
         n = sum(len(s) for s in self._memslots)

@@ -31,6 +31,7 @@ from memslots.dirty_log import dirty_bitmap_bytes
 from memslots.errors import MemslotError, errno_name
 from memslots.guest_memory import HostMemory
 from memslots.kvm.abi import (
+    KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_MULTI_ADDRESS_SPACE,
     KVM_CAP_NR_MEMSLOTS,
@@ -176,6 +177,7 @@ class KvmVm(Vm):
             max_user_slots=self.fd.check_extension(KVM_CAP_NR_MEMSLOTS),
             max_gfn=probe_max_gfn(path),
             readonly_mem=bool(self.fd.check_extension(KVM_CAP_READONLY_MEM)),
+            private_mem=bool(self.fd.check_extension(KVM_CAP_GUEST_MEMFD)),
         )
         self.strict = strict
         #: every call the kernel and the engine answered differently
@@ -237,7 +239,10 @@ class KvmVm(Vm):
         guest_memfd: int = 0,
     ) -> None:
         """``KVM_SET_USER_MEMORY_REGION2`` on the kernel, mirrored by the engine."""
-        check_abi_fields(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        check_abi_fields(
+            slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset,
+            guest_memfd,
+        )  # fmt: skip
         args = (slot, flags, guest_phys_addr, memory_size, userspace_addr)
         with self.slots_lock:
             self._check_open()
@@ -319,6 +324,16 @@ class KvmVm(Vm):
         mem = HostMemory(size)
         self._owned_memory.append(mem)
         return mem
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """``KVM_CREATE_GUEST_MEMFD`` in the kernel; the engine records the file so that
+        it answers later binds as the kernel does. The caller owns the fd."""
+        with self.slots_lock:
+            self._check_open()
+            self.kernel_calls += 1
+            fd = self.fd.create_guest_memfd(size, flags)
+            self.guest_memfds.register(fd, size, flags)
+            return fd
 
     def create_vcpu(self, id: int) -> KvmVcpuHandle:
         """A vCPU: the engine's lookup cache plus a real vCPU that runs real-mode guests

@@ -1,0 +1,100 @@
+"""guest_memfd bindings (``KVM_MEM_GUEST_MEMFD`` slots, Linux 6.8+).
+
+A slot created with ``KVM_MEM_GUEST_MEMFD`` through ``KVM_SET_USER_MEMORY_REGION2`` is
+bound to a range of a guest_memfd file (``kvm_gmem_bind``). This module keeps, per VM, the
+guest_memfd files the VM created and which page ranges of each are bound to which slot,
+so the engine answers bind requests as the kernel does:
+
+- EBADF: ``guest_memfd`` is not an open file descriptor;
+- EINVAL: the file is not a guest_memfd of this VM, the offset is not page aligned, the
+  range runs past the end of the file, or part of it is already bound to another slot.
+
+Files are identified by ``(st_dev, st_ino)``, not by fd number, so a closed-and-reused fd
+number is not mistaken for the file it used to name. A binding lasts until its slot is
+deleted (the kernel holds its own reference to the file).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from errno import EBADF, EINVAL
+
+from memslots.constants import PAGE_SHIFT, PAGE_SIZE
+from memslots.errors import MemslotError
+from memslots.slot import Memslot
+
+
+@dataclass
+class GuestMemfdFile:
+    """One guest_memfd: its size and the page ranges bound to slots (by ABI slot number)."""
+
+    size: int
+    flags: int = 0
+    bindings: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise MemslotError(EBADF, f"guest_memfd {fd} is not open") from exc
+    return st.st_dev, st.st_ino
+
+
+class GuestMemfdTable:
+    """The guest_memfd files of one VM and their bindings. Bind and unbind are O(b) in
+    the number of bindings of the file (a VMM binds a handful per file)."""
+
+    def __init__(self) -> None:
+        self._files: dict[tuple[int, int], GuestMemfdFile] = {}
+
+    def register(self, fd: int, size: int, flags: int = 0) -> None:
+        """Record ``fd`` (already created, by the kernel or by :meth:`create`) as a
+        guest_memfd of ``size`` bytes of this VM."""
+        self._files[_identity(fd)] = GuestMemfdFile(size, flags)
+
+    def create(self, size: int, flags: int = 0) -> int:
+        """``KVM_CREATE_GUEST_MEMFD`` for the engine alone: a memfd of ``size`` bytes
+        stands in for the guest_memfd (EINVAL for a size that is zero or not page
+        aligned, or for flags). The caller owns the returned fd."""
+        if size <= 0 or size & (PAGE_SIZE - 1) or flags:
+            raise MemslotError(EINVAL, "guest_memfd size must be a non-zero page multiple")
+        fd = os.memfd_create("memslots-guest-memfd", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        self.register(fd, size, flags)
+        return fd
+
+    def check_bind(self, fd: int, offset: int, npages: int) -> GuestMemfdFile:
+        """Raise what ``kvm_gmem_bind`` would for binding ``npages`` at ``offset``."""
+        f = self._files.get(_identity(fd))
+        if f is None:
+            raise MemslotError(EINVAL, f"fd {fd} is not a guest_memfd of this VM")
+        if offset & (PAGE_SIZE - 1) or offset + (npages << PAGE_SHIFT) > f.size:
+            raise MemslotError(EINVAL, "guest_memfd range outside the file")
+        start = offset >> PAGE_SHIFT
+        end = start + npages
+        for s, e in f.bindings.values():
+            if s < end and start < e:
+                raise MemslotError(EINVAL, "guest_memfd range already bound")
+        return f
+
+    def bind(self, slot: Memslot, fd: int, offset: int) -> None:
+        """Bind ``slot`` to ``[offset, offset + size)`` of ``fd``; records it in
+        ``slot.gmem``."""
+        f = self.check_bind(fd, offset, slot.npages)
+        start = offset >> PAGE_SHIFT
+        f.bindings[slot.slot] = (start, start + slot.npages)
+        slot.gmem = (f, offset)
+
+    @staticmethod
+    def unbind(slot: Memslot) -> None:
+        """Release the binding of ``slot`` (``kvm_gmem_unbind``), if any."""
+        if slot.gmem is not None:
+            f, _ = slot.gmem
+            f.bindings.pop(slot.slot, None)
+            slot.gmem = None
+
+    def bound_pages(self) -> int:
+        """Pages bound over all files (for invariant checks)."""
+        return sum(e - s for f in self._files.values() for s, e in f.bindings.values())

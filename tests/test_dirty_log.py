@@ -1,0 +1,551 @@
+"""Dirty logging against the engine: every errno and layout rule of reference section 5
+(bitmap layout, GET, CLEAR, MANUAL_DIRTY_LOG_PROTECT2, bitmap lifetime across MOVE and
+FLAGS_ONLY), the dirty-page helpers, a 2^28-page slot, and concurrent marking.
+Comparisons with /dev/kvm live in tests/test_dirty_log_kvm.py."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import random
+import struct
+import sys
+import threading
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotError, Vm
+from memslots.dirty_log import (
+    alloc_dirty_bitmap,
+    count_dirty,
+    dirty_bitmap_bytes,
+    dirty_pages,
+    dirty_runs,
+    mark_page_dirty_in_slot,
+    mark_pages_dirty_in_slot,
+    pages_to_bitmap,
+)
+
+EINVAL, ENOENT, EFAULT = errno.EINVAL, errno.ENOENT, errno.EFAULT
+LOG = KVM_MEM_LOG_DIRTY_PAGES
+PAGE = 4096
+HVA = 0x7F0000000000
+MakeVm = Callable[..., Vm]
+
+
+def errno_of(fn: Callable[[], object]) -> int:
+    """0 if ``fn()`` succeeds, else the MemslotError's errno."""
+    try:
+        fn()
+    except MemslotError as exc:
+        return exc.errno or 0
+    return 0
+
+
+def words(*ws: int) -> bytes:
+    """Little-endian u64 words, the kernel's bitmap layout."""
+    return struct.pack(f"<{len(ws)}Q", *ws)
+
+
+def logged_vm(make_vm: MakeVm, npages: int = 200, base_gfn: int = 0x100, flags: int = LOG) -> Vm:
+    vm = make_vm()
+    vm.set_user_memory_region(0, flags, base_gfn * PAGE, npages * PAGE, HVA)
+    return vm
+
+
+# ======================================================================================
+# 5.1 layout
+# ======================================================================================
+@pytest.mark.parametrize(
+    ("npages", "nbytes"), [(1, 8), (63, 8), (64, 8), (65, 16), (128, 16), (4099, 520)]
+)
+def test_bitmap_is_align_npages_64_over_8_bytes(make_vm: MakeVm, npages: int, nbytes: int) -> None:
+    assert dirty_bitmap_bytes(npages) == nbytes
+    vm = logged_vm(make_vm, npages)
+    assert len(vm.get_dirty_log(0)) == nbytes
+    assert len(vm.id_to_memslot(0).dirty_bitmap) == nbytes  # type: ignore[union-attr, arg-type]
+    vm.check_invariants()
+
+
+def test_bit_i_is_gfn_base_plus_i_little_endian_words(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, npages=200, base_gfn=0x100)
+    for rel in (0, 9, 63, 64, 199):
+        vm.mark_page_dirty(0x100 + rel)
+    assert vm.get_dirty_log(0) == words(1 | 1 << 9 | 1 << 63, 1, 0, 1 << (199 - 192))
+
+
+def test_bits_past_npages_are_never_set(make_vm: MakeVm) -> None:
+    vm = make_vm()
+    vm.enable_manual_dirty_log_protect(3)
+    vm.set_user_memory_region(0, LOG, 0, 70 * PAGE, HVA)
+    vm.mark_page_dirty(70)  # past the slot: a hole
+    assert vm.get_dirty_log(0) == words(2**64 - 1, (1 << 6) - 1)
+
+
+def test_mark_page_dirty_ignores_holes_unlogged_slots_and_other_address_spaces(
+    make_vm: MakeVm,
+) -> None:
+    vm = make_vm()
+    vm.set_user_memory_region(0, LOG, 0, 64 * PAGE, HVA)
+    vm.set_user_memory_region(1, 0, 64 * PAGE, 64 * PAGE, HVA)
+    vm.set_user_memory_region(1 << 16 | 2, LOG, 0, 64 * PAGE, HVA)  # SMM address space
+    vm.mark_page_dirty(1000)  # hole
+    vm.mark_page_dirty(64)  # slot 1 does not log
+    vm.mark_page_dirty(3)  # address space 0 only
+    assert vm.get_dirty_log(0) == words(1 << 3)
+    assert vm.get_dirty_log(1 << 16 | 2) == words(0)
+    assert errno_of(lambda: vm.get_dirty_log(1)) == ENOENT
+
+
+def test_read_only_slot_with_logging_is_marked(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 64, 0, LOG | KVM_MEM_READONLY)
+    vm.mark_page_dirty(5)
+    assert vm.get_dirty_log(0) == words(1 << 5)
+
+
+def test_mark_helpers_ignore_gfns_outside_the_slot(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 100, 0x100)
+    s = vm.id_to_memslot(0)
+    mark_page_dirty_in_slot(s, 0xFF)
+    mark_page_dirty_in_slot(s, 0x100 + 100)
+    mark_page_dirty_in_slot(None, 0x100)
+    mark_pages_dirty_in_slot(s, 0xF0, 0x12)  # 0xF0..0x101: only 0x100 and 0x101 inside
+    mark_pages_dirty_in_slot(s, 0x100 + 98, 10)  # 98, 99 inside
+    mark_pages_dirty_in_slot(s, 0x100 + 20, 0)
+    assert dirty_pages(vm.get_dirty_log(0)) == [0, 1, 98, 99]
+
+
+@pytest.mark.parametrize(("start", "count"), [(0, 1), (3, 4), (5, 3), (7, 2), (0, 8), (1, 70)])
+def test_mark_pages_dirty_in_slot_sets_exactly_the_run(start: int, count: int) -> None:
+    vm = Vm()
+    vm.set_user_memory_region(0, LOG, 0, 100 * PAGE, HVA)
+    mark_pages_dirty_in_slot(vm.id_to_memslot(0), start, count)  # type: ignore[arg-type]
+    assert dirty_pages(vm.get_dirty_log(0)) == list(range(start, start + count))
+
+
+# ======================================================================================
+# 5.3 GET
+# ======================================================================================
+def test_get_clears_without_manual_protect(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm)
+    vm.mark_page_dirty(0x100 + 7)
+    assert dirty_pages(vm.get_dirty_log(0)) == [7]
+    assert dirty_pages(vm.get_dirty_log(0)) == []
+
+
+@pytest.mark.parametrize("mode", [1, 3])
+def test_get_does_not_clear_with_manual_protect(make_vm: MakeVm, mode: int) -> None:
+    vm = logged_vm(make_vm)  # bitmap allocated before enabling: starts empty
+    vm.enable_manual_dirty_log_protect(mode)
+    vm.mark_page_dirty(0x100 + 7)
+    assert dirty_pages(vm.get_dirty_log(0)) == [7]
+    assert dirty_pages(vm.get_dirty_log(0)) == [7]
+    vm.enable_manual_dirty_log_protect(0)  # back to clearing GETs
+    assert dirty_pages(vm.get_dirty_log(0)) == [7]
+    assert dirty_pages(vm.get_dirty_log(0)) == []
+
+
+@pytest.mark.parametrize(
+    ("slot", "expected"),
+    [
+        (0, 0),
+        (5, ENOENT),  # no such slot
+        (1, ENOENT),  # slot without logging
+        (1 << 16 | 0, ENOENT),  # address space 1 exists on the engine's x86 default
+        (2 << 16 | 0, EINVAL),  # address space 2 does not
+        (0xFFFF << 16, EINVAL),
+        (32763, ENOENT),  # last user id: lookup
+        (32764, EINVAL),  # internal ids are rejected
+        (32766, EINVAL),
+        (0xFFFF, EINVAL),
+        (1 << 32, EINVAL),  # does not fit the u32 field
+        (-1, EINVAL),
+    ],
+)
+def test_get_errnos(make_vm: MakeVm, slot: int, expected: int) -> None:
+    vm = logged_vm(make_vm)
+    vm.set_user_memory_region(1, 0, 0x10000 * PAGE, 64 * PAGE, HVA)
+    assert errno_of(lambda: vm.get_dirty_log(slot)) == expected
+    assert errno_of(lambda: vm.clear_dirty_log(slot, 0, 0, b"")) == expected
+
+
+def test_get_and_clear_in_address_space_1(make_vm: MakeVm) -> None:
+    vm = make_vm()
+    vm.set_user_memory_region(1 << 16 | 3, LOG, 0, 64 * PAGE, HVA)
+    s = vm.memslots(1).id_to_memslot(3)
+    mark_page_dirty_in_slot(s, 9)
+    vm.enable_manual_dirty_log_protect(1)
+    assert vm.get_dirty_log(1 << 16 | 3) == words(1 << 9)
+    vm.clear_dirty_log(1 << 16 | 3, 0, 64, words(1 << 9))
+    assert vm.get_dirty_log(1 << 16 | 3) == words(0)
+
+
+# ======================================================================================
+# 5.4 CLEAR
+# ======================================================================================
+def test_clear_checks_first_page_alignment_before_the_slot_lookup(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm)
+    assert errno_of(lambda: vm.clear_dirty_log(7, 1, 0, b"")) == EINVAL  # no slot 7
+    assert errno_of(lambda: vm.clear_dirty_log(7, 64, 0, b"")) == ENOENT
+    assert errno_of(lambda: vm.clear_dirty_log(7, 63, 0, b"")) == EINVAL
+    assert errno_of(lambda: vm.clear_dirty_log(7, -64, 0, b"")) == EINVAL
+    # the slot-number check comes first of all
+    assert errno_of(lambda: vm.clear_dirty_log(2 << 16, 64, 0, b"")) == EINVAL
+
+
+@pytest.mark.parametrize(
+    ("npages", "first", "num", "nbytes", "expected"),
+    [
+        # range rules
+        (200, 0, 200, 32, 0),  # the whole slot, not a multiple of 64: ends at the end
+        (200, 0, 128, 16, 0),
+        (200, 0, 100, 16, EINVAL),  # not a multiple of 64 and not up to the end
+        (200, 64, 136, 24, 0),
+        (200, 192, 8, 8, 0),
+        (200, 192, 9, 8, EINVAL),  # past the end
+        (200, 256, 0, 0, EINVAL),  # first_page > npages
+        (200, 0, 0, 0, 0),  # nothing to clear
+        (200, 128, 0, 0, 0),
+        (128, 128, 0, 0, 0),  # first_page == npages with num_pages 0 is accepted
+        (128, 128, 1, 8, EINVAL),
+        (200, 0, 1 << 32, 0, EINVAL),  # num_pages does not fit u32
+        # EFAULT: a bitmap shorter than ALIGN(num_pages, 64) / 8
+        (200, 0, 128, 15, EFAULT),
+        (200, 0, 200, 31, EFAULT),
+        (200, 0, 200, 25, EFAULT),
+        (200, 192, 8, 0, EFAULT),
+        (200, 0, 100, 0, EINVAL),  # the range check comes before the copy
+        (200, 0, 0, 0, 0),
+    ],
+)
+def test_clear_range_rules_and_efault(
+    make_vm: MakeVm, npages: int, first: int, num: int, nbytes: int, expected: int
+) -> None:
+    vm = logged_vm(make_vm, npages)
+    assert errno_of(lambda: vm.clear_dirty_log(0, first, num, bytes(nbytes))) == expected
+
+
+def test_clear_enoent_comes_before_range_and_efault(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm)
+    vm.set_user_memory_region(1, 0, 0x10000 * PAGE, 64 * PAGE, HVA)
+    assert errno_of(lambda: vm.clear_dirty_log(1, 0, 1000, b"")) == ENOENT
+
+
+def test_clear_clears_only_the_requested_dirty_pages(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 200, 0)  # no manual protect: CLEAR works anyway
+    for p in (1, 2, 64, 65, 130, 199):
+        vm.mark_page_dirty(p)
+    s = vm.id_to_memslot(0)
+    assert s is not None and s.dirty_bitmap is not None
+    # bit 0 of the mask is first_page; pages 3 and 66 were not dirty (harmless)
+    vm.clear_dirty_log(0, 64, 136, pages_to_bitmap([0, 2, 66 - 64, 199 - 64], 136))
+    assert dirty_pages(bytes(s.dirty_bitmap)) == [1, 2, 65, 130]
+    vm.clear_dirty_log(0, 0, 200, pages_to_bitmap(range(200), 200))
+    assert dirty_pages(bytes(s.dirty_bitmap)) == []
+    vm.check_invariants()
+
+
+def test_clear_mask_bits_past_the_slot_end_are_harmless(make_vm: MakeVm) -> None:
+    vm = make_vm()
+    vm.enable_manual_dirty_log_protect(3)
+    vm.set_user_memory_region(0, LOG, 0, 70 * PAGE, HVA)
+    vm.clear_dirty_log(0, 64, 6, words(2**64 - 1))  # 58 bits past the end
+    assert vm.get_dirty_log(0) == words(2**64 - 1, 0)
+    vm.clear_dirty_log(0, 0, 64, words(1) + b"junk past the needed bytes")
+    assert vm.get_dirty_log(0) == words(2**64 - 2, 0)
+
+
+def test_clear_takes_any_buffer(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 64, 0)
+    vm.enable_manual_dirty_log_protect(1)
+    vm.mark_page_dirty(4)
+    vm.mark_page_dirty(5)
+    vm.clear_dirty_log(0, 0, 64, memoryview(bytearray(words(1 << 4))))
+    vm.clear_dirty_log(0, 0, 64, memoryview(struct.pack("<2I", 0, 0)))
+    assert vm.get_dirty_log(0) == words(1 << 5)
+
+
+def test_failed_clear_changes_nothing(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 200, 0)
+    vm.enable_manual_dirty_log_protect(1)
+    vm.mark_page_dirty(3)
+    before = vm.get_dirty_log(0)
+    for args in [(0, 1, 64, words(8)), (0, 0, 100, words(8, 8)), (0, 0, 128, words(8))]:
+        with pytest.raises(MemslotError):
+            vm.clear_dirty_log(*args)
+    assert vm.get_dirty_log(0) == before
+
+
+# ======================================================================================
+# 5.5 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+# ======================================================================================
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(0, 0), (1, 0), (3, 0), (2, EINVAL), (4, EINVAL), (5, EINVAL), (7, EINVAL),
+     (1 << 63, EINVAL), (1 << 64 | 1, EINVAL), (-1, EINVAL)],
+)  # fmt: skip
+def test_enable_manual_protect_flags(make_vm: MakeVm, flags: int, expected: int) -> None:
+    vm = make_vm()
+    vm.enable_manual_dirty_log_protect(1)
+    assert errno_of(lambda: vm.enable_manual_dirty_log_protect(flags)) == expected
+    assert vm.manual_dirty_log_protect == (flags if not expected else 1)
+
+
+def test_initially_set_applies_to_bitmaps_allocated_afterwards(make_vm: MakeVm) -> None:
+    vm = make_vm()
+    vm.set_user_memory_region(0, LOG, 0, 70 * PAGE, HVA)  # before: empty
+    vm.set_user_memory_region(1, 0, 0x1000 * PAGE, 70 * PAGE, HVA)
+    vm.enable_manual_dirty_log_protect(3)
+    vm.set_user_memory_region(2, LOG, 0x2000 * PAGE, 70 * PAGE, HVA)  # CREATE: all set
+    vm.set_user_memory_region(1, LOG, 0x1000 * PAGE, 70 * PAGE, HVA)  # FLAGS_ONLY on: set
+    full = words(2**64 - 1, (1 << 6) - 1)
+    assert vm.get_dirty_log(0) == words(0, 0)
+    assert vm.get_dirty_log(1) == full
+    assert vm.get_dirty_log(2) == full
+    # a MOVE that keeps logging keeps the bitmap as it is (not re-set)
+    vm.clear_dirty_log(0 | 2, 0, 70, full)
+    vm.set_user_memory_region(2, LOG, 0x3000 * PAGE, 70 * PAGE, HVA)
+    assert vm.get_dirty_log(2) == words(0, 0)
+    # a MOVE that turns logging on allocates: set
+    vm.set_user_memory_region(3, 0, 0x4000 * PAGE, 70 * PAGE, HVA)
+    vm.set_user_memory_region(3, LOG, 0x5000 * PAGE, 70 * PAGE, HVA)
+    assert vm.get_dirty_log(3) == full
+    # ENABLE alone: new bitmaps start empty again
+    vm.enable_manual_dirty_log_protect(1)
+    vm.set_user_memory_region(4, LOG, 0x6000 * PAGE, 70 * PAGE, HVA)
+    assert vm.get_dirty_log(4) == words(0, 0)
+    vm.check_invariants()
+
+
+def test_initially_set_bitmap_then_get_without_manual_protect_clears(make_vm: MakeVm) -> None:
+    vm = make_vm()
+    vm.enable_manual_dirty_log_protect(3)
+    vm.set_user_memory_region(0, LOG, 0, 64 * PAGE, HVA)
+    vm.enable_manual_dirty_log_protect(0)
+    assert vm.get_dirty_log(0) == words(2**64 - 1)
+    assert vm.get_dirty_log(0) == words(0)
+
+
+# ======================================================================================
+# 5.1 lifetime: MOVE, FLAGS_ONLY, delete
+# ======================================================================================
+def test_move_keeps_pending_bits_relative_to_the_new_base(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 100, 0x100)
+    vm.mark_page_dirty(0x100 + 5)
+    vm.set_user_memory_region(0, LOG, 0x800 * PAGE, 100 * PAGE, HVA)
+    vm.mark_page_dirty(0x100 + 6)  # the old range is a hole now
+    vm.mark_page_dirty(0x800 + 7)
+    assert dirty_pages(vm.get_dirty_log(0)) == [5, 7]
+    vm.check_invariants()
+
+
+def test_move_turning_logging_off_drops_the_bitmap(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 100, 0x100)
+    vm.mark_page_dirty(0x105)
+    vm.set_user_memory_region(0, 0, 0x800 * PAGE, 100 * PAGE, HVA)
+    assert errno_of(lambda: vm.get_dirty_log(0)) == ENOENT
+    assert vm.dirty_bitmap_bytes == 0
+    vm.set_user_memory_region(0, LOG, 0x900 * PAGE, 100 * PAGE, HVA)
+    assert vm.get_dirty_log(0) == bytes(16)
+    vm.check_invariants()
+
+
+def test_logging_off_and_on_drops_pending_bits(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 100, 0x100)
+    vm.mark_page_dirty(0x105)
+    vm.set_user_memory_region(0, 0, 0x100 * PAGE, 100 * PAGE, HVA)
+    assert errno_of(lambda: vm.get_dirty_log(0)) == ENOENT
+    assert vm.dirty_bitmap_bytes == 0
+    vm.set_user_memory_region(0, LOG, 0x100 * PAGE, 100 * PAGE, HVA)
+    assert vm.get_dirty_log(0) == bytes(16)
+    vm.check_invariants()
+
+
+def test_delete_and_create_starts_empty(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 100, 0x100)
+    vm.mark_page_dirty(0x105)
+    vm.set_user_memory_region(0, 0, 0, 0, 0)
+    assert errno_of(lambda: vm.get_dirty_log(0)) == ENOENT
+    vm.set_user_memory_region(0, LOG, 0x100 * PAGE, 100 * PAGE, HVA)
+    assert vm.get_dirty_log(0) == bytes(16)
+    vm.check_invariants()
+
+
+def test_noop_reset_keeps_bits(make_vm: MakeVm) -> None:
+    vm = logged_vm(make_vm, 100, 0x100)
+    vm.mark_page_dirty(0x105)
+    vm.set_user_memory_region(0, LOG, 0x100 * PAGE, 100 * PAGE, HVA)
+    assert dirty_pages(vm.get_dirty_log(0)) == [5]
+
+
+def test_a_2_pow_28_page_slot(make_vm: MakeVm) -> None:
+    """1 TiB of guest memory: a 32 MiB bitmap, GET, CLEAR of the whole range."""
+    npages = 1 << 28
+    vm = make_vm()
+    vm.enable_manual_dirty_log_protect(1)
+    vm.set_user_memory_region(0, LOG, 0, npages * PAGE, 0x100000000000)
+    assert vm.dirty_bitmap_bytes == npages // 8
+    for gfn in (0, 12345678, npages - 1):
+        vm.mark_page_dirty(gfn)
+    log = vm.get_dirty_log(0)
+    assert len(log) == 32 << 20
+    assert dirty_pages(log) == [0, 12345678, npages - 1]
+    vm.clear_dirty_log(0, 0, npages, log)
+    assert count_dirty(vm.get_dirty_log(0)) == 0
+    vm.enable_manual_dirty_log_protect(0)
+    vm.mark_page_dirty(npages - 1)
+    assert dirty_pages(vm.get_dirty_log(0)) == [npages - 1]
+    assert count_dirty(vm.get_dirty_log(0)) == 0
+    vm.check_invariants()
+
+
+def test_a_2_pow_28_page_slot_initially_set() -> None:
+    npages = 1 << 28
+    bm = alloc_dirty_bitmap(npages, 3)
+    assert len(bm) == npages // 8
+    assert count_dirty(bm) == npages
+    bm = alloc_dirty_bitmap(npages - 3, 3)
+    assert count_dirty(bm) == npages - 3
+    assert bm[-1] == 0x1F
+
+
+# ======================================================================================
+# Concurrency: no dirty bit is lost or reported twice
+# ======================================================================================
+@pytest.mark.stress
+@pytest.mark.parametrize("manual", [False, True])
+def test_concurrent_marks_are_never_lost(manual: bool) -> None:
+    npages, nthreads = 1 << 16, 2
+    vm = Vm()
+    vm.set_user_memory_region(0, LOG, 0, npages * PAGE, HVA)
+    if manual:
+        vm.enable_manual_dirty_log_protect(1)
+    pages = list(range(npages))
+    random.Random(7).shuffle(pages)
+    parts = [pages[i::nthreads] for i in range(nthreads)]
+    seen: list[int] = []
+
+    def marker(part: list[int]) -> None:
+        for p in part:
+            vm.mark_page_dirty(p)
+
+    def collect() -> None:
+        log = vm.get_dirty_log(0)
+        got = dirty_pages(log)
+        if manual:
+            vm.clear_dirty_log(0, 0, npages, log)
+        seen.extend(got)
+
+    threads = [threading.Thread(target=marker, args=(p,)) for p in parts]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: widen any race
+    try:
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            collect()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    collect()
+    # every page was marked exactly once: it must be reported exactly once
+    assert sorted(seen) == list(range(npages))
+
+
+# ======================================================================================
+# Helpers
+# ======================================================================================
+@settings(max_examples=200, deadline=None)
+@given(
+    npages=st.integers(1, 3000),
+    data=st.data(),
+    base=st.integers(0, 1 << 40),
+)
+def test_dirty_pages_runs_count_and_pages_to_bitmap(
+    npages: int, data: st.DataObject, base: int
+) -> None:
+    pages = sorted(data.draw(st.sets(st.integers(0, npages - 1))))
+    bm = pages_to_bitmap(pages, npages)
+    assert len(bm) == dirty_bitmap_bytes(npages)
+    assert dirty_pages(bm) == pages
+    assert dirty_pages(bytes(bm), base) == [base + p for p in pages]
+    assert count_dirty(bm) == len(pages)
+    runs = dirty_runs(bm, base)
+    assert [base + p for first, n in runs for p in range(first - base, first - base + n)] == [
+        base + p for p in pages
+    ]
+    assert all(b[0] > a[0] + a[1] for a, b in itertools.pairwise(runs))
+
+
+@given(raw=st.binary(max_size=50))
+def test_dirty_pages_of_any_length(raw: bytes) -> None:
+    expected = [i for i in range(len(raw) * 8) if raw[i >> 3] >> (i & 7) & 1]
+    assert dirty_pages(raw) == expected
+    assert dirty_pages(memoryview(raw)) == expected
+
+
+def test_pages_to_bitmap_rejects_pages_outside() -> None:
+    with pytest.raises(ValueError):
+        pages_to_bitmap([64], 64)
+    with pytest.raises(ValueError):
+        pages_to_bitmap([-1], 64)
+
+
+# ======================================================================================
+# Model-based: random marks, GETs, CLEARs and mode changes against a set
+# ======================================================================================
+op = st.one_of(
+    st.tuples(st.just("mark"), st.integers(0, 299)),
+    st.tuples(st.just("get"), st.just(0)),
+    st.tuples(st.just("mode"), st.sampled_from([0, 1, 3])),
+    st.tuples(
+        st.just("clear"),
+        st.tuples(st.integers(0, 5), st.integers(0, 300), st.sets(st.integers(0, 320))),
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(op, max_size=40))
+def test_model(ops: list[tuple[str, object]]) -> None:
+    npages = 300
+    vm = Vm()
+    vm.set_user_memory_region(0, LOG, 0, npages * PAGE, HVA)
+    dirty: set[int] = set()
+    mode = 0
+    for name, arg in ops:
+        if name == "mark":
+            assert isinstance(arg, int)
+            vm.mark_page_dirty(arg)
+            dirty.add(arg)
+        elif name == "get":
+            assert dirty_pages(vm.get_dirty_log(0)) == sorted(dirty)
+            if not mode:
+                dirty.clear()
+        elif name == "mode":
+            assert isinstance(arg, int)
+            vm.enable_manual_dirty_log_protect(arg)
+            mode = arg
+        else:
+            assert isinstance(arg, tuple)
+            word, num, mask = arg
+            first = word * 64
+            ok = (
+                first <= npages
+                and num <= npages - first
+                and (num & 63 == 0 or num == npages - first)
+            )
+            bm = bytearray(dirty_bitmap_bytes(num))
+            for b in mask:
+                if b < len(bm) * 8:
+                    bm[b >> 3] |= 1 << (b & 7)
+            e = errno_of(lambda: vm.clear_dirty_log(0, first, num, bm))  # noqa: B023
+            assert e == (0 if ok else EINVAL)
+            if ok:
+                dirty -= {first + b for b in mask if b < len(bm) * 8}
+    vm.enable_manual_dirty_log_protect(1)
+    assert dirty_pages(vm.get_dirty_log(0)) == sorted(dirty)

@@ -16,21 +16,24 @@ across MOVE and FLAGS_ONLY while logging stays on (pending bits survive, indexes
 to the new base), dropped when logging goes off. ``KVM_DIRTY_LOG_INITIALLY_SET`` fills a
 bitmap only when it is allocated after the capability was enabled.
 
-Why a bytearray (measured with ``benchmarks/bench_dirty_guest.py --compare``, 2^20-page
-slot, 1% of the pages dirty, on this project's 2-core machine, best of 20):
+Why a bytearray. Measured with ``benchmarks/bench_dirty_guest.py --compare`` (run with
+bitarray 3.x and numpy 2.x importable; neither is a dependency), a 2^20-page slot with 1%
+of its pages dirty, on this project's 2-core machine, best of 20:
 
 ==============================  =============  ===========  ===========
 operation                       bytearray      bitarray     numpy uint8
 ==============================  =============  ===========  ===========
-set one bit (mark a page)       77 ns          27 ns        162 ns
-copy and clear (GET)            8.5 us         3.7 us       3.9 us
-list the dirty page indexes     2.3 ms         0.6 ms       1.8 ms
+set one bit (mark a page)       84 ns          27 ns        155 ns
+copy and clear (GET)            7.8 us         3.6 us       5.7 us
+list the dirty page indexes     2.2 ms         0.6 ms       1.7 ms
 ==============================  =============  ===========  ===========
 
-All three meet the 5 ms budget for GET plus iterating the dirty pages; only the bytearray
-is already the kernel's byte layout (``len()`` in bytes, no conversion on GET or CLEAR)
-and needs no compiled dependency. bitarray is faster at listing pages, but a VMM spends
-far more per dirty page copying 4 KiB than finding it.
+All three meet the 5 ms budget for GET plus iterating the dirty pages (the bytearray:
+2.5 ms). Only the bytearray already is the kernel's byte layout (``len()`` in bytes, no
+conversion on GET or CLEAR, a bitmap from ``/dev/kvm`` is the same kind of object) and it
+needs no compiled dependency. bitarray lists pages faster, but a VMM spends far more per
+dirty page copying its 4 KiB than finding it; numpy is slower at single bits, which is
+what marking does.
 
 Concurrency. Marking a page is a read-modify-write of one byte, so it cannot run at the
 same time as GET's copy-and-clear or CLEAR's and-not (the kernel uses ``set_bit_le``,

@@ -39,6 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memslots.cli import CliError
+from memslots.constants import PAGE_SIZE
 from memslots.errors import errno_name
 from memslots.replay import (
     KINDS,
@@ -100,7 +101,8 @@ def register(sub: Any) -> None:
         "--impl",
         choices=("engine", "array", "all"),
         default="all",
-        help="models to replay (default: all); the first one's map and kinds are shown",
+        help="models to replay (default: all); kinds and map are the engine's, or the"
+        " array's with --impl array",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document instead")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines (and list them)")
@@ -149,7 +151,9 @@ def _load(
 
 def _size(n: int) -> str:
     """``512 MiB``, ``44 KiB``: exact in the largest unit that divides ``n``; a long
-    number of KiB becomes ``528.7 MiB``."""
+    number of KiB becomes ``528.7 MiB``; ``0`` for 0."""
+    if not n:
+        return "0"
     units = (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
     for unit, shift in units:
         if n and n % (1 << shift) == 0 and (n >> shift) < 100_000:
@@ -188,7 +192,7 @@ def _call_cells(c: MemslotCall) -> tuple[str, ...]:
         str(c.slot),
         _flags(c.flags) + (" (v2)" if c.v2 else ""),
         f"{c.guest_phys_addr:#x}",
-        _size(c.memory_size) if c.memory_size else "0",
+        _size(c.memory_size) if c.memory_size % PAGE_SIZE == 0 else f"{c.memory_size:#x}",
         f"{c.userspace_addr:#x}",
     )
 
@@ -249,8 +253,9 @@ def _relocation(con: Console, report: ReplayReport) -> None:
     total = sum(c.size for c in clusters)
     con.print(
         f"[bold]hvas relocated[/] for /dev/kvm: the trace's hvas belong to the traced process;"
-        f"\n  its {len(clusters)} hva cluster{'s are' if len(clusters) > 1 else ' is'}"
-        f" ({_size(total)}) mapped onto HostMemory here, keeping every offset and overlap:",
+        f"\n  its {len(clusters)} hva cluster{'s' if len(clusters) > 1 else ''} ({_size(total)})"
+        f" {'are' if len(clusters) > 1 else 'is'} mapped onto HostMemory here,"
+        " keeping every offset and overlap:",
         highlight=False,
     )
     t = _table("trace hva range", "size", "mapped at", "moved by", right=("size",))

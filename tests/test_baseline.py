@@ -9,6 +9,7 @@ import errno
 import random
 import threading
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any, cast
 
 import pytest
@@ -412,3 +413,120 @@ def test_a_long_sequence_with_many_slots() -> None:
         pair.step(op)
         pair.check()
     assert len(pair.vms[1].memslots(0)) > 50
+
+
+# --------------------------------------------------------------------------------------
+# memslots.bench and `memslots bench` (smoke tests: tiny sizes, no timing assertions)
+# --------------------------------------------------------------------------------------
+def test_perf_layout_splits_the_test_memory_like_memslot_perf_test() -> None:
+    from memslots.bench import MEM_GPA, MEM_SIZE, perf_layout
+
+    for n in (4, 509, 32764):
+        layout = perf_layout(n)
+        assert len(layout) == n
+        assert layout[0][0] == MEM_GPA
+        assert sum(size for _, size in layout) == MEM_SIZE
+        for (g1, s1), (g2, _) in pairwise(layout):
+            assert g1 + s1 == g2
+        assert layout[-1][1] >= layout[0][1]  # the last slot takes the remainder
+
+
+@pytest.mark.parametrize("impl", [Vm, ArrayVm], ids=["tree", "array"])
+def test_invalidate_hva_range_matches_a_brute_force_walk(impl: type[Vm]) -> None:
+    from memslots.bench import invalidate_hva_range
+
+    vm = impl(nr_address_spaces=2)
+    rng = random.Random(1)
+    for i in range(40):
+        as_id = i % 2
+        vm.set_user_memory_region(
+            (as_id << 16) | i, 0, i * 16 * PAGE, rng.randrange(1, 12) * PAGE,
+            HVA + rng.randrange(64) * PAGE,
+        )  # fmt: skip
+    for _ in range(200):
+        start = HVA + rng.randrange(-8, 80) * PAGE + rng.choice([0, 100])
+        end = start + rng.randrange(1, 20 * PAGE)
+        expected = 0
+        for s in vm.slots():
+            lo, hi = s.userspace_addr, s.userspace_addr + s.npages * PAGE
+            hs, he = max(start, lo), min(end, hi)
+            if hs < he:
+                expected += ((he + PAGE - 1 - lo) // PAGE) - ((hs - lo) // PAGE)
+        assert invalidate_hva_range(vm, start, end) == expected
+
+
+def _tiny_config(**kw: Any) -> Any:
+    from memslots.bench import BenchConfig
+
+    values: dict[str, Any] = {
+        "slots": 16, "counts": (4, 16, 64), "duration": 0.002, "repetitions": 1,
+        "impls": ("tree", "array"), "cpu": None,
+        "scenarios": ("setup", "move-active", "move-inactive", "unmap", "unmap-chunked", "sweep"),
+    }  # fmt: skip
+    values.update(kw)
+    return BenchConfig(**values)
+
+
+def test_bench_library_runs_every_cheap_scenario_and_the_sweep() -> None:
+    from memslots.bench import OPS, run
+
+    r = run(_tiny_config())
+    got = {(s.scenario, s.impl) for s in r.scenarios}
+    for impl in ("tree", "array"):
+        for s in ("setup", "move-active", "move-inactive", "unmap", "unmap-chunked"):
+            assert (s, impl) in got
+        for count in (4, 16, 64):
+            for op in OPS:
+                v = r.point(impl, count, op)
+                assert v is not None and v > 0
+    active = r.scenario("move-active", "tree")
+    inactive = r.scenario("move-inactive", "array")
+    assert active is not None and inactive is not None
+    assert active.detail["lookups_without_slot"] > 0  # the moved half is away
+    assert inactive.detail["lookups_without_slot"] == 0
+    unmap = r.scenario("unmap", "array")
+    assert unmap is not None and unmap.detail["pages_invalidated"] == unmap.detail["calls"]
+    c = r.criteria
+    assert c["largest_count"] == 64 and "array_vs_tree_at_top" in c
+    assert "array_vs_tree_at_top_ok" not in c  # judged only at 32764 slots
+    assert r.to_json()["sweep"]
+
+
+def test_bench_config_rejects_bad_values() -> None:
+    for kw in ({"counts": (16, 8)}, {"counts": (2,)}, {"slots": 40000}, {"duration": 0},
+               {"impls": ("nope",)}, {"scenarios": ("nope",)}):  # fmt: skip
+        with pytest.raises(ValueError):
+            _tiny_config(**kw).validate()
+
+
+def test_cli_bench_prints_tables_and_writes_json(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from memslots.cli import main
+
+    out = tmp_path / "r.json"
+    status = main(["bench", "--slots", "16", "--counts", "4,16", "--duration", "0.002",
+                   "--repetitions", "1", "--impl", "tree,array", "--cpu", "none",
+                   "--scenario", "setup,unmap-chunked,sweep", "--no-progress",
+                   "--json", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert status == 0
+    assert "Per-operation cost" in text and "unmap-chunked" in text
+    data = json.loads(out.read_text())
+    assert {p["impl"] for p in data["sweep"]} == {"tree", "array"}
+    assert main(["bench", "--counts", "16,8"]) == 2
+
+
+@pytest.mark.kvm
+def test_bench_kernel_columns() -> None:
+    from memslots.bench import run
+
+    r = run(_tiny_config(impls=("tree", "kvm", "ioctl"), counts=(4, 16),
+                         scenarios=("setup", "move-active", "sweep")))  # fmt: skip
+    assert r.scenario("setup", "ioctl") is not None
+    assert r.scenario("move-active", "kvm") is not None
+    assert r.scenario("move-active", "ioctl") is None  # no lookups without the engine
+    assert r.point("ioctl", 16, "move") is not None
+    assert "tree_vs_ioctl_at_top" in r.criteria

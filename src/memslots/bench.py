@@ -1,0 +1,839 @@
+"""Benchmarks: the ``memslot_perf_test`` scenarios adapted to the library, and a sweep of
+per-operation cost over slot counts, for the tree engine, the array baseline and the
+kernel. ``memslots bench`` is the command line front end; this module is usable on its own:
+
+    from memslots.bench import BenchConfig, run
+    results = run(BenchConfig(quick=True))
+    print(results.criteria)
+
+Implementations (``BenchConfig.impls``):
+
+``tree``
+    :class:`memslots.vm.Vm`, the engine.
+``array``
+    :class:`memslots.baseline.ArrayVm`, the design before commit a54d806688fe.
+``kvm``
+    :class:`memslots.kvm.KvmVm` (``/dev/kvm``): every memslot call goes to the kernel
+    and to the engine that mirrors it; lookups are the engine's.
+``ioctl``
+    the bare ``KVM_SET_USER_MEMORY_REGION`` ioctl through :mod:`memslots.kvm.abi`: what
+    the kernel itself costs, seen from Python. The engine's ratios to the kernel use it.
+
+Scenarios (reference section 7.2; slot layout as in ``memslot_perf_test``: ``N`` slots
+split ``MEM_SIZE`` = 512 MiB + 64 KiB at guest physical 256 MiB, the last slot takes the
+remainder; times are per iteration, the best of the repetitions):
+
+``setup``
+    create the ``N`` slots (seconds for all of them).
+``move-active`` / ``move-inactive``
+    MOVE the last slot to just above the test memory and back (two MOVEs per
+    iteration); after each MOVE a vCPU looks up every page of a 192 KiB area, which
+    straddles the start of the moved slot (active: half the lookups find nothing while
+    the slot is away, the guest's MMIO exits) or lies just before it (inactive). A
+    kernel vCPU would run concurrently; Python's GIL would turn that into a measure of
+    thread switching, so lookups and moves alternate in one thread here.
+``unmap`` / ``unmap-chunked``
+    hva-range invalidation (the MMU-notifier side, ``kvm_handle_hva_range``) over a
+    64 MiB area, one 4 KiB page or 2 MiB at a time: every call walks the slots whose hva
+    range meets the piece (``iter_hva_range``) and computes the gfn range of each. An
+    iteration is the whole 64 MiB; when fewer calls than that fit in the measurement
+    time, the per-call cost is scaled to a whole pass (marked "extrapolated").
+``rw``
+    ``write_guest`` of 8 bytes into every page of the test memory, then ``read_guest``
+    of every page and a check of the value (no slot changes: plain access throughput).
+``sweep``
+    per-operation cost of CREATE, DELETE, MOVE and FLAGS_ONLY with ``count`` slots
+    present, for every count of ``BenchConfig.counts``: slot ``count // 2`` is deleted
+    and created again (in the middle of the gfn range, so an array shifts half its
+    entries whichever way it is sorted), the last slot moves above the others and back,
+    and slot ``count // 2`` turns dirty logging on and off. Every operation is timed on
+    its own; the result is the best mean over the repetitions.
+
+Every ratio is computed from numbers taken in the same run, the implementations
+measured in turn at each count so that machine noise hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Protocol
+
+from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_USER_MEM_SLOTS_X86, PAGE_SHIFT
+from memslots.guest_memory import HostMemory
+from memslots.vm import Vcpu, Vm, gfn_to_hva_memslot_prot, kvm_is_error_hva
+
+KiB: Final = 1 << 10
+MiB: Final = 1 << 20
+
+#: memslot_perf_test (current): test memory at 256 MiB, 512 MiB + 64 KiB long
+MEM_GPA: Final = 256 * MiB
+MEM_SIZE: Final = 512 * MiB + 64 * KiB
+#: the area the guest touches in the move tests
+MEM_TEST_MOVE_SIZE: Final = 192 * KiB
+#: the area invalidated per unmap iteration (half of memslot_perf_test's 128 MiB)
+MEM_TEST_UNMAP_SIZE: Final = 64 * MiB
+MEM_TEST_UNMAP_CHUNK: Final = 2 * MiB
+#: the sweep's slots: 4 pages each, one after the other (32764 of them fill MEM_SIZE)
+SWEEP_SLOT_PAGES: Final = 4
+
+IMPLS: Final = ("tree", "array", "kvm", "ioctl")
+IMPL_LABELS: Final = {
+    "tree": "tree (Vm)",
+    "array": "array (ArrayVm)",
+    "kvm": "KvmVm",
+    "ioctl": "kernel ioctl",
+}
+SCENARIOS: Final = (
+    "setup",
+    "move-active",
+    "move-inactive",
+    "unmap",
+    "unmap-chunked",
+    "rw",
+    "sweep",
+)
+#: which implementations each scenario applies to (lookups, hva walks and guest access
+#: are the engine's in KvmVm and do not exist for the bare ioctl)
+SCENARIO_IMPLS: Final = {
+    "setup": IMPLS,
+    "move-active": ("tree", "array", "kvm"),
+    "move-inactive": ("tree", "array", "kvm"),
+    "unmap": ("tree", "array"),
+    "unmap-chunked": ("tree", "array"),
+    "rw": ("tree", "array"),
+}
+OPS: Final = ("create", "delete", "move", "flags")
+DEFAULT_COUNTS: Final = (16, 64, 256, 1024, 4096, 16384, 32764)
+#: the smallest number of operation pairs (or calls) in any measurement
+MIN_PAIRS: Final = 3
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run. ``slots``: N for the scenarios; ``counts``: slot counts of the sweep;
+    ``duration``: seconds per measurement (at least ``MIN_PAIRS`` operations are always
+    made); ``repetitions``: measurements per number, the best is kept; ``impls`` and
+    ``scenarios``: subsets of :data:`IMPLS` and :data:`SCENARIOS`; ``cpu``: pin the
+    process to this CPU (None: do not pin; the kernel's grace periods are cheapest for a
+    caller on CPU 0 on this machine, see the reference on /dev/kvm)."""
+
+    slots: int = KVM_USER_MEM_SLOTS_X86
+    counts: tuple[int, ...] = DEFAULT_COUNTS
+    duration: float = 0.2
+    repetitions: int = 3
+    impls: tuple[str, ...] = IMPLS
+    scenarios: tuple[str, ...] = SCENARIOS
+    cpu: int | None = 0
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        """The ``--quick`` preset: every scenario and count, short measurements, one
+        repetition (about 30 s on a 2-core machine)."""
+        values: dict[str, Any] = {"duration": 0.03, "repetitions": 1}
+        values.update(overrides)
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise ValueError for values the benchmark cannot run with."""
+        if not 4 <= self.slots <= KVM_USER_MEM_SLOTS_X86:
+            raise ValueError(f"slots must be in 4..{KVM_USER_MEM_SLOTS_X86}")
+        for c in self.counts:
+            if not 4 <= c <= KVM_USER_MEM_SLOTS_X86:
+                raise ValueError(f"slot counts must be in 4..{KVM_USER_MEM_SLOTS_X86}, not {c}")
+        if list(self.counts) != sorted(set(self.counts)):
+            raise ValueError("slot counts must be increasing")
+        if self.duration <= 0 or self.repetitions < 1:
+            raise ValueError("duration must be > 0 and repetitions >= 1")
+        for name in self.impls:
+            if name not in IMPLS:
+                raise ValueError(f"unknown implementation {name!r}; known: {', '.join(IMPLS)}")
+        for name in self.scenarios:
+            if name not in SCENARIOS:
+                raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+
+
+@dataclass
+class ScenarioResult:
+    """One scenario on one implementation: ``seconds`` per iteration (the best
+    repetition), ``iterations`` measured in total, ``extrapolated`` when an iteration
+    was longer than the measurement and its cost was scaled up from part of it;
+    ``detail``: scenario-specific counts (lookups without a slot, pages invalidated)."""
+
+    scenario: str
+    impl: str
+    slots: int
+    seconds: float
+    iterations: float
+    extrapolated: bool = False
+    detail: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class SweepPoint:
+    """Cost of one operation with ``count`` slots present: ``us`` microseconds per
+    operation (the best mean of the repetitions), ``samples`` operations timed in total."""
+
+    impl: str
+    count: int
+    op: str
+    us: float
+    samples: int
+
+
+@dataclass
+class BenchResults:
+    """Everything one run measured, with the machine, the configuration, notes about
+    what was skipped, and the acceptance ratios (:meth:`compute_criteria`)."""
+
+    config: BenchConfig
+    machine: dict[str, Any]
+    scenarios: list[ScenarioResult] = field(default_factory=list)
+    sweep: list[SweepPoint] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    criteria: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def point(self, impl: str, count: int, op: str) -> float | None:
+        """Microseconds per ``op`` for ``impl`` at ``count`` slots (``op`` "mean": the
+        mean of the four operations), or None if not measured."""
+        if op == "mean":
+            vals = [self.point(impl, count, o) for o in OPS]
+            if any(v is None for v in vals):
+                return None
+            return sum(v for v in vals if v is not None) / len(vals)
+        for p in self.sweep:
+            if p.impl == impl and p.count == count and p.op == op:
+                return p.us
+        return None
+
+    def scenario(self, scenario: str, impl: str) -> ScenarioResult | None:
+        """The result of ``scenario`` for ``impl``, if it ran."""
+        for r in self.scenarios:
+            if r.scenario == scenario and r.impl == impl:
+                return r
+        return None
+
+    def compute_criteria(self) -> dict[str, Any]:
+        """The acceptance ratios, from this run's sweep: the engine at the largest count
+        against 64 slots (target: <= 2 for every operation), the array baseline against
+        the engine at the largest count (target: >= 20 on the mean of the four
+        operations; each operation is reported too), and the engine against the kernel's
+        ioctl at the largest count. The targets are judged (``*_ok``) only when the
+        largest count is 32764, the count they are stated for."""
+        c: dict[str, Any] = {}
+        counts = self.config.counts
+        if not counts:
+            return c
+        top = counts[-1]
+        c["largest_count"] = top
+        ops = (*OPS, "mean")
+
+        def ratios(a: str, ca: int, b: str, cb: int) -> dict[str, float] | None:
+            out = {}
+            for op in ops:
+                x, y = self.point(a, ca, op), self.point(b, cb, op)
+                if x is None or y is None or y == 0:
+                    return None
+                out[op] = x / y
+            return out
+
+        # the targets are stated for the largest slot count the ABI allows
+        judged = top == KVM_USER_MEM_SLOTS_X86
+        if 64 in counts and top != 64:
+            r = ratios("tree", top, "tree", 64)
+            if r is not None:
+                c["tree_top_vs_64"] = r
+                if judged:
+                    c["tree_top_vs_64_ok"] = all(v <= 2.0 for v in r.values())
+        r = ratios("array", top, "tree", top)
+        if r is not None:
+            c["array_vs_tree_at_top"] = r
+            if judged:
+                c["array_vs_tree_at_top_ok"] = r["mean"] >= 20.0
+        r = ratios("tree", top, "ioctl", top)
+        if r is not None:
+            c["tree_vs_ioctl_at_top"] = r
+        r = ratios("kvm", top, "ioctl", top)
+        if r is not None:
+            c["kvmvm_vs_ioctl_at_top"] = r
+        self.criteria = c
+        return c
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the whole run."""
+        return {
+            "tool": "memslots bench",
+            "machine": self.machine,
+            "config": asdict(self.config),
+            "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+            "criteria": self.criteria,
+            "scenarios": [asdict(r) for r in self.scenarios],
+            "sweep": [asdict(p) for p in self.sweep],
+        }
+
+    def save_json(self, path: str) -> None:
+        """Write :meth:`to_json` to ``path`` (indented, trailing newline)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+
+
+class Progress(Protocol):
+    """Where the runner reports progress: ``phase`` starts a named phase of ``total``
+    steps, ``advance`` completes steps of the current phase."""
+
+    def phase(self, description: str, total: int) -> None: ...
+
+    def advance(self, steps: int = 1) -> None: ...
+
+
+class _NoProgress:
+    def phase(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+
+# ======================================================================================
+# Implementations under test
+# ======================================================================================
+class Target(Protocol):
+    """What every implementation offers: the memslot ioctl."""
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None: ...
+
+
+def kvm_usable() -> bool:
+    """True when ``/dev/kvm`` opens and answers API version 12."""
+    try:
+        from memslots.kvm.abi import kvm_available
+    except ImportError:  # pragma: no cover - the package ships it
+        return False
+    return kvm_available()
+
+
+def make_target(impl: str) -> Target:
+    """A new, empty VM of implementation ``impl`` (one address space, as the kernel on
+    this machine has). Close it with :func:`close_target`."""
+    if impl == "tree":
+        return Vm(nr_address_spaces=1)
+    if impl == "array":
+        from memslots.baseline import ArrayVm
+
+        return ArrayVm(nr_address_spaces=1)
+    if impl == "kvm":
+        from memslots.kvm import KvmVm
+
+        return KvmVm()
+    if impl == "ioctl":
+        from memslots.kvm.abi import KvmSystem
+
+        with KvmSystem() as system:
+            return system.create_vm()
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def close_target(t: Target) -> None:
+    """Release what :func:`make_target` created (a kernel VM is destroyed)."""
+    close = getattr(t, "close", None)
+    if close is not None:
+        close()
+
+
+def available_impls(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The implementations of ``wanted`` that can run here, and a note for each one that
+    cannot."""
+    ok, notes = [], []
+    kvm = None
+    for name in wanted:
+        if name in ("kvm", "ioctl"):
+            if kvm is None:
+                kvm = kvm_usable()
+            if not kvm:
+                notes.append(f"{IMPL_LABELS[name]}: skipped, /dev/kvm is not usable here")
+                continue
+        ok.append(name)
+    return ok, notes
+
+
+# ======================================================================================
+# Helpers
+# ======================================================================================
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Collect, then keep the cyclic collector off while timing (as timeit does)."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def perf_layout(n: int) -> list[tuple[int, int]]:
+    """memslot_perf_test's layout of ``n`` slots: ``(guest_phys_addr, size)`` of each,
+    splitting MEM_SIZE evenly from MEM_GPA, the last slot taking the remainder."""
+    pages = MEM_SIZE >> PAGE_SHIFT
+    per = pages // n
+    out = [(MEM_GPA + ((i * per) << PAGE_SHIFT), per << PAGE_SHIFT) for i in range(n - 1)]
+    out.append((MEM_GPA + (((n - 1) * per) << PAGE_SHIFT), (pages - (n - 1) * per) << PAGE_SHIFT))
+    return out
+
+
+def invalidate_hva_range(vm: Vm, start: int, end: int) -> int:
+    """``__kvm_handle_hva_range`` for ``[start, end)``: in a read section, for every
+    address space, each slot whose hva range meets the range and the gfn range it maps
+    there. Returns the number of gfns the handler would see. O(log n + k log n) on the
+    engine, O(n) on the array baseline."""
+    pages = 0
+    srcu = vm.srcu
+    idx = srcu.read_lock()
+    try:
+        for as_id in range(vm.nr_address_spaces):
+            for s in vm._memslots[as_id].iter_hva_range(start, end - 1):
+                uaddr = s.userspace_addr
+                hs = start if start > uaddr else uaddr
+                send = uaddr + (s.npages << PAGE_SHIFT)
+                he = end if end < send else send
+                first = s.base_gfn + ((hs - uaddr) >> PAGE_SHIFT)
+                last = s.base_gfn + ((he + (1 << PAGE_SHIFT) - 1 - uaddr) >> PAGE_SHIFT)
+                pages += last - first
+    finally:
+        srcu.read_unlock(idx)
+    return pages
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine: CPU model and count, kernel, Python, and KVM facts when available."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    with suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    if kvm_usable():
+        from memslots.kvm.abi import (
+            KVM_CAP_MULTI_ADDRESS_SPACE,
+            KVM_CAP_NR_MEMSLOTS,
+            KvmSystem,
+        )
+
+        with suppress(OSError), KvmSystem() as system:
+            info["kvm"] = {
+                "api_version": system.api_version(),
+                "nr_memslots": system.check_extension(KVM_CAP_NR_MEMSLOTS),
+                "address_spaces": max(1, system.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE)),
+            }
+    return info
+
+
+# ======================================================================================
+# Scenarios
+# ======================================================================================
+class _Runner:
+    def __init__(self, cfg: BenchConfig, progress: Progress, results: BenchResults) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.results = results
+        #: the vCPU of each scenario VM (by id of the VM), created on first use
+        self._vcpus: dict[int, Vcpu] = {}
+
+    # --- memslot_perf_test scenarios --------------------------------------------------
+    def scenarios(self, impls: list[str], mem: HostMemory) -> None:
+        cfg = self.cfg
+        wanted = [s for s in cfg.scenarios if s != "sweep"]
+        if not wanted:
+            return
+        n = cfg.slots
+        layout = perf_layout(n)
+        plan = {impl: [s for s in wanted if impl in SCENARIO_IMPLS[s]] for impl in impls}
+        steps = sum(
+            len(todo) - 1 + cfg.repetitions if "setup" in todo else len(todo)
+            for todo in plan.values()
+        )
+        self.progress.phase(f"scenarios with {n} slots", max(steps, 1))
+        for impl, todo in plan.items():
+            if not todo:
+                continue
+            target = self._setup(impl, layout, mem, "setup" in todo)
+            try:
+                for s in todo:
+                    if s == "setup":
+                        continue
+                    if s.startswith("move"):
+                        r = self._move(impl, target, layout, mem, active=s == "move-active")
+                    elif s.startswith("unmap"):
+                        assert isinstance(target, Vm)
+                        r = self._unmap(impl, target, mem, chunked=s == "unmap-chunked")
+                    else:
+                        assert isinstance(target, Vm)
+                        r = self._rw(impl, target, layout)
+                    self.results.scenarios.append(r)
+                    self.progress.advance()
+            finally:
+                self._vcpus.pop(id(target), None)
+                close_target(target)
+
+    def _create_all(self, t: Target, layout: list[tuple[int, int]], mem: HostMemory) -> None:
+        sur = t.set_user_memory_region
+        base = mem.addr - MEM_GPA
+        for i, (gpa, size) in enumerate(layout):
+            sur(i, 0, gpa, size, base + gpa)
+
+    def _setup(
+        self, impl: str, layout: list[tuple[int, int]], mem: HostMemory, timed: bool
+    ) -> Target:
+        """Build a VM with the layout; when ``timed``, build it ``repetitions`` times and
+        record the best creation time. Returns the last VM built."""
+        reps = self.cfg.repetitions if timed else 1
+        best = float("inf")
+        target: Target | None = None
+        for _ in range(reps):
+            if target is not None:
+                close_target(target)
+            target = make_target(impl)
+            with _no_gc():
+                t0 = time.perf_counter()
+                self._create_all(target, layout, mem)
+                best = min(best, time.perf_counter() - t0)
+            if timed:
+                self.progress.advance()
+        assert target is not None
+        if timed:
+            self.results.scenarios.append(
+                ScenarioResult("setup", impl, len(layout), best, reps, detail={})
+            )
+        return target
+
+    def _move(
+        self,
+        impl: str,
+        t: Target,
+        layout: list[tuple[int, int]],
+        mem: HostMemory,
+        *,
+        active: bool,
+    ) -> ScenarioResult:
+        assert isinstance(t, Vm)
+        last = len(layout) - 1
+        gpa, size = layout[last]
+        hva = mem.addr - MEM_GPA + gpa
+        away = MEM_GPA + MEM_SIZE
+        area_pages = MEM_TEST_MOVE_SIZE >> PAGE_SHIFT
+        first_gfn = (gpa >> PAGE_SHIFT) - (area_pages // 2 if active else area_pages)
+        gfns = range(first_gfn, first_gfn + area_pages)
+        vcpu = self._vcpus.get(id(t))
+        if vcpu is None:
+            vcpu = self._vcpus[id(t)] = t.create_vcpu(0)
+        sur = t.set_user_memory_region
+        lookup = vcpu.gfn_to_memslot
+
+        def touch() -> int:
+            mmio = 0
+            for gfn in gfns:
+                if kvm_is_error_hva(gfn_to_hva_memslot_prot(lookup(gfn), gfn, True)):
+                    mmio += 1
+            return mmio
+
+        best = float("inf")
+        total = 0
+        mmio = 0
+        for _ in range(self.cfg.repetitions):
+            n = 0
+            with _no_gc():
+                t0 = time.perf_counter()
+                deadline = t0 + self.cfg.duration
+                while True:
+                    sur(last, 0, away, size, hva)
+                    mmio += touch()
+                    sur(last, 0, gpa, size, hva)
+                    mmio += touch()
+                    n += 1
+                    now = time.perf_counter()
+                    if n >= MIN_PAIRS and now >= deadline:
+                        break
+            best = min(best, (now - t0) / n)
+            total += n
+        name = "move-active" if active else "move-inactive"
+        return ScenarioResult(
+            name, impl, len(layout), best, total,
+            detail={"lookups": total * 2 * area_pages, "lookups_without_slot": mmio},
+        )  # fmt: skip
+
+    def _unmap(self, impl: str, vm: Vm, mem: HostMemory, *, chunked: bool) -> ScenarioResult:
+        piece = MEM_TEST_UNMAP_CHUNK if chunked else 1 << PAGE_SHIFT
+        per_pass = MEM_TEST_UNMAP_SIZE // piece
+        start0 = mem.addr
+        best = float("inf")
+        total = 0
+        pages = 0
+        extrapolated = False
+        for _ in range(self.cfg.repetitions):
+            calls = 0
+            with _no_gc():
+                t0 = time.perf_counter()
+                deadline = t0 + self.cfg.duration
+                while True:
+                    start = start0 + (calls % per_pass) * piece
+                    pages += invalidate_hva_range(vm, start, start + piece)
+                    calls += 1
+                    now = time.perf_counter()
+                    if now >= deadline and calls >= MIN_PAIRS:
+                        break
+            if calls < per_pass:
+                extrapolated = True
+            best = min(best, (now - t0) / calls * per_pass)
+            total += calls
+        name = "unmap-chunked" if chunked else "unmap"
+        return ScenarioResult(
+            name, impl, len(vm.memslots(0)), best, total / per_pass, extrapolated,
+            detail={"calls": total, "pages_invalidated": pages},
+        )  # fmt: skip
+
+    def _rw(self, impl: str, vm: Vm, layout: list[tuple[int, int]]) -> ScenarioResult:
+        npages = MEM_SIZE >> PAGE_SHIFT
+        gpas = range(MEM_GPA, MEM_GPA + (npages << PAGE_SHIFT), 1 << PAGE_SHIFT)
+        write, read = vm.write_guest, vm.read_guest
+        vm.clear_guest(MEM_GPA, MEM_SIZE)  # fault every page in before timing
+        best = float("inf")
+        total = 0
+        bad = 0
+        for rep in range(self.cfg.repetitions):
+            n = 0
+            with _no_gc():
+                t0 = time.perf_counter()
+                deadline = t0 + self.cfg.duration
+                while True:
+                    tag = (rep * 1000 + n) & 0xFFFF
+                    for gpa in gpas:
+                        write(gpa, ((gpa << 16) | tag).to_bytes(8, "little"))
+                    for gpa in gpas:
+                        if int.from_bytes(read(gpa, 8), "little") != ((gpa << 16) | tag):
+                            bad += 1
+                    n += 1
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        break
+            best = min(best, (now - t0) / n)
+            total += n
+        if bad:
+            raise AssertionError(f"rw: {bad} pages read back a wrong value")
+        return ScenarioResult(
+            "rw", impl, len(layout), best, total, detail={"pages": npages, "accesses": 2 * npages}
+        )
+
+    # --- the sweep --------------------------------------------------------------------
+    def sweep(self, impls: list[str], mem: HostMemory) -> None:
+        cfg = self.cfg
+        counts = cfg.counts
+        targets: dict[str, Target] = {}
+        present = dict.fromkeys(impls, 0)
+        self.progress.phase(
+            "per-operation sweep", len(counts) * (len(impls) + cfg.repetitions * len(impls))
+        )
+        base = mem.addr - MEM_GPA
+        step = SWEEP_SLOT_PAGES << PAGE_SHIFT
+        size = step
+        try:
+            for impl in impls:
+                targets[impl] = make_target(impl)
+            for count in counts:
+                for impl, t in targets.items():
+                    sur = t.set_user_memory_region
+                    with _no_gc():
+                        for i in range(present[impl], count):
+                            gpa = MEM_GPA + i * step
+                            sur(i, 0, gpa, size, base + gpa)
+                    present[impl] = count
+                    self.progress.advance()
+                samples: dict[tuple[str, str], list[tuple[float, int]]] = {}
+                for _ in range(cfg.repetitions):
+                    for impl, t in targets.items():
+                        for op, us, n in self._ops(t, count, base, step):
+                            samples.setdefault((impl, op), []).append((us, n))
+                        self.progress.advance()
+                for (impl, op), vals in samples.items():
+                    self.results.sweep.append(
+                        SweepPoint(
+                            impl, count, op, min(v for v, _ in vals), sum(n for _, n in vals)
+                        )
+                    )
+        finally:
+            for t in targets.values():
+                close_target(t)
+
+    def _ops(self, t: Target, count: int, base: int, step: int) -> list[tuple[str, float, int]]:
+        """Time the four operations with ``count`` slots present; returns
+        ``(op, microseconds per op, operations timed)``."""
+        sur = t.set_user_memory_region
+        clock = time.perf_counter
+        duration = self.cfg.duration / 3
+        mid = count // 2
+        last = count - 1
+        size = step
+        mgpa = MEM_GPA + mid * step
+        lgpa = MEM_GPA + last * step
+        away = MEM_GPA + MEM_SIZE
+        out: list[tuple[str, float, int]] = []
+
+        def pair(
+            a: Callable[[], None], b: Callable[[], None], same: bool
+        ) -> tuple[float, float, int]:
+            ta = tb = 0.0
+            n = 0
+            with _no_gc():
+                deadline = clock() + duration
+                while True:
+                    t0 = clock()
+                    a()
+                    t1 = clock()
+                    b()
+                    t2 = clock()
+                    ta += t1 - t0
+                    tb += t2 - t1
+                    n += 1
+                    if n >= MIN_PAIRS and t2 >= deadline:
+                        break
+            if same:
+                return (ta + tb) / (2 * n) * 1e6, 0.0, 2 * n
+            return ta / n * 1e6, tb / n * 1e6, n
+
+        # delete then re-create the middle slot (its id is reused)
+        d_us, c_us, n = pair(
+            lambda: sur(mid, 0, 0, 0, 0),
+            lambda: sur(mid, 0, mgpa, size, base + mgpa),
+            False,
+        )
+        out += [("create", c_us, n), ("delete", d_us, n)]
+        m_us, _, n = pair(
+            lambda: sur(last, 0, away, size, base + lgpa),
+            lambda: sur(last, 0, lgpa, size, base + lgpa),
+            True,
+        )
+        out.append(("move", m_us, n))
+        f_us, _, n = pair(
+            lambda: sur(mid, KVM_MEM_LOG_DIRTY_PAGES, mgpa, size, base + mgpa),
+            lambda: sur(mid, 0, mgpa, size, base + mgpa),
+            True,
+        )
+        out.append(("flags", f_us, n))
+        return out
+
+
+@contextmanager
+def _pinned(cpu: int | None) -> Iterator[int | None]:
+    """Pin the process to ``cpu`` for the duration (if possible); yields the CPU used."""
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        yield None
+        return
+    before = os.sched_getaffinity(0)
+    if cpu not in before:
+        yield None
+        return
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def run(cfg: BenchConfig, progress: Progress | None = None) -> BenchResults:
+    """Run the configured scenarios and sweep; returns the results with the acceptance
+    ratios computed. Raises ValueError for a bad configuration."""
+    cfg.validate()
+    prog: Progress = progress if progress is not None else _NoProgress()
+    results = BenchResults(cfg, machine_info())
+    impls, notes = available_impls(cfg.impls)
+    results.notes.extend(notes)
+    t_start = time.perf_counter()
+    with _pinned(cfg.cpu) as cpu:
+        results.machine["pinned_cpu"] = cpu
+        mem = HostMemory(MEM_SIZE)
+        try:
+            runner = _Runner(cfg, prog, results)
+            runner.scenarios(impls, mem)
+            if "sweep" in cfg.scenarios:
+                runner.sweep(impls, mem)
+        finally:
+            mem.close()
+    results.seconds = time.perf_counter() - t_start
+    results.compute_criteria()
+    return results
+
+
+def plot(results: BenchResults, path: str) -> None:
+    """Save a log-log plot of the sweep (microseconds per operation against slots
+    present, one panel per operation, one line per implementation) to ``path``.
+    Needs matplotlib (the ``plot`` extra); raises ImportError without it."""
+    # imported by name: matplotlib is an optional extra (and has no say in type checks)
+    matplotlib: Any = importlib.import_module("matplotlib")
+    matplotlib.use("Agg")
+    plt: Any = importlib.import_module("matplotlib.pyplot")
+
+    impls = [i for i in IMPLS if any(p.impl == i for p in results.sweep)]
+    styles = {"tree": "o-", "array": "s-", "kvm": "^--", "ioctl": "v-"}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), sharex=True, sharey=True)
+    for ax, op in zip(axes.flat, OPS, strict=True):
+        for impl in impls:
+            pts = sorted((p.count, p.us) for p in results.sweep if p.impl == impl and p.op == op)
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, styles.get(impl, "o-"), label=IMPL_LABELS[impl], markersize=4)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(op.upper() if op != "flags" else "FLAGS_ONLY")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("slots present")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("µs per operation")
+    axes[0][0].legend(loc="upper left", fontsize="small")
+    m = results.machine
+    fig.suptitle(
+        "memslots bench: per-operation cost against slot count "
+        f"(Python {m.get('python')}, Linux {m.get('kernel')}, {m.get('cpus')} CPUs)",
+        fontsize="medium",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = [
+    "DEFAULT_COUNTS",
+    "IMPLS",
+    "MEM_GPA",
+    "MEM_SIZE",
+    "OPS",
+    "SCENARIOS",
+    "BenchConfig",
+    "BenchResults",
+    "Progress",
+    "ScenarioResult",
+    "SweepPoint",
+    "invalidate_hva_range",
+    "machine_info",
+    "perf_layout",
+    "plot",
+    "run",
+]

@@ -418,3 +418,11 @@ def test_flag_names_and_map_entry() -> None:
     assert flag_names(1 << 9) == ["0x200"]
     e = MapEntry(1, 5, 0x100, 16, 0, HVA)
     assert (e.slot, e.gpa_start, e.gpa_end, e.size) == (0x10005, 0x100000, 0x10FFFF, 0x10000)
+
+
+def test_progress_is_reported_per_implementation() -> None:
+    seen: list[tuple[str, int, int]] = []
+    calls = [call(i, 0, i * MB, PAGE_SIZE, HVA) for i in range(replay_mod.PROGRESS_EVERY + 3)]
+    replay(calls, impls=("engine",), kernel=False, progress=lambda *a: seen.append(a))
+    n = len(calls)
+    assert seen == [("engine", 0, n), ("engine", replay_mod.PROGRESS_EVERY, n), ("engine", n, n)]

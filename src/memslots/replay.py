@@ -135,6 +135,9 @@ IMPLS: Final[tuple[ImplName, ...]] = ("engine", "array", "kernel")
 #: call kinds, in report order (``failed``: the primary implementation returned an error)
 KINDS: Final = ("create", "delete", "move", "flags", "no-op", "failed")
 
+#: how many calls between two progress reports
+PROGRESS_EVERY: Final = 256
+
 #: report version in the JSON document
 JSON_VERSION: Final = 1
 
@@ -528,11 +531,14 @@ def _run(
     *,
     kinds: bool,
     timer: Callable[[], int] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[int], list[int], list[str] | None, str | None]:
     """Make every call on ``target``; return the results, the times, the kinds (when
     asked: ``target.last_change`` after a success, ``failed`` after an error) and a note
     when the target crashed (the lists then stop before the crashing call). ``timer``,
-    when given, supplies each call's duration instead of the wall time around it."""
+    when given, supplies each call's duration instead of the wall time around it;
+    ``progress(done)``, when given, is told every :data:`PROGRESS_EVERY` calls (outside the
+    measured time)."""
     results: list[int] = []
     times: list[int] = []
     kind_list: list[str] | None = [] if kinds else None
@@ -559,6 +565,10 @@ def _run(
             times.append(elapsed)
             if kind_list is not None:
                 kind_list.append(kind)
+            if progress is not None and not len(results) % PROGRESS_EVERY:
+                progress(len(results))
+        if progress is not None:
+            progress(len(results))
     except Exception as exc:
         where = call.where if call is not None else "?"
         return results, times, kind_list, f"crashed at {where}: {type(exc).__name__}: {exc}"
@@ -566,6 +576,16 @@ def _run(
         if gc_was_enabled:
             gc.enable()
     return results, times, kind_list, None
+
+
+def _reporter(
+    progress: Callable[[str, int, int], None] | None, name: str, total: int
+) -> Callable[[int], None] | None:
+    """``progress`` bound to one implementation, told at once that it starts."""
+    if progress is None:
+        return None
+    progress(name, 0, total)
+    return lambda done: progress(name, done, total)
 
 
 def _memory_map(
@@ -880,6 +900,7 @@ def replay(
     embedded: bool = False,
     fmt: str | None = None,
     skipped: Sequence[TraceFormatError] = (),
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ReplayReport:
     """Replay ``calls`` on fresh VMs of each implementation and report.
 
@@ -889,6 +910,8 @@ def replay(
     it (OSError when it cannot be used), False turns it off. ``primary``: whose kinds and
     memory map are reported (default: the engine if it runs, else the first model).
     ``source``, ``embedded``, ``fmt`` and ``skipped`` only label the report.
+    ``progress(impl, done, total)`` is called before each implementation starts, every
+    :data:`PROGRESS_EVERY` calls and when it ends (never inside a measured call).
 
     Cost: O(n) calls on each implementation plus O(n log n) for the hva relocation.
     """
@@ -922,7 +945,9 @@ def replay(
             if vm is None:
                 runs[name] = ImplRun(cast(ImplName, name), "unavailable", note=why)
                 continue
-            results, times, kinds, crash = _run(vm, calls, kinds=True)
+            results, times, kinds, crash = _run(
+                vm, calls, kinds=True, progress=_reporter(progress, name, len(calls))
+            )
             run = ImplRun(
                 cast(ImplName, name),
                 "crashed" if crash else "ok",
@@ -942,7 +967,11 @@ def replay(
             kcalls = [session.translate_call(c) for c in calls]
             session.ioctl_ns()
             results, times, _, crash = _run(
-                session.target, kcalls, kinds=False, timer=session.ioctl_ns
+                session.target,
+                kcalls,
+                kinds=False,
+                timer=session.ioctl_ns,
+                progress=_reporter(progress, "kernel", len(calls)),
             )
             runs["kernel"] = ImplRun(
                 "kernel",

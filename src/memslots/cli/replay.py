@@ -31,10 +31,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import IO, Any, Final, cast
 
 from rich import box
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -427,6 +429,45 @@ def render(
 
 # =========================================================================== run
 
+#: traces at least this long show a progress bar on a terminal
+_PROGRESS_MIN: Final = 2000
+
+
+class _ProgressBar:
+    """A transient progress bar on stderr, one line per implementation, redrawn at most
+    ten times a second (between measured calls, never during one)."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("replaying on {task.description:<6}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=Console(stderr=True),
+            transient=True,
+            auto_refresh=False,
+        )
+        self._tasks: dict[str, TaskID] = {}
+        self._last = 0.0
+
+    def __enter__(self) -> _ProgressBar:
+        if self.enabled:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.enabled:
+            self._progress.stop()
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if name not in self._tasks:
+            self._tasks[name] = self._progress.add_task(name, total=total)
+        self._progress.update(self._tasks[name], completed=done)
+        now = time.monotonic()
+        if now - self._last >= 0.1 or done == total:
+            self._last = now
+            self._progress.refresh()
+
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand: 0 when everything agrees, 1 on a disagreement or a crash."""
@@ -438,15 +479,17 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--kvm: /dev/kvm is not usable here")
     impls: tuple[ImplName, ...] = ("engine", "array") if args.impl == "all" else (args.impl,)
     try:
-        report = replay(
-            calls,
-            impls=impls,
-            kernel=args.kvm,
-            source=source,
-            embedded=embedded,
-            fmt=fmt,
-            skipped=skipped,
-        )
+        with _ProgressBar(enabled=len(calls) >= _PROGRESS_MIN and sys.stderr.isatty()) as bar:
+            report = replay(
+                calls,
+                impls=impls,
+                kernel=args.kvm,
+                source=source,
+                embedded=embedded,
+                fmt=fmt,
+                skipped=skipped,
+                progress=bar if bar.enabled else None,
+            )
     except ValueError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:

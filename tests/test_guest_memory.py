@@ -559,3 +559,13 @@ def test_slot_changes_racing_copies(mems: list[HostMemory]) -> None:
     assert errors == []
     vm.check_invariants()
     assert m.read(24 * P, 8 * P) == b"r" * (8 * P)
+
+
+def test_unknown_address_space_is_einval(mems: list[HostMemory]) -> None:
+    from memslots.guest_memory import clear_guest, read_guest, write_guest
+
+    vm = Vm(nr_address_spaces=1)
+    for as_id in (1, -1):
+        assert errno_of(lambda: read_guest(vm, 0, 1, as_id=as_id)) == EINVAL  # noqa: B023
+        assert errno_of(lambda: write_guest(vm, 0, b"x", as_id=as_id)) == EINVAL  # noqa: B023
+        assert errno_of(lambda: clear_guest(vm, 0, 1, as_id=as_id)) == EINVAL  # noqa: B023

@@ -122,7 +122,7 @@ class HostMemory:
         anchor = ctypes.c_char.from_buffer(mm)
         addr = ctypes.addressof(anchor)
         del anchor  # drop the buffer export at once, or close() could not unmap
-        self._mmap = mm
+        self._mmap: mmap.mmap | None = mm
         self._view = memoryview(mm)
         self._lock = threading.Lock()
         self._closed = False
@@ -154,11 +154,13 @@ class HostMemory:
             _registry.remove(self)
             view, self._view = self._view, _EMPTY_VIEW
             view.release()
-            # With views from view() alive, close() raises BufferError and the mmap
-            # object unmaps itself when the last of them is released. The library never
-            # touches it again either way.
+            mm, self._mmap = self._mmap, None
+            assert mm is not None
+            # With views from view() alive, mmap.close() raises BufferError; the views are
+            # then the mmap object's last owners and it unmaps itself when the last of
+            # them is released. The library never touches it again either way.
             with contextlib.suppress(BufferError):
-                self._mmap.close()
+                mm.close()
 
     def __enter__(self) -> Self:
         return self
@@ -200,7 +202,7 @@ class HostMemory:
         """A writable :class:`memoryview` of the whole mapping (see the class docstring
         for how it interacts with :meth:`close`). ValueError once closed. O(1)."""
         with self._lock:
-            if self._closed:
+            if self._mmap is None:
                 raise ValueError("HostMemory is closed")
             return memoryview(self._mmap)
 
@@ -287,7 +289,9 @@ def _efault(gpa: int, why: str) -> MemslotError:
     return MemslotError(EFAULT, f"gpa {gpa:#x}: {why}")
 
 
-def _check_gpa(gpa: int, length: int) -> None:
+def _check_args(vm: Vm, gpa: int, length: int, as_id: int) -> None:
+    if not 0 <= as_id < vm.nr_address_spaces:
+        raise MemslotError(EINVAL, f"address space {as_id} does not exist")
     if not 0 <= gpa <= U64_MAX:
         raise MemslotError(EINVAL, f"gpa {gpa:#x} does not fit in u64")
     if length < 0:
@@ -403,7 +407,7 @@ def read_guest(vm: Vm, gpa: int, length: int, *, as_id: int = 0) -> bytes:
     outside a live :class:`HostMemory`; EINVAL for a gpa outside u64 or a negative
     length. O(length + runs x (log slots + log mappings)), a run being the pages that
     lie in one slot and one mapping."""
-    _check_gpa(gpa, length)
+    _check_args(vm, gpa, length, as_id)
     reader = _ReadChunks()
     _access(vm, gpa, length, as_id, False, reader)
     chunks = reader.chunks
@@ -418,7 +422,7 @@ def read_guest_into(vm: Vm, gpa: int, buf: Buffer, *, as_id: int = 0) -> None:
     dest = memoryview(buf).cast("B")
     if dest.readonly:
         raise TypeError("read_guest_into needs a writable buffer")
-    _check_gpa(gpa, len(dest))
+    _check_args(vm, gpa, len(dest), as_id)
     _access(vm, gpa, len(dest), as_id, False, _ReadInto(dest))
 
 
@@ -429,7 +433,7 @@ def write_guest(vm: Vm, gpa: int, data: Buffer, *, as_id: int = 0) -> None:
     written and marked dirty, as in the kernel. Each written page is marked dirty in
     its slot if the slot logs. O(len(data) + runs x (log slots + log mappings))."""
     src = memoryview(data).cast("B")
-    _check_gpa(gpa, len(src))
+    _check_args(vm, gpa, len(src), as_id)
     _access(vm, gpa, len(src), as_id, True, _Write(src))
 
 
@@ -437,5 +441,5 @@ def clear_guest(vm: Vm, gpa: int, length: int, *, as_id: int = 0) -> None:
     """``kvm_clear_guest`` (as fixed in 2024: each page gets its own segment): write
     ``length`` zero bytes at ``gpa``, with :func:`write_guest`'s semantics and errors.
     O(length + runs x (log slots + log mappings))."""
-    _check_gpa(gpa, length)
+    _check_args(vm, gpa, length, as_id)
     _access(vm, gpa, length, as_id, True, _Zero())

@@ -36,8 +36,14 @@ GIL, where a memoryview copy holds the interpreter anyway, this costs no paralle
 registry itself is copy-on-write: writers (new mappings, close) build a new sorted snapshot
 under a lock and publish it with one store; readers (every copy) load that snapshot once
 and bisect it, with no lock. Mappings are referenced weakly by the registry: a
-:class:`HostMemory` that is garbage-collected without ``close`` leaves the registry before
-it is unmapped.
+:class:`HostMemory` garbage-collected without ``close`` resolves to nothing from the moment
+it is collected (before its ``mmap`` unmaps) and its entry is pruned at the next change.
+
+Each run's slot lookup and copy happen inside one VM read section (``vm.srcu.read_lock``,
+what ``with vm.read_section():`` does), so a concurrent memslot update waits for the copy
+in flight before it frees or reuses anything the copy looked at, as with the kernel's SRCU.
+Lock order: a read section, then one mapping's lock, then :data:`memslots.dirty_log.
+bitmap_lock`; ``close`` takes the mapping's lock, then the registry's.
 """
 
 from __future__ import annotations

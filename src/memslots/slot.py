@@ -23,7 +23,9 @@ class Memslot:
     guest_memfd slot, its binding ``gmem``.
 
     ``dirty_bitmap`` is a :class:`bytearray` of ``ALIGN(npages, 64) / 8`` bytes whose bit
-    ``i`` (little-endian bit order, the kernel's ``set_bit_le``) is ``gfn = base_gfn + i``.
+    ``i`` (little-endian bit order, the kernel's ``set_bit_le``) is ``gfn = base_gfn + i``;
+    it is shared by a slot and its copies while logging stays on, and every change to it
+    holds :data:`memslots.dirty_log.bitmap_lock`.
     ``arch`` is an opaque per-architecture value, carried over on FLAGS_ONLY changes like
     the kernel's ``slot->arch``.
     """

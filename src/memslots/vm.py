@@ -30,7 +30,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from errno import EEXIST, EINVAL
-from typing import TYPE_CHECKING
 
 from memslots import dirty_log as _dirty_log
 from memslots import guest_memory as _guest_memory
@@ -52,9 +51,6 @@ from memslots.memslot_set import MemslotSet
 from memslots.slot import Memslot
 from memslots.sync import Srcu
 from memslots.validate import Change, Decision, VmLimits, check_set_user_memory_region
-
-if TYPE_CHECKING:
-    from memslots.guest_memory import HostMemory
 
 #: what kvm_is_error_hva() rejects: gfn_to_hva() of a hole, an INVALID slot, or (write)
 #: a read-only slot gives one of these
@@ -191,7 +187,6 @@ class Vm:
         self._invalidate_callbacks: list[InvalidateCallback] = []
         #: exceptions raised by invalidation callbacks: ``(slot, exception)``
         self.callback_errors: list[tuple[int, BaseException]] = []
-        self._host_memory: list[HostMemory] = []
         #: guest_memfd files of this VM and their bindings to slots
         self.guest_memfds = GuestMemfdTable()
 

@@ -374,7 +374,7 @@ def _timings(con: Console, report: ReplayReport) -> None:
             _us(tm["median_ns"]),
         ]
         if kernel_mean:
-            row.append(f"{tm['mean_ns'] / kernel_mean:.2f}x")
+            row.append(f"{tm['mean_ns'] / kernel_mean:.2g}x")
         t.add_row(*row)
     _show(con, "Timings", t)
     if "kernel" in timings:

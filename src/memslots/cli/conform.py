@@ -1,19 +1,236 @@
-"""`memslots conform` (not implemented yet)."""
+"""``memslots conform``: random operation sequences against ``/dev/kvm``, each call
+answered by the kernel and by the engine; prints the agreement rate and, for each kind of
+disagreement, a minimal reproducer as JSON Lines (format: :mod:`memslots.conform`).
+
+Exit status: 0 when the kernel and the engine agreed on every call, 1 otherwise, 2 for a
+usage error or a machine without a usable ``/dev/kvm``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 from memslots.cli import CliError
+from memslots.conform import (
+    ConformReport,
+    Finding,
+    is_compared,
+    op_to_json,
+    read_ops,
+    replay_ops,
+    run_conform,
+)
+from memslots.errors import errno_name
+from memslots.kvm.abi import KVM_API_VERSION, KVM_DEV_PATH, KvmSystem
+from memslots.kvm.vm import ENGINE_RAISED
 
 
 def register(sub: Any) -> None:
-    """Add the `conform` subcommand."""
-    p = sub.add_parser("conform", help="(not implemented yet)")
+    """Add the ``conform`` subcommand."""
+    p = sub.add_parser(
+        "conform",
+        help="random operation sequences against /dev/kvm: agreement rate, minimal reproducers",
+        description="Run random memslot, dirty-log and guest_memfd operations on real VMs, "
+        "each answered by the kernel and by the engine; print how often they agree and a "
+        "shrunk reproducer (JSON Lines) for every kind of disagreement. Exit status 1 on "
+        "any disagreement.",
+    )
+    p.add_argument(
+        "--ops", type=_positive, default=5000, metavar="N", help="operations to run (5000)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="random seed (default: a new one)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--max-reproducers",
+        type=_positive,
+        default=10,
+        metavar="K",
+        help="shrink at most K kinds of disagreement (10)",
+    )
+    p.add_argument("--no-shrink", action="store_true", help="report disagreements unshrunk")
+    p.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="instead of a random run, replay the operations of a reproducer file",
+    )
+    p.add_argument(
+        "--device", default=KVM_DEV_PATH, metavar="PATH", help="the KVM device (/dev/kvm)"
+    )
     p.set_defaults(func=run)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def check_kvm(path: str) -> None:
+    """Raise :class:`CliError` (one line, status 2) unless ``path`` is a usable KVM."""
+    why = ""
+    try:
+        with KvmSystem(path) as kvm:
+            version = kvm.api_version()
+            if version != KVM_API_VERSION:
+                why = f"it speaks KVM API version {version}, not {KVM_API_VERSION}"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    if why:
+        raise CliError(
+            f"{path} is not usable ({why}); conform checks the engine against a real "
+            "kernel and needs KVM",
+            status=2,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the subcommand."""
-    raise CliError("not implemented yet")
+    """Run the subcommand; the exit status."""
+    check_kvm(args.device)
+    if args.replay:
+        return _replay(args)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("disagreements: {task.fields[bad]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal
+    ) as progress:
+        task = progress.add_task("conform", total=args.ops, bad=0)
+
+        def on_progress(done: int, bad: int) -> None:
+            if done % 64 == 0 or done == args.ops:
+                progress.update(task, completed=done, bad=bad)
+
+        def on_shrink(i: int, n: int) -> None:
+            progress.update(task, description=f"shrinking {i + 1}/{n}")
+
+        report = run_conform(
+            args.ops,
+            seed,
+            path=args.device,
+            progress=on_progress,
+            shrink_findings=not args.no_shrink,
+            max_reproducers=args.max_reproducers,
+            on_shrink=on_shrink,
+        )
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        _print_report(report)
+    return 1 if report.disagreeing_calls else 0
+
+
+def _print_report(r: ConformReport) -> None:
+    print(
+        f"memslots conform: {r.operations} operations on {r.vms} VMs, seed {r.seed}"
+        f" ({r.seconds:.1f} s)"
+    )
+    print(f"calls answered by kernel and engine: {r.calls} ({r.kernel_calls} ioctls)")
+    print(f"agreement: {r.agreed}/{r.calls} ({100 * r.agreement:.3f}%)")
+    if not r.findings:
+        print("disagreements: none")
+        return
+    print(
+        f"disagreements: {_n(r.disagreeing_calls, 'call')}, {_n(len(r.findings), 'kind')}"
+        + (f" (shrunk in {r.shrink_seconds:.1f} s)" if r.shrink_seconds else "")
+    )
+    for i, f in enumerate(r.findings, 1):
+        print()
+        _print_finding(i, f)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _describe(f: Finding) -> str:
+    d = f.disagreement
+    if d.engine == ENGINE_RAISED:
+        answers = f"kernel {errno_name(d.kernel)}, engine raised {d.detail}"
+    else:
+        answers = f"kernel {errno_name(d.kernel)}, engine {errno_name(d.engine)}"
+        if d.detail:
+            answers += f"; {d.detail}"
+    return f"{d.call}: {answers}"
+
+
+def _print_finding(i: int, f: Finding) -> None:
+    print(f"# {i}. {_describe(f)} ({_n(f.count, 'call')})")
+    if f.reproducer is not None:
+        print(f"#    reproducer: {_n(len(f.reproducer), 'operation')} (shrunk from {len(f.ops)})")
+        ops = f.reproducer
+    else:
+        why = "did not reproduce on a fresh VM" if not f.reproducible else "not shrunk"
+        print(f"#    the {len(f.ops)} operations that led to it ({why})")
+        ops = f.ops
+    for op in ops:
+        print(op_to_json(op))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    path = Path(args.replay)
+    try:
+        with path.open(encoding="utf-8-sig") as fp:
+            ops = list(read_ops(fp, str(path)))
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    done, found = replay_ops(ops, path=args.device)
+    calls = sum(map(is_compared, done))
+    bad = {i for i, _ in found}
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "operations": len(done),
+                    "calls": calls,
+                    "disagreeing_calls": len(bad),
+                    "disagreements": [
+                        {"operation": i + 1, "call": d.call, "detail": d.detail}
+                        | {"kernel": errno_name(d.kernel)}
+                        | {
+                            "engine": "raised"
+                            if d.engine == ENGINE_RAISED
+                            else errno_name(d.engine)
+                        }
+                        for i, d in found
+                    ],
+                }
+            )
+        )
+    else:
+        print(
+            f"memslots conform --replay {path}: {len(done)} operations, {calls} calls,"
+            f" {len(bad)} disagreeing"
+        )
+        for i, d in found:
+            print(f"# operation {i + 1}: {d}")
+            print(op_to_json(done[i]))
+    return 1 if found else 0

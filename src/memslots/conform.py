@@ -98,6 +98,7 @@ __all__ = [
     "OpGenerator",
     "OpenDevNull",
     "Session",
+    "Signature",
     "ddmin",
     "is_compared",
     "op_kind",
@@ -107,6 +108,7 @@ __all__ = [
     "reproduce",
     "run_conform",
     "shrink",
+    "signature",
     "with_result",
 ]
 
@@ -706,6 +708,8 @@ class OpGenerator:
         elif slots and r < 0.45:
             s = rng.choice(slots)
             call = self._call(s.slot, self._random_flags(), self._gpa(), 0, self._hva(1))
+        elif r < 0.6:  # a guest_memfd create: its own checks interleave with the others
+            call = self._gmem_create(slots)
         else:
             call = self._new_call(self._id(), self._pages())
         for _ in range(1 if rng.random() < 0.75 else 2):
@@ -783,16 +787,21 @@ class OpGenerator:
             )
             gpa = s.base_gfn << PAGE_SHIFT if rng.random() < 0.5 else self._gpa()
             return self._call(s.slot, flags, gpa, self._size(s), s.userspace_addr, v2=True)
-        if bound and r < 0.35:
+        if bound and r < 0.35:  # deletes: the offset is checked when the flag is given
             s = rng.choice(bound)
             flags = rng.choice((0, KVM_MEM_GUEST_MEMFD))
-            return self._call(s.slot, flags, 0, 0, 0, v2=rng.random() < 0.7, offset=0, fd=0)
+            offset = rng.choice((0, 0, 0, 1, PAGE_SIZE, 1 << 63, U64_MAX & ~_PAGE_MASK))
+            return self._call(s.slot, flags, 0, 0, 0, v2=rng.random() < 0.7, offset=offset, fd=0)
         if plain and r < 0.42:  # the flag on a slot that has no binding
             s = rng.choice(plain)
             return self._call(
                 s.slot, KVM_MEM_GUEST_MEMFD, s.base_gfn << PAGE_SHIFT, self._size(s),
                 s.userspace_addr, v2=True, offset=0, fd=GMEM_FD,
             )  # fmt: skip
+        return self._gmem_create(slots)
+
+    def _gmem_create(self, slots: Sequence[Memslot]) -> MemslotCall:
+        rng = self.rng
         used = {s.id for s in slots}
         free = [i for i in range(self.ids) if i not in used] or [self._id()]
         npages = rng.randint(1, 16)

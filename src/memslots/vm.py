@@ -606,27 +606,22 @@ class Vm:
     def check_invariants(self) -> None:
         """Assert the VM is consistent (for tests; O(n)): outside an update both sets of
         every address space hold the same objects; each set's indexes agree; no gfn
-        overlap; caches point into their set; page and bitmap accounting add up."""
+        overlap; caches point into their set; generations are settled; page, dirty
+        bitmap and guest_memfd accounting add up."""
         with self.slots_lock:
-            pages = 0
-            bitmap_bytes = 0
-            logging = 0
-            for a, (s0, s1) in enumerate(self._sets):
-                s0.check_invariants()
-                s1.check_invariants()
-                l0, l1 = list(s0), list(s1)
-                assert len(l0) == len(l1), "sets differ in size"
-                for x, y in zip(l0, l1, strict=True):
-                    assert x is y, f"sets do not share slot objects: {x} / {y}"
-                    assert not x.invalid, "INVALID slot left behind"
+            pages = bitmap_bytes = logging = gmem_pages = 0
+            for a in range(self.nr_address_spaces):
+                self._check_address_space(a)
                 active = self._memslots[a]
-                assert active is s0 or active is s1
                 assert not active.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
                 assert active.generation % self.nr_address_spaces == a
-                for x in l0:
+                for x in active:
+                    assert not x.invalid, "INVALID slot left behind"
                     pages += x.npages
                     if x.flags & KVM_MEM_LOG_DIRTY_PAGES:
                         logging += 1
+                    if x.flags & KVM_MEM_GUEST_MEMFD:
+                        gmem_pages += x.npages
                     if x.dirty_bitmap is not None:
                         assert x.flags & KVM_MEM_LOG_DIRTY_PAGES
                         assert len(x.dirty_bitmap) == _dirty_log.dirty_bitmap_bytes(x.npages)
@@ -634,10 +629,19 @@ class Vm:
             assert pages == self.nr_memslot_pages, "nr_memslot_pages is off"
             assert logging == self.nr_memslots_dirty_logging
             assert bitmap_bytes == self.dirty_bitmap_bytes, "dirty bitmap leaked"
-            gmem_pages = sum(
-                s.npages for s0, _ in self._sets for s in s0 if s.flags & KVM_MEM_GUEST_MEMFD
-            )
             assert gmem_pages == self.guest_memfds.bound_pages(), "guest_memfd binding leaked"
+
+    def _check_address_space(self, as_id: int) -> None:
+        """The set-structure part of :meth:`check_invariants` for one address space: both
+        sets are consistent and share the very same slot objects."""
+        s0, s1 = self._sets[as_id]
+        s0.check_invariants()
+        s1.check_invariants()
+        l0, l1 = list(s0), list(s1)
+        assert len(l0) == len(l1), "sets differ in size"
+        for x, y in zip(l0, l1, strict=True):
+            assert x is y, f"sets do not share slot objects: {x} / {y}"
+        assert self._memslots[as_id] in (s0, s1)
 
     def __repr__(self) -> str:
         n = sum(len(s) for s in self._memslots)

@@ -37,7 +37,7 @@ class GuestMemfdFile:
 def _identity(fd: int) -> tuple[int, int]:
     try:
         st = os.fstat(fd)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # fget(fd) of a closed or huge fd: EBADF
         raise MemslotError(EBADF, f"guest_memfd {fd} is not open") from exc
     return st.st_dev, st.st_ino
 

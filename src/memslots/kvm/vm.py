@@ -185,9 +185,11 @@ class KvmVm(Vm):
 
     ``KvmVm(strict=True, path="/dev/kvm")``: opens the device and creates a VM. The engine
     limits come from the kernel: ``KVM_CAP_MULTI_ADDRESS_SPACE`` (address spaces),
-    ``KVM_CAP_NR_MEMSLOTS`` (slot ids), ``KVM_CAP_READONLY_MEM``, and the highest gfn
-    found by :func:`probe_max_gfn`. Use it as a context manager or call :meth:`close`,
-    which deletes every slot in the kernel, then releases vCPUs, the VM fd and the
+    ``KVM_CAP_NR_MEMSLOTS`` (slot ids), ``KVM_CAP_READONLY_MEM``, ``KVM_CAP_GUEST_MEMFD``
+    (guest_memfd slots on this VM type) and the highest gfn found by
+    :func:`probe_max_gfn`. Use it as a context manager or call :meth:`close`, which
+    deletes the slots over the VM's own memory in the kernel, then releases vCPUs and
+    the VM fd (destroying the VM and its other slots) and unmaps the
     :class:`HostMemory` mappings made by :meth:`host_memory`.
 
     Raises :class:`OSError` when ``/dev/kvm`` cannot be opened.

@@ -9,7 +9,7 @@ The hypothesis strategies for operations live here and are shared with
 from __future__ import annotations
 
 import json
-from errno import EBADF, EINVAL
+from errno import EINVAL
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from memslots.conform import (
     GetDirtyLog,
     Op,
     OpenDevNull,
-    Signature,
     ddmin,
     op_to_json,
     read_ops,
@@ -44,7 +43,6 @@ from memslots.conform import (
 from memslots.constants import X86_TASK_SIZE_MAX
 from memslots.errors import MemslotError
 from memslots.kvm import KvmVm
-from memslots.kvm.vm import ENGINE_RAISED
 from memslots.traces import MemslotCall, read_jsonl
 from memslots.validate import Change, Decision
 
@@ -67,9 +65,7 @@ hvas = st.sampled_from(
      0xFFFF800000000000]
 )  # fmt: skip
 flag_values = st.sampled_from([0, 0, 1, 1, 2, 3, 4, 4, 5, 6, 8, 1 << 31])
-# guest_memfd >= 2^31 is left out here: the engine raises OverflowError for it (a bug
-# reported with its fix; test_kvm_vm.py has an xfail test for it)
-gmem_fds = st.sampled_from([0, GMEM_FD, GMEM_FD, OTHER_FD, CLOSED_FD])
+gmem_fds = st.sampled_from([0, GMEM_FD, GMEM_FD, OTHER_FD, CLOSED_FD, 1 << 31])
 gmem_offsets = st.sampled_from([0, 0, PAGE, 1, GMEM_SIZE - PAGE, GMEM_SIZE, 1 << 63])
 
 memslot_calls = st.builds(
@@ -193,35 +189,23 @@ class MoveDownBug(KvmVm):
 
 
 def _planted(findings: list[Finding]) -> list[Finding]:
-    """The findings a planted bug causes: an engine answering EINVAL (not the real
-    engine's guest_memfd OverflowError, reported separately, which a run may meet too)."""
+    """The findings a planted bug causes (an engine answering EINVAL): a run may meet a
+    real engine bug too, reported on its own."""
     return [f for f in findings if f.disagreement.engine == EINVAL]
-
-
-#: the one disagreement a run of the real engine meets today: a guest_memfd number of
-#: 2^31 or more, which the kernel answers with EBADF and the engine with an OverflowError
-#: from os.fstat (memslots.guest_memfd._identity); the fix is reported, and the xfail test
-#: in test_kvm_vm.py turns into a failure once it lands, to drop this allowance
-KNOWN_ENGINE_BUG: Signature = ("set_user_memory_region2", EBADF, ENGINE_RAISED, "OverflowError")
-
-
-def _unexpected(findings: list[Finding]) -> list[str]:
-    return [str(f.disagreement) for f in findings if f.sig != KNOWN_ENGINE_BUG]
 
 
 @pytest.mark.kvm
 def test_a_clean_run_agrees_on_every_call() -> None:
     progress: list[tuple[int, int]] = []
     report = run_conform(1500, 20261124, progress=lambda d, b: progress.append((d, b)))
-    assert _unexpected(report.findings) == []
-    known = sum(f.count for f in report.findings)
-    assert report.agreed == report.calls - known
-    assert report.operations == 1500 and progress[-1] == (1500, report.disagreeing_calls)
+    assert report.findings == [], [str(f.disagreement) for f in report.findings]
+    assert report.agreement == 1.0 and report.agreed == report.calls
+    assert report.operations == 1500 and progress[-1] == (1500, 0)
     assert 1400 < report.calls <= 1500  # the rest set up guest_memfds
     assert report.vms >= 3  # VMs are replaced as the run goes
     assert report.kernel_calls >= report.calls
     out = report.to_json()
-    assert out["agreed"] == report.agreed and len(out["disagreements"]) == len(report.findings)
+    assert out["agreement"] == 1.0 and out["disagreements"] == []
 
 
 @pytest.mark.kvm
@@ -264,30 +248,22 @@ def test_a_state_dependent_bug_shrinks_to_its_two_calls() -> None:
 
 @pytest.mark.kvm
 def test_cli_reports_agreement_as_json(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["conform", "--ops", "400", "--seed", "20261124", "--json"])
+    assert main(["conform", "--ops", "400", "--seed", "20261124", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["seed"] == 20261124 and out["operations"] == 400
-    assert status == (1 if out["disagreements"] else 0)
-    assert out["agreement"] == out["agreed"] / out["calls"]
-    for d in out["disagreements"]:  # only the known engine bug (see KNOWN_ENGINE_BUG)
-        assert (d["kernel"], d["engine"]) == ("EBADF", "raised"), d
-        assert d["detail"].startswith("OverflowError") and len(d["reproducer"]) == 1
+    assert out["agreement"] == 1.0 and out["agreed"] == out["calls"] > 350
+    assert out["disagreements"] == []
 
 
 @pytest.mark.kvm
 def test_cli_text_report(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["conform", "--ops", "300", "--seed", "20261124"])
+    assert main(["conform", "--ops", "300", "--seed", "20261124"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("memslots conform: 300 operations on ")
     assert "VMs, seed 20261124 (" in lines[0]
     assert lines[1].startswith("calls answered by kernel and engine: ")
-    if status == 0:
-        assert lines[2].startswith("agreement: ") and lines[2].endswith("(100.000%)")
-        assert lines[3:] == ["disagreements: none"]
-    else:  # the known engine bug (see KNOWN_ENGINE_BUG), with its one-call reproducer
-        assert lines[3].startswith("disagreements: ") and lines[3].endswith("1 kind")
-        assert "kernel EBADF, engine raised OverflowError" in lines[5]
-        assert lines[6] == "#    reproducer: 1 operation (shrunk from " + lines[6].split()[-1]
+    assert lines[2].startswith("agreement: ") and lines[2].endswith("(100.000%)")
+    assert lines[3:] == ["disagreements: none"]
 
 
 @pytest.mark.kvm

@@ -384,16 +384,13 @@ def test_guest_memfd_slots_agree_with_the_kernel(vm: KvmVm) -> None:
         other_vm.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConformanceError,
-    reason="engine bug: memslots.guest_memfd._identity lets os.fstat's OverflowError escape "
-    "for fds >= 2^31 (the kernel answers EBADF); fix reported",
-)
-def test_guest_memfd_numbers_past_int_max_are_ebadf(vm: KvmVm) -> None:
+@pytest.mark.parametrize("fd", [1 << 31, (1 << 32) - 1])
+def test_guest_memfd_numbers_past_int_max_are_ebadf(vm: KvmVm, fd: int) -> None:
+    # found by `memslots conform`: the engine's os.fstat raised OverflowError here
     with pytest.raises(MemslotError) as info:
-        vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 0, PAGE, HVA, 0, 1 << 31)
+        vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 0, PAGE, HVA, 0, fd)
     assert info.value.errno == EBADF
+    assert vm.disagreements == []
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,23 +22,23 @@ thread's counter of the old index has been seen empty, flips ``idx`` back and wa
 same way for the other index.
 
 Why it is safe (both builds)
-    Let R be a read section that loaded a set S that the writer unpublished before calling
-    ``synchronize``. R appended to some counter ``c`` of its thread before that load, and
-    the load came before the unpublish (R saw S), so the append came before
-    ``synchronize`` started. ``synchronize`` waits on *both* indices, and each wait reads
-    ``c`` only after it started; every such read sees R's entry until R pops it (counts are
-    exact: see below). So the wait that covers ``c``'s index cannot finish before R ends.
-    Conversely a reader whose append is not seen by that wait made it after the writer's
-    read, hence after the unpublish, and loads the new set. Which index a reader picked
-    does not matter for safety, only for progress.
+    The writer publishes a new set (unpublishing the set S that was active), then calls
+    ``synchronize``. Let R be a read section that loaded S while it was active. R appended
+    to some counter ``c`` of its thread before that load, and the load came before the
+    unpublish, so the append came before ``synchronize`` started. ``synchronize`` waits
+    on *both* indices, and each wait reads ``c`` only after it started; every such read
+    sees R's entry until R pops it (counts are exact: see below). So the wait that covers
+    ``c``'s index cannot finish before R ends. Conversely a reader whose append is not
+    seen by that wait made it after the writer's read, hence after the unpublish, and
+    loads the new set. Which index a reader picked does not matter for safety, only for
+    progress.
 
 Why it terminates
     Readers that load ``idx`` after a flip count on the other index, so a stream of new
     readers cannot keep the waited-for counter busy: each wait lasts as long as the
-    sections that were already open (plus at most one late entry per thread that had
-    loaded ``idx`` just before the flip). Flipping twice restores ``idx``, so both indices
-    are drained with the same bound, and every reader may be waited for by at most one
-    grace period at a time.
+    sections that were already open, plus at most one late entry per thread (one that
+    loaded ``idx`` just before the flip and appended just after). Flipping twice restores
+    ``idx``, and both indices are drained with the same bound.
 
 Why the counts are exact and the order holds
     - GIL builds: ``deque.append`` and ``deque.pop`` are single C calls that do not release
@@ -59,15 +59,19 @@ Why the counts are exact and the order holds
       argument above into: either the writer's read of ``c`` follows the reader's append
       (it sees the entry) or the reader's append follows the writer's read, and then
       everything the writer did before it, including the publish, happens before the
-      reader's load of the set. A reader can then wait for the writer's O(1) read of its
-      own counter (a few instructions), never for a grace period or an update. The choice
-      is made by build (``sysconfig``'s ``Py_GIL_DISABLED``), not by whether the GIL is
-      currently on: the locked variant is also correct with a GIL.
+      reader's load of the set. Registration (below) takes a lock there too, so a reader
+      the writer's copy of the registry misses registered after the copy and sees the
+      publish. A reader can then wait for the writer's O(1) read of its own counter (a
+      few instructions), never for a grace period or an update. The choice is made by
+      build (``sysconfig``'s ``Py_GIL_DISABLED``), not by whether the GIL is currently
+      on: the locked variant is also correct with a GIL.
 
 Registration: a thread's first read section creates its counters and appends weak
-references to them to two registry lists (a list append, no lock); a thread that exits
-drops its counters and a weakref callback removes them. ``synchronize`` copies the
-registry, so it costs O(number of live reader threads) plus the wait.
+references to them to two registry lists (under the GIL a list append is atomic, so no
+lock); a thread that exits drops its counters and a weakref callback removes them.
+``synchronize`` copies the registry, so it costs O(number of live reader threads) plus
+the wait. A thread that registers after the writer's copy registers, appends and loads
+the set after it, so it sees the publish.
 
 Costs (benchmarks/bench_sync.py): an empty read section, ``read_unlock(read_lock())``, is
 two Python calls, one ``threading.local`` lookup and two C deque operations, about 110 ns
@@ -188,6 +192,10 @@ class Srcu:
             reg.append(weakref.ref(c, reg.remove))
         return counters
 
+    def _registered(self, idx: int) -> list[weakref.ref[Any]]:
+        """A copy of the registry of index ``idx`` (an atomic list copy under the GIL)."""
+        return self._registry[idx][:]
+
     def read_lock(self) -> SrcuToken:
         """Enter a read section; returns the token to pass to :meth:`read_unlock`. O(1),
         never waits."""
@@ -236,7 +244,7 @@ class Srcu:
     def _wait_for_readers(self, idx: int) -> None:
         """Return once every registered counter of ``idx`` has been seen empty."""
         busy = self._busy
-        pending = [c for r in self._registry[idx][:] if (c := r()) is not None and busy(c)]
+        pending = [c for r in self._registered(idx) if (c := r()) is not None and busy(c)]
         polls = 0
         while pending:
             polls += 1
@@ -279,11 +287,23 @@ class LockedSrcu(Srcu):
     the module docstring). Same API and complexity; readers may wait only for the writer's
     O(1) read of their own counter."""
 
-    __slots__ = ()
+    __slots__ = ("_reg_lock",)
+
+    def __init__(self, *, locked: bool | None = None, expedited: bool = False) -> None:
+        super().__init__()
+        self._reg_lock = threading.Lock()  # orders registrations against registry copies
 
     def _new_counters(self) -> tuple[SrcuToken, SrcuToken]:
         lock = threading.Lock()
         return _LockedCounter(lock), _LockedCounter(lock)
+
+    def _register(self) -> tuple[SrcuToken, SrcuToken]:
+        with self._reg_lock:
+            return super()._register()
+
+    def _registered(self, idx: int) -> list[weakref.ref[Any]]:
+        with self._reg_lock:
+            return super()._registered(idx)
 
     def read_lock(self) -> SrcuToken:
         """Enter a read section (see :meth:`Srcu.read_lock`)."""

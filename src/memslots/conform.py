@@ -1008,10 +1008,12 @@ def run_conform(
     on_shrink: Callable[[int, int], None] | None = None,
 ) -> ConformReport:
     """Run ``ops`` random operations (seeded by ``seed``) against the kernel and the
-    engine, on a new VM every ``segment`` operations (a random length in that range)
-    and after every disagreement. ``progress(done, disagreeing_calls)`` is called after
-    each operation. Then, unless ``shrink_findings`` is False, shrink the first
-    ``max_reproducers`` kinds of disagreement (``on_shrink(i, n)`` before each).
+    engine, on a new VM every ``segment`` operations (a random length in that range;
+    most VMs use slot ids below 24 in an 8 MiB gpa range, one in five ids below 400 in
+    a 256 MiB one) and after every disagreement. ``progress(done, disagreeing_calls)``
+    is called after each operation. Then, unless ``shrink_findings`` is False, shrink
+    the first ``max_reproducers`` kinds of disagreement (``on_shrink(i, n)`` before
+    each).
 
     O(ops) kernel calls for the run, plus the shrinking's (see :func:`shrink`).
     """
@@ -1022,6 +1024,9 @@ def run_conform(
     start = time.perf_counter()
     while report.operations < ops:
         length = min(rng.randint(*segment), ops - report.operations)
+        # most VMs keep tens of slots in a small gpa range (many collisions); some spread
+        # hundreds of slots over a wider one (deeper trees, fewer collisions)
+        gen.ids, gen.gpa_pages = (24, 2048) if rng.random() < 0.8 else (400, 1 << 16)
         with Session(path=path, vm_factory=vm_factory) as s:
             vm = s.vm
             report.vms += 1

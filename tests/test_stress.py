@@ -261,9 +261,11 @@ def test_cli_stress_usage_errors(
 class _PausingSets(list[object]):
     """Stands in for ``vm._memslots``: pauses one thread right after it loads a set."""
 
-    def __init__(self, items: list[object]) -> None:
+    def __init__(self, items: list[object], srcu: Srcu) -> None:
         super().__init__(items)
+        self.srcu = srcu
         self.target: threading.Thread | None = None
+        self.in_read_section = False
         self.loaded = threading.Event()
         self.resume = threading.Event()
 
@@ -271,6 +273,7 @@ class _PausingSets(list[object]):
         value = super().__getitem__(i)
         if threading.current_thread() is self.target:
             self.target = None
+            self.in_read_section = self.srcu.in_read_section()
             self.loaded.set()
             self.resume.wait(WAIT)
         return value
@@ -295,7 +298,7 @@ def test_vm_id_to_memslot_never_answers_with_an_unpublished_slot() -> None:
             super()._swap_active_memslots(as_id)
 
     vm = PauseBeforeSecondSwap(nr_address_spaces=1)
-    sets = _PausingSets(list(vm._memslots))
+    sets = _PausingSets(list(vm._memslots), vm.srcu)
     vm._memslots = sets  # type: ignore[assignment]
     answer: list[Memslot | None] = []
     reader = threading.Thread(target=lambda: answer.append(vm.id_to_memslot(8)), daemon=True)
@@ -310,9 +313,17 @@ def test_vm_id_to_memslot_never_answers_with_an_unpublished_slot() -> None:
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
-    # with the bug the writer reaches the second publish while the reader still uses the
-    # set it is changing; with a read section it waits in the first grace period instead
-    vm.at_swap.wait(1.0)
+    if sets.in_read_section:
+        # a correct lookup holds a read section: the writer publishes the other set and
+        # then waits for this reader in its first grace period
+        for _ in range(int(WAIT / 0.001)):
+            if vm.swap_serial & 1:
+                break
+            threading.Event().wait(0.001)
+        assert vm.swap_serial & 1 and not vm.at_swap.is_set()
+    else:
+        # without one, the writer goes on to change the set the reader still uses
+        assert vm.at_swap.wait(WAIT)
     sets.resume.set()
     reader.join(WAIT)
     vm.go_on.set()

@@ -266,13 +266,6 @@ def test_armed_faults_do_not_fire_on_a_no_op(busy: Busy) -> None:
     vm.faults.clear()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: _arch_flush_shadow_memslot catches Exception only; a BaseException "
-    "(KeyboardInterrupt) from a callback escapes half-way through kvm_set_memslot and leaves "
-    "the INVALID copy published and the two sets diverged; fix in vm.py: catch "
-    "BaseException there and re-raise a non-Exception one after the update completed",
-)
 def test_interrupt_in_a_callback_leaves_a_consistent_vm() -> None:
     vm = HistoryVm()
     vm.set_user_memory_region(0, 0, 0, 16 * P, HVA)

@@ -279,12 +279,6 @@ class _PausingSets(list[object]):
         return value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Vm.id_to_memslot loads the active set without a read section, so a "
-    "writer can change that set (after publishing the other one) while the lookup still "
-    "uses it; fix in vm.py: wrap the lookup in srcu.read_lock()/read_unlock()",
-)
 def test_vm_id_to_memslot_never_answers_with_an_unpublished_slot() -> None:
     class PauseBeforeSecondSwap(HistoryVm):
         arm = False

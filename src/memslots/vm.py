@@ -187,6 +187,8 @@ class Vm:
         self._invalidate_callbacks: list[InvalidateCallback] = []
         #: exceptions raised by invalidation callbacks: ``(slot, exception)``
         self.callback_errors: list[tuple[int, BaseException]] = []
+        #: an interrupt that arrived during an update, raised when the update completes
+        self._deferred: BaseException | None = None
         #: guest_memfd files of this VM and their bindings to slots
         self.guest_memfds = GuestMemfdTable()
 
@@ -298,6 +300,10 @@ class Vm:
                 if new is not None:
                     self.guest_memfds.unbind(new)
                 raise
+            finally:
+                deferred, self._deferred = self._deferred, None
+                if deferred is not None:
+                    raise deferred
             self.last_change = d.change
 
     # ==================================================================================
@@ -382,7 +388,11 @@ class Vm:
         # Caches tagged with any final generation miss while the swap is in flight.
         inactive.generation = gen | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
         self._memslots[as_id] = inactive  # publish: new readers see this set
-        self.srcu.synchronize()  # all readers of `active` are gone
+        try:
+            self.srcu.synchronize()  # all readers of `active` are gone
+        except BaseException as exc:  # an interrupt must not cut the grace period short
+            self._defer(exc)
+            self.srcu.synchronize()
         gen = (inactive.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.nr_address_spaces
         inactive.generation = gen
 
@@ -413,8 +423,18 @@ class Vm:
             try:
                 self.faults.check("invalidate_callback")
                 cb(old)
-            except Exception as exc:
+            except Exception as exc:  # recorded: the protocol must go on
                 self.callback_errors.append((old.slot, exc))
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit: after the update
+                self.callback_errors.append((old.slot, exc))
+                self._defer(exc)
+
+    def _defer(self, exc: BaseException) -> None:
+        """Keep an interrupt (KeyboardInterrupt, SystemExit, ...) that arrived in the middle
+        of an update; :meth:`apply` raises it once the update has completed, like a
+        signal that the kernel handles when the ioctl returns."""
+        if self._deferred is None:
+            self._deferred = exc
 
     def _prepare_memory_region(
         self, old: Memslot | None, new: Memslot | None, change: Change
@@ -515,7 +535,12 @@ class Vm:
         as_id = slot >> 16
         if as_id >= self.nr_address_spaces:
             return None
-        return self._memslots[as_id].id_to_memslot(slot & 0xFFFF)
+        srcu = self.srcu
+        idx = srcu.read_lock()
+        try:
+            return self._memslots[as_id].id_to_memslot(slot & 0xFFFF)
+        finally:
+            srcu.read_unlock(idx)
 
     def gfn_to_hva(self, gfn: int, write: bool = True) -> int:
         """``gfn_to_hva`` (write semantics by default, so a read-only slot gives

@@ -4,10 +4,13 @@ one and the lock-ordered one used on free-threaded builds)."""
 
 from __future__ import annotations
 
+import _thread
 import gc
 import random
+import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -331,3 +334,52 @@ def test_vm_update_waits_for_a_reader_that_holds_the_set(srcu: Srcu) -> None:
     assert observed["held_before"] == observed["held_after"]
     assert len(observed["held_after"]) == 1  # type: ignore[arg-type]
     vm.check_invariants()
+
+
+@pytest.mark.parametrize("expedited", [False, True], ids=["srcu", "expedited"])
+def test_interrupts_never_leak_a_read_section(expedited: bool, fast_switching: None) -> None:
+    """KeyboardInterrupt arrives at arbitrary points of lookups in the main thread: no read
+    section may stay counted (it would make every later update wait forever)."""
+    assert threading.current_thread() is threading.main_thread()
+    vm = Vm()
+    vm.srcu = Srcu(expedited=expedited)
+    vm.set_user_memory_region(0, 0, 0, 1 << 20, 0x7F0000000000)
+    vcpu = vm.create_vcpu(0)
+    armed = [False]
+
+    def handler(signum: int, frame: object) -> None:
+        if armed[0]:  # only inside the lookup loop below
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    stop = threading.Event()
+
+    def interrupter() -> None:
+        rng = random.Random(1)
+        while not stop.is_set():
+            time.sleep(rng.random() * 2e-4)
+            _thread.interrupt_main()
+
+    old = signal.signal(signal.SIGINT, handler)
+    t = threading.Thread(target=interrupter, daemon=True)
+    interrupts = 0
+    try:
+        t.start()
+        while interrupts < 500:
+            try:
+                armed[0] = True
+                for g in range(1 << 40):
+                    vm.gfn_to_memslot(g & 255)
+                    vm.id_to_memslot(0)
+                    vm.gfn_to_hva(g & 255)
+                    vcpu.last_used_slot_gen = -1  # force the miss path (a read section)
+                    vcpu.gfn_to_memslot(g & 255)
+            except KeyboardInterrupt:
+                interrupts += 1
+    finally:
+        armed[0] = False
+        stop.set()
+        t.join(WAIT)
+        signal.signal(signal.SIGINT, old)
+    assert not vm.srcu.in_read_section()
+    vm.set_user_memory_region(0, 0, 0, 0, 0x7F0000000000)  # a grace period completes

@@ -11,11 +11,11 @@ Algorithm
 ---------
 Every thread that reads owns two counters, one per index ``i`` in {0, 1}. A counter is a
 :class:`collections.deque` whose length is the number of the thread's open read sections
-counted on that index. ``read_lock`` loads the current index ``idx``, appends to that
-counter and returns the counter itself as the token; ``read_unlock(token)`` pops from it.
-So the fast path finds the thread's counters with one ``threading.local`` attribute load
-(on entry only: the token carries the counter to the exit) and updates them with one C
-call each way.
+counted on that index. ``read_lock`` loads the current index ``idx``, adds an entry to that
+counter and returns the counter itself as the token; ``read_unlock(token)`` is
+``deque.pop`` itself. So the fast path finds the thread's counters with one
+``threading.local`` attribute load (on entry only: the token carries the counter to the
+exit) and updates them with one C operation each way.
 
 ``synchronize`` (one writer at a time, under ``_lock``) flips ``idx``, waits until every
 thread's counter of the old index has been seen empty, flips ``idx`` back and waits the
@@ -66,6 +66,20 @@ Why the counts are exact and the order holds
       build (``sysconfig``'s ``Py_GIL_DISABLED``), not by whether the GIL is currently
       on: the locked variant is also correct with a GIL.
 
+Interrupts (GIL builds). ``KeyboardInterrupt`` is raised in the main thread at the
+interpreter's periodic checks, which CPython 3.11 makes at function entry, on backward
+jumps and after calls of C functions, not after operators nor on return. A section
+counted but never left would make every later ``synchronize`` wait forever, so the entry
+is ``counter += (None,)`` (an operator, after which ``read_lock`` only returns) instead
+of ``counter.append(None)`` (a call, after which an interrupt would be raised with the
+entry counted but the token lost), and ``read_unlock`` is the C function ``deque.pop``,
+which runs before any check. So with the usual pattern ``tok = srcu.read_lock()``,
+``try: ... finally: srcu.read_unlock(tok)``, an interrupt anywhere leaves the counts
+exact (tests/test_sync.py interrupts such a loop thousands of times). The ``with
+srcu.read():`` form and :class:`LockedSrcu` run Python code between the count and the
+caller (``__exit__``, the lock release), where an interrupt can still leak a section; use
+the explicit form where that matters.
+
 Registration: a thread's first read section creates its counters and appends weak
 references to them to two registry lists (under the GIL a list append is atomic, so no
 lock); a thread that exits drops its counters and a weakref callback removes them.
@@ -85,11 +99,12 @@ switches threads (``sys.getswitchinterval()``, 5 ms by default) if the readers a
 so a grace period with CPU-bound readers costs milliseconds. ``Srcu(expedited=True)``
 (:class:`ExpeditedSrcu`) shortens that the way the kernel's
 ``synchronize_srcu_expedited`` (which ``kvm_swap_active_memslots`` uses) does, by
-disturbing readers: while a writer waits, a reader that leaves a read section yields the
-GIL once (``time.sleep(0)``). Readers still never wait for a grace period; they give up
-their time slice, and the exit of a read section costs one more attribute test (a few
-ns). The benchmark shows both. It only matters with a GIL, so free-threaded builds use
-:class:`LockedSrcu` either way.
+disturbing readers: while a writer waits, a reader entering a read section first yields
+the GIL (``time.sleep(0)``), so a reader that just left the section the writer waits for
+hands over at once. Readers still never wait for a grace period; they give up their time
+slice, and entering a section costs one more attribute test (a few ns). The benchmark
+shows both. It only matters with a GIL, so free-threaded builds use :class:`LockedSrcu`
+either way.
 """
 
 from __future__ import annotations
@@ -99,6 +114,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, cast
 
@@ -107,6 +123,9 @@ FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 #: the token ``read_lock`` returns: the calling thread's counter it entered on
 SrcuToken = deque[None]
+
+#: what ``read_lock`` adds to a counter (with ``+=``: see "Interrupts" above)
+_ENTRY = (None,)
 
 #: polls of a waiting writer that only yield (``time.sleep(0)``) before it sleeps
 _YIELD_POLLS = 64
@@ -185,11 +204,13 @@ class Srcu:
         return deque(), deque()
 
     def _register(self) -> tuple[SrcuToken, SrcuToken]:
-        """Create and publish the calling thread's counters (its first read section)."""
+        """Create and publish the calling thread's counters (its first read section).
+        They are registered before the thread uses them (an interrupt in between leaves
+        only registrations of counters that die at once)."""
         counters = self._new_counters()
-        self._local.c = counters
         for reg, c in zip(self._registry, counters, strict=True):
             reg.append(weakref.ref(c, reg.remove))
+        self._local.c = counters
         return counters
 
     def _registered(self, idx: int) -> list[weakref.ref[Any]]:
@@ -203,13 +224,14 @@ class Srcu:
             c: SrcuToken = self._local.c[self._idx]
         except AttributeError:
             c = self._register()[self._idx]
-        c.append(None)
+        c += _ENTRY  # not c.append(None): see "Interrupts" in the module docstring
         return c
 
-    def read_unlock(self, token: SrcuToken) -> None:
-        """Leave the read section entered by the :meth:`read_lock` that returned
-        ``token``. O(1), never waits."""
-        token.pop()
+    #: ``read_unlock(token)``: leave the read section entered by the :meth:`read_lock`
+    #: that returned ``token``. O(1), never waits. It is ``deque.pop`` itself, a C
+    #: function, so that no interrupt can come between the call and the exit; an
+    #: unbalanced call raises ``IndexError``.
+    read_unlock: Callable[[SrcuToken], object] = staticmethod(deque.pop)
 
     def read(self) -> _ReadSection:
         """``with srcu.read():`` a read section as a context manager. O(1)."""
@@ -254,23 +276,28 @@ class Srcu:
 
 class ExpeditedSrcu(Srcu):
     """:class:`Srcu` whose waiting writers ask readers to yield: while ``synchronize``
-    waits, every reader leaving a read section calls ``time.sleep(0)`` once, handing the
-    GIL over so the writer can see the section ended without waiting for the thread
-    switch interval (see the module docstring). Same API and complexity."""
+    waits, a reader entering a read section first calls ``time.sleep(0)``, handing the
+    GIL over so the writer sees the sections it waits for end without waiting for the
+    thread switch interval (see the module docstring). Same API and complexity."""
 
     __slots__ = ("_expediting",)
 
     def __init__(self, *, locked: bool | None = None, expedited: bool = True) -> None:
         super().__init__()
-        #: writers waiting right now (read by readers leaving a section)
+        #: writers waiting right now (read by readers entering a section)
         self._expediting = 0
 
-    def read_unlock(self, token: SrcuToken) -> None:
-        """Leave a read section (see :meth:`Srcu.read_unlock`); yields the GIL once if a
-        writer is waiting."""
-        token.pop()
+    def read_lock(self) -> SrcuToken:
+        """Enter a read section (see :meth:`Srcu.read_lock`), after yielding the GIL if
+        a writer is waiting."""
         if self._expediting:
             time.sleep(0)
+        try:
+            c: SrcuToken = self._local.c[self._idx]
+        except AttributeError:
+            c = self._register()[self._idx]
+        c += _ENTRY
+        return c
 
     def _wait_for_readers(self, idx: int) -> None:
         self._expediting += 1  # only under _lock: one writer at a time
@@ -312,11 +339,12 @@ class LockedSrcu(Srcu):
         except AttributeError:
             c = self._register()[self._idx]
         with cast(_LockedCounter, c).lock:
-            c.append(None)
+            c += _ENTRY
         return c
 
     def read_unlock(self, token: SrcuToken) -> None:
-        """Leave a read section (see :meth:`Srcu.read_unlock`)."""
+        """Leave a read section (see :meth:`Srcu.read_unlock`), holding the thread's
+        lock."""
         with cast(_LockedCounter, token).lock:
             token.pop()
 

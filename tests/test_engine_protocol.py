@@ -214,9 +214,19 @@ def test_failing_invalidate_callback_does_not_break_the_update() -> None:
     vm.set_user_memory_region(1, 0, 0, 0, 0)
     assert vm.memslots(0).id_to_memslot(1) is None
     assert len(vm.callback_errors) == 1 and vm.callback_errors[0][0] == 1
-    vm.faults.inject("invalidate_callback", errno.EIO)
+    vm.faults.inject("invalidate_callback", errno.EIO)  # an extra, injected failure
     vm.set_user_memory_region(2, 0, 50 * MB, MB, HVA + 2 * MB)
-    assert len(vm.callback_errors) == 2
+    assert [(slot, type(e)) for slot, e in vm.callback_errors[1:]] == [
+        (2, MemslotError),
+        (2, RuntimeError),
+    ]
+    assert not vm.faults.armed("invalidate_callback")
+    vm.callback_errors.clear()
+    vm2 = Vm()  # the injected failure fires without any registered callback too
+    _populate(vm2, 2)
+    vm2.faults.inject("invalidate_callback")
+    vm2.set_user_memory_region(1, 0, 0, 0, 0)
+    assert len(vm2.callback_errors) == 1 and not vm2.faults.armed("invalidate_callback")
     vm.check_invariants()
 
 

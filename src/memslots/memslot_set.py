@@ -167,7 +167,6 @@ class MemslotSet:
         for a, b in pairwise(by_gfn):
             assert a.base_gfn + a.npages <= b.base_gfn, f"gfn overlap: {a} and {b}"
         assert {id(s) for s in self._hva} == {id(s) for s in by_gfn}, "hva tree disagrees"
-        if self.last_used_slot is not None:
-            assert self._ids.get(self.last_used_slot.id) is self.last_used_slot, (
-                "last_used_slot is not in the set"
-            )
+        cached = self.last_used_slot  # one load: readers may fill the cache meanwhile
+        if cached is not None:
+            assert self._ids.get(cached.id) is cached, "last_used_slot is not in the set"

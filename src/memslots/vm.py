@@ -49,7 +49,7 @@ from memslots.faults import FaultInjector
 from memslots.guest_memfd import GuestMemfdTable
 from memslots.memslot_set import MemslotSet
 from memslots.slot import Memslot
-from memslots.sync import Srcu
+from memslots.sync import FREE_THREADED_BUILD, Srcu
 from memslots.validate import Change, Decision, VmLimits, check_set_user_memory_region
 
 #: what kvm_is_error_hva() rejects: gfn_to_hva() of a hole, an INVALID slot, or (write)
@@ -58,6 +58,9 @@ KVM_HVA_ERR_BAD = 1 << 63
 KVM_HVA_ERR_RO_BAD = KVM_HVA_ERR_BAD + (1 << PAGE_SHIFT)
 
 InvalidateCallback = Callable[[Memslot], None]
+
+#: the vCPU cache hit path may skip the read section (see Vcpu.gfn_to_memslot)
+_LOCK_FREE_HIT = not FREE_THREADED_BUILD
 
 
 def kvm_is_error_hva(hva: int) -> bool:
@@ -102,12 +105,14 @@ class Vcpu:
 
         Hit: O(1), no read section: a cached slot whose generation equals the active set's
         generation was in that set when it was loaded (every swap changes the generation).
+        That argument needs the GIL's ordering of loads; free-threaded builds take the
+        read section for hits too.
         Miss: a read section and one O(log n) search of the active set; the VM-wide cache
         is deliberately not used, as in the kernel.
         """
         vm = self.vm
         slots = vm._memslots[self.as_id]
-        if slots.generation == self.last_used_slot_gen:
+        if _LOCK_FREE_HIT and slots.generation == self.last_used_slot_gen:
             s = self.last_used_slot
             if s is not None and s.base_gfn <= gfn < s.base_gfn + s.npages:
                 return s
@@ -419,9 +424,12 @@ class Vm:
         """``kvm_arch_flush_shadow_memslot``: tell registered invalidation callbacks
         (shadow MMUs, caches of hvas) that `old` is going away. A callback that raises is
         reported after the update, never half-way (the kernel's flush cannot fail)."""
+        try:  # an injected failure stands for a failing callback, registered or not
+            self.faults.check("invalidate_callback")
+        except MemslotError as exc:
+            self.callback_errors.append((old.slot, exc))
         for cb in list(self._invalidate_callbacks):
             try:
-                self.faults.check("invalidate_callback")
                 cb(old)
             except Exception as exc:  # recorded: the protocol must go on
                 self.callback_errors.append((old.slot, exc))

@@ -17,8 +17,10 @@ Points (in the order an update reaches them):
     ``kvm_arch_prepare_memory_region`` (x86: metadata allocation): any errno, same
     rollback as ``dirty_bitmap``.
 ``invalidate_callback``
-    an invalidation callback registered with ``Vm.register_invalidate_callback`` raising
-    (the MMU-notifier side of the protocol); see :mod:`memslots.vm`.
+    a failing invalidation callback (the MMU-notifier side of the protocol), checked once
+    per flush of a DELETE/MOVE whether or not callbacks are registered. Like the
+    exceptions of real callbacks (``Vm.register_invalidate_callback``) it is recorded in
+    ``Vm.callback_errors`` and the update completes: the kernel's flush cannot fail.
 """
 
 from __future__ import annotations

@@ -513,9 +513,6 @@ class WriterStats:
     callback_calls: int = 0
     callback_raises: int = 0
     state_checks: int = 0
-    #: spurious ``last_used_slot`` failures of ``vm.check_invariants()`` (see
-    #: :meth:`RandomWriter.check_invariants`)
-    invariant_check_races: int = 0
     violations: int = 0
     messages: list[str] = field(default_factory=list)
     max_op_ns: int = 0
@@ -903,11 +900,8 @@ class RandomWriter:
                 }
 
     def check_invariants(self) -> None:
-        """:func:`check_invariants` (``vm.check_invariants()`` made safe against readers
-        filling caches) as violations."""
-        problems, races = check_invariants(self.vm)
-        self.stats.invariant_check_races += races
-        for p in problems:
+        """:func:`check_invariants` as violations."""
+        for p in check_invariants(self.vm):
             self.violation(p)
 
     def check_state(self) -> None:
@@ -934,33 +928,14 @@ class RandomWriter:
             self.step()
 
 
-def check_invariants(vm: Vm, attempts: int = 4) -> tuple[list[str], int]:
-    """``vm.check_invariants()`` while readers run, plus a race-free check of the set-wide
-    caches; returns ``(problems, retried)``. O(n) per attempt.
-
-    ``MemslotSet.check_invariants`` loads ``last_used_slot`` several times, so a reader
-    filling the active set's cache in between can fail it spuriously. Only that assertion
-    is retried (up to ``attempts`` times; ``retried`` counts them); a cache that really
-    holds a slot outside its set fails the single-load check below every time."""
-    problems: list[str] = []
-    retried = 0
-    for attempt in range(attempts):
-        try:
-            vm.check_invariants()
-            break
-        except AssertionError as exc:
-            if "last_used_slot" in str(exc) and attempt < attempts - 1:
-                retried += 1
-                continue
-            problems.append(f"invariants broken: {exc}")
-            break
-    with vm.slots_lock:
-        for pair in vm._sets:
-            for s in pair:
-                cached = s.last_used_slot  # one load: readers may store concurrently
-                if cached is not None and s.id_to_memslot(cached.id) is not cached:
-                    problems.append(f"set cache holds {cached!r}, which is not in {s!r}")
-    return problems, retried
+def check_invariants(vm: Vm) -> list[str]:
+    """``vm.check_invariants()`` as a list of problems (empty when it holds). Safe while
+    readers run: the engine's check loads each set cache once. O(n)."""
+    try:
+        vm.check_invariants()
+    except AssertionError as exc:
+        return [f"invariants broken: {exc}"]
+    return []
 
 
 # ======================================================================================
@@ -1042,7 +1017,7 @@ class StressReport:
             f"operations   {self.operations}  ({kinds})",
             f"  failed as expected {w.expected_errors}; faults fired/armed: {fired}",
             f"  invalidation callbacks {w.callback_calls} (raised {w.callback_raises}), "
-            f"state checks {w.state_checks} ({w.invariant_check_races} cache-check races retried)",
+            f"state checks {w.state_checks}",
             f"  swaps {self.swaps}, grace periods {self.grace_periods}, "
             f"writer latency mean {mean_op:.1f} us, max {w.max_op_ns / 1e6:.2f} ms",
             f"lookups      {self.lookups}  (vm {sum(r.vm_lookups for r in rs)}, "

@@ -381,44 +381,36 @@ class Reader:
     # --- the checks ---------------------------------------------------------------------
     def check_vm_lookup(self, gfn: int) -> None:
         """``vm.gfn_to_memslot(gfn)`` (address space 0) against the history."""
-        vm = self.vm
-        seq = vm.seq
-        vm.reader_marks[self.mark] = next(seq)
-        serial = vm.swap_serial
-        t0 = next(seq)
-        p0 = time.perf_counter_ns()
-        got = vm.gfn_to_memslot(gfn)
-        p1 = time.perf_counter_ns()
-        t1 = next(seq)
-        if serial & 1 and vm.swap_serial == serial:
-            self.stats.during_swap += 1
-        self._latency(p1 - p0)
         self.stats.vm_lookups += 1
-        if self._find(0, t0, t1, lambda v: v.slot_at(gfn) is got) == NOT_FOUND:
-            self.violation(f"vm.gfn_to_memslot({gfn:#x}) = {got!r}: never published there")
-        vm.reader_marks[self.mark] = None
+        self._check_lookup(0, gfn, self.vm.gfn_to_memslot, "vm.gfn_to_memslot({gfn:#x})")
 
     def check_vcpu_lookup(self, gfn: int) -> None:
         """``vcpu.gfn_to_memslot(gfn)`` in the vCPU's address space against the history."""
+        self.stats.vcpu_lookups += 1
+        as_id = self.vcpu.as_id
+        what = "vcpu.gfn_to_memslot({gfn:#x}) in as {as_id}"
+        self._check_lookup(as_id, gfn, self.vcpu.gfn_to_memslot, what)
+
+    def _check_lookup(
+        self, as_id: int, gfn: int, lookup: Callable[[int], Memslot | None], what: str
+    ) -> None:
+        """Time one lookup between two history marks and check that its answer was
+        published for ``gfn`` in ``as_id`` at some point between them; ``what`` names
+        the call in a violation (``{gfn}`` and ``{as_id}`` are filled in)."""
         vm = self.vm
-        vcpu = self.vcpu
-        as_id = vcpu.as_id
         seq = vm.seq
         vm.reader_marks[self.mark] = next(seq)
         serial = vm.swap_serial
         t0 = next(seq)
         p0 = time.perf_counter_ns()
-        got = vcpu.gfn_to_memslot(gfn)
+        got = lookup(gfn)
         p1 = time.perf_counter_ns()
         t1 = next(seq)
         if serial & 1 and vm.swap_serial == serial:
             self.stats.during_swap += 1
         self._latency(p1 - p0)
-        self.stats.vcpu_lookups += 1
         if self._find(as_id, t0, t1, lambda v: v.slot_at(gfn) is got) == NOT_FOUND:
-            self.violation(
-                f"vcpu.gfn_to_memslot({gfn:#x}) in as {as_id} = {got!r}: never published there"
-            )
+            self.violation(f"{what.format(gfn=gfn, as_id=as_id)} = {got!r}: never published there")
         vm.reader_marks[self.mark] = None
 
     def check_range(

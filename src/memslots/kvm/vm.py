@@ -338,8 +338,7 @@ class KvmVm(Vm):
             self._check_open()
             if not 0 <= slot <= 0xFFFFFFFF:
                 raise MemslotError(EINVAL, "slot does not fit u32")
-            s = self.id_to_memslot(slot)
-            nbytes = dirty_bitmap_bytes(s.npages) if s is not None else 8
+            nbytes = self._dirty_log_bytes(slot)
             k, kbits, ebits = self._mirror(
                 lambda: f"get_dirty_log({slot:#x})",
                 lambda: self.fd.get_dirty_log(slot, nbytes),
@@ -366,6 +365,12 @@ class KvmVm(Vm):
             kp, ep = dirty_pages(kbits), dirty_pages(ebits)
             self._compare(call(), 0, 0, f"dirty pages: kernel {_pages(kp)}, engine {_pages(ep)}")
 
+    def _dirty_log_bytes(self, slot: int) -> int:
+        """Bytes the kernel writes for ``slot``'s log (8 for a missing slot, which the
+        kernel refuses before writing anything)."""
+        s = self.id_to_memslot(slot)
+        return dirty_bitmap_bytes(s.npages) if s is not None else 8
+
     def kernel_dirty_log(self, slot: int) -> bytes:
         """The kernel's own dirty bitmap of ``slot`` (``KVM_GET_DIRTY_LOG``), not merged
         and not mirrored; clears the kernel's bits unless manual protect is on (the
@@ -373,8 +378,7 @@ class KvmVm(Vm):
         with self.slots_lock:
             self._check_open()
             self._no_host_writes = False
-            s = self.id_to_memslot(slot)
-            nbytes = dirty_bitmap_bytes(s.npages) if s is not None else 8
+            nbytes = self._dirty_log_bytes(slot)
             self.kernel_calls += 1
             return self.fd.get_dirty_log(slot, nbytes)
 

@@ -11,7 +11,8 @@ so the engine answers bind requests as the kernel does:
 
 Files are identified by ``(st_dev, st_ino)``, not by fd number, so a closed-and-reused fd
 number is not mistaken for the file it used to name. A binding lasts until its slot is
-deleted (the kernel holds its own reference to the file).
+deleted. (In the kernel, closing the guest_memfd also ends its bindings; no memslot call
+can tell the difference, since the slot stays deletable either way.)
 """
 
 from __future__ import annotations

@@ -207,9 +207,10 @@ class Vm:
         flags of a slot. Raises :class:`MemslotError` with the kernel's errno; a failure
         changes nothing (except the generation of a DELETE/MOVE that failed in prepare,
         as in the kernel). O(log n)."""
-        self._set_user_memory_region(
-            False, slot, flags, guest_phys_addr, memory_size, userspace_addr, 0, 0
-        )
+        with self.slots_lock:
+            self.apply(
+                self.check_region(False, slot, flags, guest_phys_addr, memory_size, userspace_addr)
+            )
 
     def set_user_memory_region2(
         self,
@@ -225,31 +226,9 @@ class Vm:
         ``KVM_MEM_GUEST_MEMFD`` (when the VM allows it: ``private_mem``), which binds the
         slot to ``[guest_memfd_offset, + memory_size)`` of a guest_memfd made by
         :meth:`create_guest_memfd`. O(log n)."""
-        self._set_user_memory_region(
-            True,
-            slot,
-            flags,
-            guest_phys_addr,
-            memory_size,
-            userspace_addr,
-            guest_memfd_offset,
-            guest_memfd,
-        )
-
-    def _set_user_memory_region(
-        self,
-        v2: bool,
-        slot: int,
-        flags: int,
-        guest_phys_addr: int,
-        memory_size: int,
-        userspace_addr: int,
-        guest_memfd_offset: int,
-        guest_memfd: int,
-    ) -> None:
         with self.slots_lock:
             d = self.check_region(
-                v2,
+                True,
                 slot,
                 flags,
                 guest_phys_addr,

@@ -416,10 +416,10 @@ def test_a_long_sequence_with_many_slots() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# memslots.bench and `memslots bench` (smoke tests: tiny sizes, no timing assertions)
+# memslots.tools.bench and `memslots bench` (smoke tests: tiny sizes, no timing assertions)
 # --------------------------------------------------------------------------------------
 def test_perf_layout_splits_the_test_memory_like_memslot_perf_test() -> None:
-    from memslots.bench import MEM_GPA, MEM_SIZE, perf_layout
+    from memslots.tools.bench import MEM_GPA, MEM_SIZE, perf_layout
 
     for n in (4, 509, 32764):
         layout = perf_layout(n)
@@ -433,7 +433,7 @@ def test_perf_layout_splits_the_test_memory_like_memslot_perf_test() -> None:
 
 @pytest.mark.parametrize("impl", [Vm, ArrayVm], ids=["tree", "array"])
 def test_invalidate_hva_range_matches_a_brute_force_walk(impl: type[Vm]) -> None:
-    from memslots.bench import invalidate_hva_range
+    from memslots.tools.bench import invalidate_hva_range
 
     vm = impl(nr_address_spaces=2)
     rng = random.Random(1)
@@ -456,7 +456,7 @@ def test_invalidate_hva_range_matches_a_brute_force_walk(impl: type[Vm]) -> None
 
 
 def _tiny_config(**kw: Any) -> Any:
-    from memslots.bench import BenchConfig
+    from memslots.tools.bench import BenchConfig
 
     values: dict[str, Any] = {
         "slots": 16, "counts": (4, 16, 64), "duration": 0.002, "repetitions": 1,
@@ -468,7 +468,7 @@ def _tiny_config(**kw: Any) -> Any:
 
 
 def test_bench_library_runs_every_cheap_scenario_and_the_sweep() -> None:
-    from memslots.bench import OPS, run
+    from memslots.tools.bench import OPS, run
 
     r = run(_tiny_config())
     got = {(s.scenario, s.impl) for s in r.scenarios}
@@ -504,7 +504,7 @@ def test_cli_bench_prints_tables_and_writes_json(
 ) -> None:
     import json
 
-    from memslots.cli import main
+    from memslots.tools.cli import main
 
     out = tmp_path / "r.json"
     status = main(["bench", "--slots", "16", "--counts", "4,16", "--duration", "0.002",
@@ -521,7 +521,7 @@ def test_cli_bench_prints_tables_and_writes_json(
 
 @pytest.mark.kvm
 def test_bench_kernel_columns() -> None:
-    from memslots.bench import run
+    from memslots.tools.bench import run
 
     r = run(_tiny_config(impls=("tree", "kvm", "ioctl"), counts=(4, 16),
                          scenarios=("setup", "move-active", "sweep")))  # fmt: skip

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import memslots.cli.replay as cli_replay
-import memslots.replay as replay_mod
+import memslots.tools.cli.replay as cli_replay
+import memslots.tools.replay as replay_mod
 from memslots import Vm
-from memslots.cli import main
-from memslots.traces import Recorder, read_embedded_trace
+from memslots.tools.cli import main
+from memslots.tools.traces import Recorder, read_embedded_trace
 
 TRACES = Path(__file__).parent / "data" / "traces"
 TRACE_FILES = sorted(p.name for p in TRACES.glob("*.log"))

@@ -5,7 +5,7 @@ the same slot objects in both sets, the generation advanced by ``2 * nr_address_
 for a DELETE/MOVE that failed in prepare and unchanged otherwise, page and dirty-bitmap
 accounting unchanged (no leaked bitmap), pending dirty bits kept; the request succeeds
 when retried. Readers check every answer against the history of published states the
-whole time (memslots.stress) and must see nothing wrong.
+whole time (memslots.tools.stress) and must see nothing wrong.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import pytest
 
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Memslot, MemslotError
 from memslots.faults import POINTS
-from memslots.stress import HistoryVm, Reader, check_invariants, fault_reached, generation_delta
+from memslots.tools.stress import (
+    HistoryVm,
+    Reader,
+    check_invariants,
+    fault_reached,
+    generation_delta,
+)
 from memslots.validate import Change
 
 HVA = 0x7F00_0000_0000

@@ -1,4 +1,4 @@
-"""memslots.conform and ``memslots conform``: the operation format, delta debugging, and
+"""memslots.tools.conform and ``memslots conform``: the operation format, delta debugging, and
 random runs against the real kernel, including engines with a planted bug that the run
 must find and shrink to a minimal reproducer.
 
@@ -18,8 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import kvm_usable
-from memslots.cli import main
-from memslots.conform import (
+from memslots.constants import X86_TASK_SIZE_MAX
+from memslots.errors import MemslotError
+from memslots.kvm import KvmVm
+from memslots.tools.cli import main
+from memslots.tools.conform import (
     CLOSED_FD,
     GMEM_FD,
     GMEM_SIZE,
@@ -40,10 +43,7 @@ from memslots.conform import (
     signature,
     with_result,
 )
-from memslots.constants import X86_TASK_SIZE_MAX
-from memslots.errors import MemslotError
-from memslots.kvm import KvmVm
-from memslots.traces import MemslotCall, read_jsonl
+from memslots.tools.traces import MemslotCall, read_jsonl
 from memslots.validate import Change, Decision
 
 PAGE = 4096
@@ -270,7 +270,7 @@ def test_cli_text_report(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_exits_non_zero_with_reproducers_on_disagreement(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    import memslots.cli.conform as cli
+    import memslots.tools.cli.conform as cli
 
     def buggy(*args: Any, **kwargs: Any) -> Any:
         return run_conform(*args, **kwargs, vm_factory=Slot7Bug)

@@ -25,7 +25,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memslots import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, MemslotError
-from memslots.conform import Op, Session
 from memslots.dirty_log import dirty_pages, pages_to_bitmap
 from memslots.kvm import ConformanceError, KvmVcpuHandle, KvmVm, probe_max_gfn
 from memslots.kvm.abi import (
@@ -38,6 +37,7 @@ from memslots.kvm.abi import (
 from memslots.kvm.guests import PATTERN_DONE_PORT, PATTERN_WRITER, pattern_word, pattern_writer_args
 from memslots.kvm.vcpu import IoExit
 from memslots.kvm.vm import ENGINE_RAISED, open_fd_count
+from memslots.tools.conform import Op, Session
 from memslots.validate import Decision
 from test_engine_errno import CASES, SETUP
 from test_kvm_conform import PRELUDE, ops_strategy

@@ -1,4 +1,4 @@
-"""Replay of memslot traces (memslots.replay): engine, array and /dev/kvm against the
+"""Replay of memslot traces (memslots.tools.replay): engine, array and /dev/kvm against the
 recorded results, classification, errors, disagreements, hva relocation, JSON."""
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-import memslots.replay as replay_mod
+import memslots.tools.replay as replay_mod
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE, Vm
 from memslots.constants import X86_TASK_SIZE_MAX
-from memslots.replay import (
+from memslots.tools.replay import (
     KINDS,
     HvaRelocation,
     MapEntry,
     flag_names,
     replay,
 )
-from memslots.traces import MemslotCall, Recorder, read_jsonl, read_trace, write_jsonl
+from memslots.tools.traces import MemslotCall, Recorder, read_jsonl, read_trace, write_jsonl
 
 TRACES = Path(__file__).parent / "data" / "traces"
 TRACE_FILES = sorted(p.name for p in TRACES.glob("*.log"))

@@ -1,5 +1,5 @@
 """Concurrent stress: readers check every answer against the history of published states
-while a writer changes slots (memslots.stress), the checker's own sensitivity, and
+while a writer changes slots (memslots.tools.stress), the checker's own sensitivity, and
 ``memslots stress``."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import pytest
 
 from memslots import Memslot
-from memslots.cli import main
 from memslots.faults import POINTS
-from memslots.stress import (
+from memslots.sync import Srcu
+from memslots.tools.cli import main
+from memslots.tools.stress import (
     FOUND,
     LOST,
     NOT_FOUND,
@@ -25,7 +26,6 @@ from memslots.stress import (
     check_invariants,
     run_stress,
 )
-from memslots.sync import Srcu
 
 WAIT = 10.0
 HVA = 0x7F00_0000_0000

@@ -1,4 +1,4 @@
-"""Trace readers, the JSON Lines writer and the Recorder (memslots.traces)."""
+"""Trace readers, the JSON Lines writer and the Recorder (memslots.tools.traces)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from memslots.constants import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from memslots.errors import MemslotError
-from memslots.traces import (
+from memslots.tools.traces import (
     MemslotCall,
     Recorder,
     TraceFormatError,

@@ -6,6 +6,8 @@ before bringing it in line (commit a54d806688fe). See README.md and docs/design.
 """
 
 from memslots.constants import (
+    KVM_HVA_ERR_BAD,
+    KVM_HVA_ERR_RO_BAD,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
@@ -16,9 +18,9 @@ from memslots.constants import (
 from memslots.errors import MemslotError
 from memslots.guest_memory import HostMemory
 from memslots.memslot_set import MemslotSet
-from memslots.slot import Memslot
+from memslots.slot import Memslot, kvm_is_error_hva
 from memslots.validate import Change
-from memslots.vm import KVM_HVA_ERR_BAD, KVM_HVA_ERR_RO_BAD, Vcpu, Vm, kvm_is_error_hva
+from memslots.vm import Vcpu, Vm
 
 __version__ = "0.1.0"
 

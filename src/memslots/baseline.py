@@ -65,7 +65,7 @@ from memslots.constants import (
     KVM_MEMSLOT_INVALID,
     PAGE_SHIFT,
 )
-from memslots.errors import MemslotError
+from memslots.errors import MemslotError, require
 from memslots.slot import Memslot
 from memslots.validate import Change
 from memslots.vm import Vm
@@ -292,15 +292,15 @@ class ArrayMemslotSet:
         """Assert the array is sorted without gfn overlap, the keys and the id map agree
         with it and ``lru_slot`` is in range (for tests; O(n))."""
         slots = self._slots
-        assert len(self._gfns) == len(slots) == len(self._id_to_index), "sizes differ"
+        require(len(self._gfns) == len(slots) == len(self._id_to_index), "sizes differ")
         for i, s in enumerate(slots):
-            assert self._gfns[i] == s.base_gfn, f"key of index {i} is stale"
-            assert self._id_to_index.get(s.id) == i, f"id_to_index disagrees for slot {s.id}"
-            assert s.as_id == self.as_id, "slot in the wrong address space"
-            assert s.npages > 0
+            require(self._gfns[i] == s.base_gfn, f"key of index {i} is stale")
+            require(self._id_to_index.get(s.id) == i, f"id_to_index disagrees for slot {s.id}")
+            require(s.as_id == self.as_id, "slot in the wrong address space")
+            require(s.npages > 0, "slot with no pages")
         for a, b in pairwise(slots):
-            assert a.base_gfn + a.npages <= b.base_gfn, f"gfn overlap or disorder: {a} / {b}"
-        assert self.lru_slot == 0 or self.lru_slot < len(slots), "lru_slot out of range"
+            require(a.base_gfn + a.npages <= b.base_gfn, f"gfn overlap or disorder: {a} / {b}")
+        require(self.lru_slot == 0 or self.lru_slot < len(slots), "lru_slot out of range")
 
 
 def _hva_key(s: Memslot) -> tuple[int, int]:
@@ -397,8 +397,8 @@ class ArrayVm(Vm):
         the engine's)."""
         pair = self._sets[as_id]
         active = self._array(as_id)
-        assert id(active) in (id(pair[0]), id(pair[1])), "active set is not one of two"
-        assert not len(self._inactive_array(as_id)), "the old array was not freed"
+        require(id(active) in (id(pair[0]), id(pair[1])), "active set is not one of two")
+        require(not len(self._inactive_array(as_id)), "the old array was not freed")
         active.check_invariants()
 
     def __repr__(self) -> str:

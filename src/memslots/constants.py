@@ -50,5 +50,10 @@ KVM_DIRTY_LOG_MANUAL_CAPS_X86: Final = (
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 )
 
+#: what kvm_is_error_hva() rejects: gfn_to_hva() of a hole, an INVALID slot, or (write)
+#: a read-only slot gives one of these (``include/linux/kvm_host.h``)
+KVM_HVA_ERR_BAD: Final = 1 << 63
+KVM_HVA_ERR_RO_BAD: Final = KVM_HVA_ERR_BAD + PAGE_SIZE
+
 U64_MAX: Final = (1 << 64) - 1
 U32_MAX: Final = (1 << 32) - 1

@@ -72,7 +72,7 @@ from memslots.slot import Memslot
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-    from memslots.vm import Vm
+    from memslots.view import VmView
 
 __all__ = [
     "bitmap_lock",
@@ -126,7 +126,7 @@ def alloc_dirty_bitmap(npages: int, manual_dirty_log_protect: int) -> bytearray:
 # ======================================================================================
 # The ioctls
 # ======================================================================================
-def enable_manual_dirty_log_protect(vm: Vm, flags: int) -> None:
+def enable_manual_dirty_log_protect(vm: VmView, flags: int) -> None:
     """``KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)``.
 
     ``allowed = ENABLE``, widened to ``ENABLE | INITIALLY_SET`` (x86's manual caps) when
@@ -143,7 +143,7 @@ def enable_manual_dirty_log_protect(vm: Vm, flags: int) -> None:
         vm.manual_dirty_log_protect = flags
 
 
-def _check_slot_number(vm: Vm, slot: int) -> None:
+def _check_slot_number(vm: VmView, slot: int) -> None:
     """The ``as_id``/``id`` check of GET and CLEAR: EINVAL for an address space that does
     not exist and for ids that are not user slots (internal ids included)."""
     if not 0 <= slot <= U32_MAX:
@@ -155,10 +155,10 @@ def _check_slot_number(vm: Vm, slot: int) -> None:
         raise MemslotError(EINVAL, f"slot {slot:#x}: id {id} is not a user slot")
 
 
-def _logged_slot(vm: Vm, slot: int) -> tuple[Memslot, bytearray]:
+def _logged_slot(vm: VmView, slot: int) -> tuple[Memslot, bytearray]:
     """The slot and its bitmap; ENOENT when the slot does not exist or does not log.
     Caller holds ``vm.slots_lock`` (so the active set cannot change)."""
-    s = vm._memslots[slot >> 16].id_to_memslot(slot & 0xFFFF)
+    s = vm.memslots(slot >> 16).id_to_memslot(slot & 0xFFFF)
     if s is None:
         raise MemslotError(ENOENT, f"slot {slot:#x} does not exist")
     bm = s.dirty_bitmap
@@ -167,7 +167,7 @@ def _logged_slot(vm: Vm, slot: int) -> tuple[Memslot, bytearray]:
     return s, bm
 
 
-def get_dirty_log(vm: Vm, slot: int) -> bytes:
+def get_dirty_log(vm: VmView, slot: int) -> bytes:
     """``KVM_GET_DIRTY_LOG`` (``kvm_get_dirty_log_protect``): the slot's bitmap,
     :func:`dirty_bitmap_bytes` long, in the kernel's layout.
 
@@ -198,7 +198,7 @@ def get_dirty_log(vm: Vm, slot: int) -> bytes:
         return b"".join(parts)
 
 
-def clear_dirty_log(vm: Vm, slot: int, first_page: int, num_pages: int, bitmap: Buffer) -> None:
+def clear_dirty_log(vm: VmView, slot: int, first_page: int, num_pages: int, bitmap: Buffer) -> None:
     """``KVM_CLEAR_DIRTY_LOG`` (``kvm_clear_dirty_log_protect``): clear the dirty bits of
     pages ``first_page + i`` for every bit ``i`` set in ``bitmap`` (same layout as GET),
     ``i < num_pages``. Manual protect need not be enabled.
@@ -282,14 +282,14 @@ def mark_pages_dirty_in_slot(slot: Memslot, gfn: int, count: int) -> None:
         bm[b1] |= (2 << ((end - 1) & 7)) - 1
 
 
-def mark_page_dirty(vm: Vm, gfn: int) -> None:
+def mark_page_dirty(vm: VmView, gfn: int) -> None:
     """``mark_page_dirty(kvm, gfn)``: the slot of address space 0 holding ``gfn`` (found
     inside a read section) gets the page's bit if it logs. A hole is ignored.
     O(1) on a slot-cache hit, O(log n) otherwise."""
     srcu = vm.srcu
     idx = srcu.read_lock()
     try:
-        mark_page_dirty_in_slot(vm._memslots[0].gfn_to_memslot(gfn), gfn)
+        mark_page_dirty_in_slot(vm.memslots(0).gfn_to_memslot(gfn), gfn)
     finally:
         srcu.read_unlock(idx)
 

@@ -30,3 +30,16 @@ def errno_name(err: int | None) -> str:
     if not err:
         return "OK"
     return _errno.errorcode.get(err, str(err))
+
+
+class InvariantError(AssertionError):
+    """A consistency check (``check_invariants()`` of a VM, a set or an index) found the
+    structure corrupted. Raised explicitly, so the checks work under ``python -O`` too;
+    an :class:`AssertionError`, so test runners report it as a failed check."""
+
+
+def require(condition: object, message: str) -> None:
+    """Raise :class:`InvariantError` with ``message`` unless ``condition`` is true (the
+    checks' ``assert`` that ``-O`` cannot remove)."""
+    if not condition:
+        raise InvariantError(message)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 
+from memslots.errors import require
 from memslots.slot import Memslot
 
 #: chunks split when they reach 2 * LOAD keys
@@ -164,14 +165,17 @@ class GfnIndex:
         """Assert the internal structure is consistent (for tests)."""
         total = 0
         prev = -1
-        assert len(self._mins) == len(self._keys) == len(self._vals)
+        require(
+            len(self._mins) == len(self._keys) == len(self._vals),
+            "len(self._mins) == len(self._keys) == len(self._vals)",
+        )
         for m, keys, vals in zip(self._mins, self._keys, self._vals, strict=True):
-            assert keys, "empty chunk"
-            assert len(keys) == len(vals)
-            assert m == keys[0]
+            require(keys, "empty chunk")
+            require(len(keys) == len(vals), "chunk keys and slots differ in length")
+            require(m == keys[0], "chunk minimum is stale")
             for k, v in zip(keys, vals, strict=True):
-                assert k == v.base_gfn, "key does not match slot"
-                assert k > prev, "keys not strictly ascending"
+                require(k == v.base_gfn, "key does not match slot")
+                require(k > prev, "keys not strictly ascending")
                 prev = k
             total += len(keys)
-        assert total == self._len
+        require(total == self._len, "length is off")

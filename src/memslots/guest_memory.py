@@ -59,14 +59,20 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
 from memslots import dirty_log as _dirty_log
-from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, U64_MAX
+from memslots.constants import (
+    KVM_HVA_ERR_BAD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    U64_MAX,
+)
 from memslots.errors import MemslotError
-from memslots.vm import KVM_HVA_ERR_BAD, gfn_to_hva_memslot_prot
+from memslots.slot import gfn_to_hva_memslot_prot
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-    from memslots.vm import Vm
+    from memslots.view import VmView
 
 __all__ = [
     "HostMemory",
@@ -295,7 +301,7 @@ def _efault(gpa: int, why: str) -> MemslotError:
     return MemslotError(EFAULT, f"gpa {gpa:#x}: {why}")
 
 
-def _check_args(vm: Vm, gpa: int, length: int, as_id: int) -> None:
+def _check_args(vm: VmView, gpa: int, length: int, as_id: int) -> None:
     if not 0 <= as_id < vm.nr_address_spaces:
         raise MemslotError(EINVAL, f"address space {as_id} does not exist")
     if not 0 <= gpa <= U64_MAX:
@@ -305,7 +311,7 @@ def _check_args(vm: Vm, gpa: int, length: int, as_id: int) -> None:
 
 
 def _access(
-    vm: Vm,
+    vm: VmView,
     gpa: int,
     length: int,
     as_id: int,
@@ -317,14 +323,14 @@ def _access(
     ``copy(view, mapping_offset, pos, n)`` under the mapping's lock and (``write``) mark
     the run dirty. Raises EFAULT at the first page that cannot be accessed."""
     srcu = vm.srcu
-    sets = vm._memslots
+    memslots = vm.memslots
     pos = 0
     while pos < length:
         gfn = gpa >> PAGE_SHIFT
         off = gpa & _PAGE_MASK
         idx = srcu.read_lock()
         try:
-            slot = sets[as_id].gfn_to_memslot(gfn)
+            slot = memslots(as_id).gfn_to_memslot(gfn)
             hva = gfn_to_hva_memslot_prot(slot, gfn, write)
             if hva >= KVM_HVA_ERR_BAD:
                 if slot is None:
@@ -407,7 +413,7 @@ class _Zero(_Copy):
             moff += k
 
 
-def read_guest(vm: Vm, gpa: int, length: int, *, as_id: int = 0) -> bytes:
+def read_guest(vm: VmView, gpa: int, length: int, *, as_id: int = 0) -> bytes:
     """``kvm_read_guest``: ``length`` bytes at guest physical ``gpa`` in address space
     ``as_id``. Read-only slots are readable; EFAULT for a hole, an INVALID slot or an hva
     outside a live :class:`HostMemory`; EINVAL for a gpa outside u64 or a negative
@@ -422,7 +428,7 @@ def read_guest(vm: Vm, gpa: int, length: int, *, as_id: int = 0) -> bytes:
     return b"".join(chunks)
 
 
-def read_guest_into(vm: Vm, gpa: int, buf: Buffer, *, as_id: int = 0) -> None:
+def read_guest_into(vm: VmView, gpa: int, buf: Buffer, *, as_id: int = 0) -> None:
     """As :func:`read_guest`, into the writable buffer ``buf`` (``len(buf)`` bytes): no
     intermediate copy. On EFAULT, the bytes before the bad page have been filled."""
     dest = memoryview(buf).cast("B")
@@ -432,7 +438,7 @@ def read_guest_into(vm: Vm, gpa: int, buf: Buffer, *, as_id: int = 0) -> None:
     _access(vm, gpa, len(dest), as_id, False, _ReadInto(dest))
 
 
-def write_guest(vm: Vm, gpa: int, data: Buffer, *, as_id: int = 0) -> None:
+def write_guest(vm: VmView, gpa: int, data: Buffer, *, as_id: int = 0) -> None:
     """``kvm_write_guest``: copy ``data`` (any bytes-like object) to guest physical
     ``gpa`` in address space ``as_id``. EFAULT for a hole, an INVALID or read-only slot,
     or an hva outside a live :class:`HostMemory`; the pages before the bad one stay
@@ -443,7 +449,7 @@ def write_guest(vm: Vm, gpa: int, data: Buffer, *, as_id: int = 0) -> None:
     _access(vm, gpa, len(src), as_id, True, _Write(src))
 
 
-def clear_guest(vm: Vm, gpa: int, length: int, *, as_id: int = 0) -> None:
+def clear_guest(vm: VmView, gpa: int, length: int, *, as_id: int = 0) -> None:
     """``kvm_clear_guest`` (as fixed in 2024: each page gets its own segment): write
     ``length`` zero bytes at ``gpa``, with :func:`write_guest`'s semantics and errors.
     O(length + runs x (log slots + log mappings))."""

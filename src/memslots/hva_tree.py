@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from memslots.errors import require
 from memslots.slot import Memslot
 
 
@@ -204,17 +205,20 @@ class HvaTree:
         def walk(n: _Node | None, lo: int | None, hi: int | None) -> tuple[int, int, int]:
             if n is None:
                 return 0, -1, 0
-            assert lo is None or n.key > lo
-            assert hi is None or n.key < hi
-            assert n.key == (n.slot.userspace_addr << 16) | n.slot.id
-            assert n.last == n.slot.hva_last
-            assert self._nodes.get(n.slot.id) is n
+            require(lo is None or n.key > lo, "hva tree out of order")
+            require(hi is None or n.key < hi, "hva tree out of order")
+            require(
+                n.key == (n.slot.userspace_addr << 16) | n.slot.id,
+                "n.key == (n.slot.userspace_addr << 16) | n.slot.id",
+            )
+            require(n.last == n.slot.hva_last, "hva tree last is stale")
+            require(self._nodes.get(n.slot.id) is n, "hva tree id map disagrees")
             hl, ml, cl = walk(n.left, lo, n.key)
             hr, mr, cr = walk(n.right, n.key, hi)
-            assert abs(hl - hr) <= 1, "AVL balance broken"
-            assert n.height == max(hl, hr) + 1
-            assert n.maxlast == max(n.last, ml, mr)
+            require(abs(hl - hr) <= 1, "AVL balance broken")
+            require(n.height == max(hl, hr) + 1, "AVL height is stale")
+            require(n.maxlast == max(n.last, ml, mr), "interval augmentation is stale")
             return n.height, n.maxlast, cl + cr + 1
 
         _, _, count = walk(self._root, None, None)
-        assert count == len(self._nodes)
+        require(count == len(self._nodes), "hva tree node count is off")

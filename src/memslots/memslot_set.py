@@ -19,6 +19,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from itertools import pairwise
 
+from memslots.errors import require
 from memslots.gfn_index import GfnIndex
 from memslots.hva_tree import HvaTree
 from memslots.slot import Memslot
@@ -159,14 +160,14 @@ class MemslotSet:
         self._gfn.check()
         self._hva.check()
         by_gfn = list(self._gfn)
-        assert len(by_gfn) == len(self._ids) == len(self._hva), "index sizes differ"
+        require(len(by_gfn) == len(self._ids) == len(self._hva), "index sizes differ")
         for s in by_gfn:
-            assert self._ids.get(s.id) is s, f"id map disagrees for slot {s.id}"
-            assert s.as_id == self.as_id, "slot in the wrong address space"
-            assert s.npages > 0
+            require(self._ids.get(s.id) is s, f"id map disagrees for slot {s.id}")
+            require(s.as_id == self.as_id, "slot in the wrong address space")
+            require(s.npages > 0, "slot with no pages")
         for a, b in pairwise(by_gfn):
-            assert a.base_gfn + a.npages <= b.base_gfn, f"gfn overlap: {a} and {b}"
-        assert {id(s) for s in self._hva} == {id(s) for s in by_gfn}, "hva tree disagrees"
+            require(a.base_gfn + a.npages <= b.base_gfn, f"gfn overlap: {a} and {b}")
+        require({id(s) for s in self._hva} == {id(s) for s in by_gfn}, "hva tree disagrees")
         cached = self.last_used_slot  # one load: readers may fill the cache meanwhile
         if cached is not None:
-            assert self._ids.get(cached.id) is cached, "last_used_slot is not in the set"
+            require(self._ids.get(cached.id) is cached, "last_used_slot is not in the set")

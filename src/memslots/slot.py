@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from memslots.constants import (
-    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_HVA_ERR_BAD,
+    KVM_HVA_ERR_RO_BAD,
     KVM_MEM_READONLY,
     KVM_MEMSLOT_INVALID,
     PAGE_SHIFT,
@@ -81,16 +82,6 @@ class Memslot:
         return bool(self.flags & KVM_MEM_READONLY)
 
     @property
-    def log_dirty(self) -> bool:
-        """True when dirty logging is on (``KVM_MEM_LOG_DIRTY_PAGES``)."""
-        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
-
-    @property
-    def end_gfn(self) -> int:
-        """One past the last gfn of the slot."""
-        return self.base_gfn + self.npages
-
-    @property
     def guest_phys_addr(self) -> int:
         """The first guest physical address of the slot."""
         return self.base_gfn << PAGE_SHIFT
@@ -105,10 +96,6 @@ class Memslot:
         """The last host virtual address of the slot (inclusive, as the kernel's
         ``hva_node.last``)."""
         return self.userspace_addr + (self.npages << PAGE_SHIFT) - 1
-
-    def contains_gfn(self, gfn: int) -> bool:
-        """``base_gfn <= gfn < base_gfn + npages``, O(1)."""
-        return self.base_gfn <= gfn < self.base_gfn + self.npages
 
     def copy(self) -> Memslot:
         """``kvm_copy_memslot``: a new object with the same fields (bitmap shared)."""
@@ -147,3 +134,24 @@ class Memslot:
             f"npages={self.npages:#x}, flags={self.flags & 0xFFFF:#x}{extra}, "
             f"userspace_addr={self.userspace_addr:#x})"
         )
+
+
+def kvm_is_error_hva(hva: int) -> bool:
+    """True for the error values gfn->hva returns (``KVM_HVA_ERR_BAD`` and ``..._RO_BAD``)."""
+    return hva >= KVM_HVA_ERR_BAD
+
+
+def gfn_to_hva_memslot_prot(slot: Memslot | None, gfn: int, write: bool) -> int:
+    """``__gfn_to_hva_many`` (``virt/kvm/kvm_main.c``): the hva of ``gfn`` in ``slot``,
+    or an error hva.
+
+    ``KVM_HVA_ERR_BAD`` for no slot, an INVALID slot or a gfn outside the slot;
+    ``KVM_HVA_ERR_RO_BAD`` when ``write`` and the slot is read-only. O(1).
+    """
+    if slot is None or slot.flags & KVM_MEMSLOT_INVALID:
+        return KVM_HVA_ERR_BAD
+    if not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+        return KVM_HVA_ERR_BAD
+    if write and slot.flags & KVM_MEM_READONLY:
+        return KVM_HVA_ERR_RO_BAD
+    return slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)

@@ -40,47 +40,24 @@ from memslots.constants import (
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MEMSLOT_INVALID,
     KVM_USER_MEM_SLOTS_X86,
-    PAGE_SHIFT,
     X86_MAX_GFN,
     X86_TASK_SIZE_MAX,
 )
-from memslots.errors import MemslotError
+from memslots.errors import MemslotError, require
 from memslots.faults import FaultInjector
 from memslots.guest_memfd import GuestMemfdTable
 from memslots.memslot_set import MemslotSet
-from memslots.slot import Memslot
+from memslots.slot import (
+    Memslot,
+    gfn_to_hva_memslot_prot,
+)
 from memslots.sync import FREE_THREADED_BUILD, Srcu
 from memslots.validate import Change, Decision, VmLimits, check_set_user_memory_region
-
-#: what kvm_is_error_hva() rejects: gfn_to_hva() of a hole, an INVALID slot, or (write)
-#: a read-only slot gives one of these
-KVM_HVA_ERR_BAD = 1 << 63
-KVM_HVA_ERR_RO_BAD = KVM_HVA_ERR_BAD + (1 << PAGE_SHIFT)
 
 InvalidateCallback = Callable[[Memslot], None]
 
 #: the vCPU cache hit path may skip the read section (see Vcpu.gfn_to_memslot)
 _LOCK_FREE_HIT = not FREE_THREADED_BUILD
-
-
-def kvm_is_error_hva(hva: int) -> bool:
-    """True for the error values gfn->hva returns (``KVM_HVA_ERR_BAD`` and ``..._RO_BAD``)."""
-    return hva >= KVM_HVA_ERR_BAD
-
-
-def gfn_to_hva_memslot_prot(slot: Memslot | None, gfn: int, write: bool) -> int:
-    """``__gfn_to_hva_many``: the hva of ``gfn`` in ``slot``, or an error hva.
-
-    ``KVM_HVA_ERR_BAD`` for no slot, an INVALID slot or a gfn outside the slot;
-    ``KVM_HVA_ERR_RO_BAD`` when ``write`` and the slot is read-only. O(1).
-    """
-    if slot is None or slot.flags & KVM_MEMSLOT_INVALID:
-        return KVM_HVA_ERR_BAD
-    if not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
-        return KVM_HVA_ERR_BAD
-    if write and slot.readonly:
-        return KVM_HVA_ERR_RO_BAD
-    return slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
 
 
 class Vcpu:
@@ -625,23 +602,37 @@ class Vm:
             for a in range(self.nr_address_spaces):
                 self._check_address_space(a)
                 active = self._memslots[a]
-                assert not active.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
-                assert active.generation % self.nr_address_spaces == a
+                require(
+                    not active.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+                    "not active.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS",
+                )
+                require(
+                    active.generation % self.nr_address_spaces == a,
+                    "active.generation % self.nr_address_spaces == a",
+                )
                 for x in active:
-                    assert not x.invalid, "INVALID slot left behind"
+                    require(not x.invalid, "INVALID slot left behind")
                     pages += x.npages
                     if x.flags & KVM_MEM_LOG_DIRTY_PAGES:
                         logging += 1
                     if x.flags & KVM_MEM_GUEST_MEMFD:
                         gmem_pages += x.npages
                     if x.dirty_bitmap is not None:
-                        assert x.flags & KVM_MEM_LOG_DIRTY_PAGES
-                        assert len(x.dirty_bitmap) == _dirty_log.dirty_bitmap_bytes(x.npages)
+                        require(
+                            x.flags & KVM_MEM_LOG_DIRTY_PAGES, "x.flags & KVM_MEM_LOG_DIRTY_PAGES"
+                        )
+                        require(
+                            len(x.dirty_bitmap) == _dirty_log.dirty_bitmap_bytes(x.npages),
+                            "len(x.dirty_bitmap) == _dirty_log.dirty_bitmap_bytes(x.npages)",
+                        )
                         bitmap_bytes += len(x.dirty_bitmap)
-            assert pages == self.nr_memslot_pages, "nr_memslot_pages is off"
-            assert logging == self.nr_memslots_dirty_logging
-            assert bitmap_bytes == self.dirty_bitmap_bytes, "dirty bitmap leaked"
-            assert gmem_pages == self.guest_memfds.bound_pages(), "guest_memfd binding leaked"
+            require(pages == self.nr_memslot_pages, "nr_memslot_pages is off")
+            require(
+                logging == self.nr_memslots_dirty_logging,
+                "logging == self.nr_memslots_dirty_logging",
+            )
+            require(bitmap_bytes == self.dirty_bitmap_bytes, "dirty bitmap leaked")
+            require(gmem_pages == self.guest_memfds.bound_pages(), "guest_memfd binding leaked")
 
     def _check_address_space(self, as_id: int) -> None:
         """The set-structure part of :meth:`check_invariants` for one address space: both
@@ -650,21 +641,14 @@ class Vm:
         s0.check_invariants()
         s1.check_invariants()
         l0, l1 = list(s0), list(s1)
-        assert len(l0) == len(l1), "sets differ in size"
+        require(len(l0) == len(l1), "sets differ in size")
         for x, y in zip(l0, l1, strict=True):
-            assert x is y, f"sets do not share slot objects: {x} / {y}"
-        assert self._memslots[as_id] in (s0, s1)
+            require(x is y, f"sets do not share slot objects: {x} / {y}")
+        require(self._memslots[as_id] in (s0, s1), "active set is not one of the two")
 
     def __repr__(self) -> str:
         n = sum(len(s) for s in self._memslots)
         return f"Vm(address_spaces={self.nr_address_spaces}, slots={n})"
 
 
-__all__ = [
-    "KVM_HVA_ERR_BAD",
-    "KVM_HVA_ERR_RO_BAD",
-    "Vcpu",
-    "Vm",
-    "gfn_to_hva_memslot_prot",
-    "kvm_is_error_hva",
-]
+__all__ = ["Vcpu", "Vm"]

@@ -22,8 +22,8 @@ left out. The reproducer is that minimal sequence with the kernel's answer to ea
 
 Operations and their JSON Lines form
 ------------------------------------
-Memslot calls are :class:`memslots.traces.MemslotCall` objects, written with
-:func:`memslots.traces.call_to_json` (so a reproducer made only of memslot calls is a trace
+Memslot calls are :class:`memslots.tools.traces.MemslotCall` objects, written with
+:func:`memslots.tools.traces.call_to_json` (so a reproducer made only of memslot calls is a trace
 ``memslots replay`` reads)::
 
     {"slot": 1, "flags": 1, "guest_phys_addr": 65536, "memory_size": 8192,
@@ -80,7 +80,13 @@ from memslots.errors import MemslotError, errno_name
 from memslots.kvm.abi import KVM_DEV_PATH
 from memslots.kvm.vm import ENGINE_RAISED, Disagreement, KvmVm, probe_max_gfn
 from memslots.slot import Memslot
-from memslots.traces import MemslotCall, TraceFormatError, call_to_json, parse_errno, read_jsonl
+from memslots.tools.traces import (
+    MemslotCall,
+    TraceFormatError,
+    call_to_json,
+    parse_errno,
+    read_jsonl,
+)
 
 __all__ = [
     "CLOSED_FD",

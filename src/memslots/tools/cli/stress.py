@@ -5,7 +5,7 @@ Usage::
     memslots stress [--seconds N] [--readers R] [--seed S] [--max-slots M]
                     [--fault-rate F] [--switch-interval-us U] [--no-progress] [--json]
 
-Runs :func:`memslots.stress.run_stress`: ``R`` reader threads (VM lookups, vCPU lookups
+Runs :func:`memslots.tools.stress.run_stress`: ``R`` reader threads (VM lookups, vCPU lookups
 with a vCPU each, gfn- and hva-range iteration of a set held in a read section) check
 every answer against the history of published states, while one writer thread makes
 random create/delete/move/flags/no-op/invalid requests, injects a fault into a fraction
@@ -27,8 +27,8 @@ import json
 import sys
 from typing import Any
 
-from memslots.cli import CliError
-from memslots.stress import StressProgress, StressReport, run_stress
+from memslots.tools.cli import CliError
+from memslots.tools.stress import StressProgress, StressReport, run_stress
 
 
 def register(sub: Any) -> None:

@@ -2,7 +2,7 @@
 per-operation cost over slot counts, for the tree engine, the array baseline and the
 kernel. ``memslots bench`` is the command line front end; this module is usable on its own:
 
-    from memslots.bench import BenchConfig, run
+    from memslots.tools.bench import BenchConfig, run
     results = run(BenchConfig(quick=True))
     print(results.criteria)
 
@@ -68,7 +68,8 @@ from typing import Any, Final, Protocol
 
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_USER_MEM_SLOTS_X86, PAGE_SHIFT
 from memslots.guest_memory import HostMemory
-from memslots.vm import Vcpu, Vm, gfn_to_hva_memslot_prot, kvm_is_error_hva
+from memslots.slot import gfn_to_hva_memslot_prot, kvm_is_error_hva
+from memslots.vm import Vcpu, Vm
 
 KiB: Final = 1 << 10
 MiB: Final = 1 << 20

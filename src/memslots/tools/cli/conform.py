@@ -1,6 +1,6 @@
 """``memslots conform``: random operation sequences against ``/dev/kvm``, each call
 answered by the kernel and by the engine; prints the agreement rate and, for each kind of
-disagreement, a minimal reproducer as JSON Lines (format: :mod:`memslots.conform`).
+disagreement, a minimal reproducer as JSON Lines (format: :mod:`memslots.tools.conform`).
 
 Exit status: 0 when the kernel and the engine agreed on every call, 1 otherwise, 2 for a
 usage error or a machine without a usable ``/dev/kvm``.
@@ -24,8 +24,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from memslots.cli import CliError
-from memslots.conform import (
+from memslots.errors import errno_name
+from memslots.kvm.abi import KVM_API_VERSION, KVM_DEV_PATH, KvmSystem
+from memslots.kvm.vm import ENGINE_RAISED
+from memslots.tools.cli import CliError
+from memslots.tools.conform import (
     ConformReport,
     Finding,
     is_compared,
@@ -34,9 +37,6 @@ from memslots.conform import (
     replay_ops,
     run_conform,
 )
-from memslots.errors import errno_name
-from memslots.kvm.abi import KVM_API_VERSION, KVM_DEV_PATH, KvmSystem
-from memslots.kvm.vm import ENGINE_RAISED
 
 
 def register(sub: Any) -> None:

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        module = importlib.import_module(f"memslots.cli.{name}")
+        module = importlib.import_module(f"memslots.tools.cli.{name}")
         module.register(sub)
     return parser
 

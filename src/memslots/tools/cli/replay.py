@@ -6,17 +6,17 @@ Usage::
                     [--skip-bad] [--format qemu|strace|jsonl] [--record FILE] [--calls]
 
 ``TRACE`` is a QEMU ``kvm_set_user_memory`` log, strace output or the project's JSON
-Lines (see :mod:`memslots.traces`; the format is detected unless ``--format`` is given),
+Lines (see :mod:`memslots.tools.traces`; the format is detected unless ``--format`` is given),
 ``-`` for standard input, or nothing for the trace shipped in the package (QEMU 7.2
 booting SeaBIOS). Every call is made on a fresh engine VM, a fresh ``ArrayVm`` and, when
 ``/dev/kvm`` is usable (or with ``--kvm``), a fresh real VM whose hvas are relocated into
-this process (see :mod:`memslots.replay`).
+this process (see :mod:`memslots.tools.replay`).
 
 Output: the calls by kind, errors by errno, every disagreement between the recorded
 result and an implementation's (with its trace line), the final memory map of each
 address space and the timings of each implementation (mean per call and total, per kind
 too). ``--calls`` adds one row per call. ``--json`` prints one JSON document instead,
-whose keys are documented in :mod:`memslots.replay`. ``--record FILE`` writes the calls
+whose keys are documented in :mod:`memslots.tools.replay`. ``--record FILE`` writes the calls
 with the primary implementation's results as JSON Lines, which replays to the same
 tables.
 
@@ -40,10 +40,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from memslots.cli import CliError
 from memslots.constants import PAGE_SIZE
 from memslots.errors import errno_name
-from memslots.replay import (
+from memslots.tools.cli import CliError
+from memslots.tools.replay import (
     KINDS,
     ImplName,
     MapEntry,
@@ -52,7 +52,7 @@ from memslots.replay import (
     kernel_available,
     replay,
 )
-from memslots.traces import (
+from memslots.tools.traces import (
     EMBEDDED_TRACE_NAME,
     FORMATS,
     MemslotCall,

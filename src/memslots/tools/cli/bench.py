@@ -1,6 +1,6 @@
 """``memslots bench``: the memslot_perf_test scenarios and the per-operation sweep over
 slot counts, for the tree engine, the array baseline and the kernel (see
-:mod:`memslots.bench`), as rich tables, JSON and a log-log plot."""
+:mod:`memslots.tools.bench`), as rich tables, JSON and a log-log plot."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from memslots import bench as _bench
-from memslots.bench import (
+from memslots.tools import bench as _bench
+from memslots.tools.bench import (
     IMPLS,
     OPS,
     SCENARIO_IMPLS,
@@ -21,7 +21,7 @@ from memslots.bench import (
     BenchConfig,
     BenchResults,
 )
-from memslots.cli import CliError
+from memslots.tools.cli import CliError
 
 #: what one iteration of each scenario is, for the table's legend
 ITERATION: dict[str, str] = {
@@ -131,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 class RichProgress:
-    """:class:`memslots.bench.Progress` as a rich progress bar per phase."""
+    """:class:`memslots.tools.bench.Progress` as a rich progress bar per phase."""
 
     def __init__(self, progress: Progress) -> None:
         self._p = progress

@@ -1,7 +1,7 @@
 """Replaying memslot traces: run recorded calls through every implementation and compare.
 
-:func:`replay` takes a list of :class:`~memslots.traces.MemslotCall` (from
-:mod:`memslots.traces`) and makes every call, in order, on a fresh VM of each
+:func:`replay` takes a list of :class:`~memslots.tools.traces.MemslotCall` (from
+:mod:`memslots.tools.traces`) and makes every call, in order, on a fresh VM of each
 implementation:
 
 ``engine``
@@ -107,7 +107,7 @@ from memslots.constants import (
 from memslots.errors import errno_name
 from memslots.guest_memory import HostMemory
 from memslots.slot import Memslot
-from memslots.traces import MemslotCall, MemslotTarget, TraceFormatError
+from memslots.tools.traces import MemslotCall, MemslotTarget, TraceFormatError
 from memslots.validate import VmLimits
 from memslots.vm import Vm
 

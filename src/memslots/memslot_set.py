@@ -19,12 +19,15 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from itertools import pairwise
 
+from mypy_extensions import mypyc_attr
+
 from memslots.errors import require
 from memslots.gfn_index import GfnIndex
 from memslots.hva_tree import HvaTree
 from memslots.slot import Memslot
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MemslotSet:
     """The slots of one address space as seen by one of its two sets.
 

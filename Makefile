@@ -1,34 +1,61 @@
 # make test: every check (lint, types, tests) in a fresh .venv; make run: the main job.
+#
+# Two builds of the engine (setup.py): `pip install -e .` compiles its modules with mypyc
+# into src/memslots/*.so; `MEMSLOTS_PURE_PYTHON=1` builds pure Python. .venv holds the
+# compiled editable install, rebuilt whenever an engine source or the build changes (a
+# stale .so would run instead of the edited .py); .venv/pure holds a pure install of the
+# same sources, used for the engine's tests and by `memslots bench` for the pure column.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PURE := $(VENV)/pure
+PURE_STAMP := $(PURE)/.installed
+ENGINE_SRC := setup.py $(wildcard src/memslots/*.py)
+#: the engine's own tests, also run on the pure build
+ENGINE_TESTS := tests/test_indexes.py tests/test_engine_errno.py tests/test_engine_model.py \
+	tests/test_engine_protocol.py tests/test_dirty_log.py tests/test_guest_memory.py \
+	tests/test_guest_memfd.py tests/test_sync.py tests/test_baseline.py tests/test_build.py
 
-.PHONY: test run lint typecheck pytest bench clean
+.PHONY: test run lint typecheck pytest pytest-pure build pure bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(ENGINE_SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(PURE_STAMP): $(STAMP)
+	rm -rf $(PURE)
+	MEMSLOTS_PURE_PYTHON=1 $(BIN)/python -m pip install -q --no-deps --no-build-isolation \
+		--target $(PURE) .
+	touch $(PURE_STAMP)
+
+build: $(STAMP)
+
+pure: $(PURE_STAMP)
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check setup.py src tests benchmarks examples
+	$(BIN)/ruff format --check setup.py src tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src/memslots
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -q -rs
+	MEMSLOTS_EXPECT_BUILD=compiled $(BIN)/python -m pytest -q -rs
 
-test: lint typecheck pytest
+pytest-pure: $(PURE_STAMP)
+	PYTHONPATH=$(PURE) MEMSLOTS_EXPECT_BUILD=pure $(BIN)/python -m pytest -q -rs $(ENGINE_TESTS)
+
+test: lint typecheck pytest pytest-pure
 
 run: $(STAMP)
 	$(BIN)/memslots replay
 
-bench: $(STAMP)
+bench: $(PURE_STAMP)
 	$(BIN)/python benchmarks/bench_engine.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -f src/memslots/*.so

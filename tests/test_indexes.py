@@ -134,3 +134,53 @@ def test_set_ranges_and_inclusive_hva_last() -> None:
     assert s.gfn_to_memslot(0x55) is None
     assert s.gfn_to_memslot(0x50) is c and s.last_used_slot is c
     assert s.gfn_to_memslot(0x1F) is a and s.last_used_slot is a
+
+
+def test_gfn_index_merges_small_chunks_after_churn() -> None:
+    """Removals merge chunks that fall below LOAD // 2, so the number of chunks stays
+    O(n / LOAD) after any churn (without merging this leaves 32 chunks of 4 slots)."""
+    idx = GfnIndex()
+    slots = [Memslot(i, 0, 4 * i, 1, 0, 0) for i in range(16 * LOAD)]
+    for s in slots:
+        idx.insert(s)
+    assert len(idx.chunk_sizes()) >= 16
+    kept = slots[:: LOAD // 2]  # one slot in every 128 stays
+    for s in slots:
+        if s.id % (LOAD // 2):
+            idx.remove(s)
+    idx.check()  # every chunk holds LOAD // 2 keys or more, or is the only one
+    assert sum(idx.chunk_sizes()) == len(kept) == 32
+    assert len(idx.chunk_sizes()) <= 2 * len(kept) // LOAD + 1
+    assert list(idx) == kept
+    for s in kept:
+        assert idx.find(s.base_gfn) is s
+        assert idx.find(s.base_gfn + 1) is None
+    for s in slots[: 4 * LOAD]:  # grow again: chunks split as before
+        if s.id % (LOAD // 2):
+            idx.insert(s)
+    idx.check()
+    assert [s.base_gfn for s in idx] == sorted(s.base_gfn for s in idx)
+
+
+def test_lookups_stop_at_base_gfn_plus_npages() -> None:
+    """``base_gfn + npages`` is outside the slot, on the search, the set-cache hit path
+    and the vCPU cache (a hole follows ``a``; ``b`` starts right after ``c``)."""
+    from memslots import Vm
+
+    vm = Vm(nr_address_spaces=1)
+    vm.set_user_memory_region(0, 0, 0x100 << 12, 0x10 << 12, 0x7F0000000000)  # a
+    vm.set_user_memory_region(1, 0, 0x300 << 12, 0x10 << 12, 0x7F0000100000)  # b
+    vm.set_user_memory_region(2, 0, 0x2F0 << 12, 0x10 << 12, 0x7F0000200000)  # c
+    s = vm.memslots(0)
+    vcpu = vm.create_vcpu(0)
+    for lookup in (s.search, s.gfn_to_memslot, vm.gfn_to_memslot, vcpu.gfn_to_memslot):
+        a = lookup(0x10F)  # the last page of a: fills the caches
+        assert a is not None and a.id == 0
+        assert lookup(0x110) is None  # one past the end: a miss, though a is cached
+        assert lookup(0x100) is a
+        c = lookup(0x2FF)
+        assert c is not None and c.id == 2
+        b = lookup(0x300)  # c's end is b's start
+        assert b is not None and b.id == 1
+        assert lookup(0x310) is None
+        assert lookup(0xFF) is None

@@ -13,6 +13,7 @@ import pytest
 
 from memslots import Memslot
 from memslots.faults import POINTS
+from memslots.memslot_set import MemslotSet
 from memslots.sync import Srcu
 from memslots.tools.cli import main
 from memslots.tools.stress import (
@@ -258,25 +259,30 @@ def test_cli_stress_usage_errors(
 
 
 # --- a known engine race (see the test's reason) ------------------------------------------
-class _PausingSets(list[object]):
-    """Stands in for ``vm._memslots``: pauses one thread right after it loads a set."""
+class _PausingSet(MemslotSet):
+    """A memslot set that pauses one thread right after it loaded the set, as its first
+    use of it (a subclass, not a wrapper of ``vm._memslots``: the compiled engine reads
+    that list directly)."""
 
-    def __init__(self, items: list[object], srcu: Srcu) -> None:
-        super().__init__(items)
+    pause: _Pause
+
+    def id_to_memslot(self, id: int) -> Memslot | None:
+        p = self.pause
+        if threading.current_thread() is p.target:
+            p.target = None
+            p.in_read_section = p.srcu.in_read_section()
+            p.loaded.set()
+            p.resume.wait(WAIT)
+        return super().id_to_memslot(id)
+
+
+class _Pause:
+    def __init__(self, srcu: Srcu) -> None:
         self.srcu = srcu
         self.target: threading.Thread | None = None
         self.in_read_section = False
         self.loaded = threading.Event()
         self.resume = threading.Event()
-
-    def __getitem__(self, i):  # type: ignore[no-untyped-def]
-        value = super().__getitem__(i)
-        if threading.current_thread() is self.target:
-            self.target = None
-            self.in_read_section = self.srcu.in_read_section()
-            self.loaded.set()
-            self.resume.wait(WAIT)
-        return value
 
 
 def test_vm_id_to_memslot_never_answers_with_an_unpublished_slot() -> None:
@@ -292,8 +298,12 @@ def test_vm_id_to_memslot_never_answers_with_an_unpublished_slot() -> None:
             super()._swap_active_memslots(as_id)
 
     vm = PauseBeforeSecondSwap(nr_address_spaces=1)
-    sets = _PausingSets(list(vm._memslots), vm.srcu)
-    vm._memslots = sets  # type: ignore[assignment]
+    sets = _Pause(vm.srcu)  # pauses the reader right after it loaded the active set
+    pair = (_PausingSet(0, 0), _PausingSet(0, 1))
+    for x in pair:
+        x.pause = sets
+    vm._sets = [pair]  # the VM is empty: both sets start out alike
+    vm._memslots = [pair[0]]
     answer: list[Memslot | None] = []
     reader = threading.Thread(target=lambda: answer.append(vm.id_to_memslot(8)), daemon=True)
     sets.target = reader

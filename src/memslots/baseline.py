@@ -59,22 +59,20 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from memslots.constants import (
     KVM_MEMSLOT_INVALID,
     PAGE_SHIFT,
 )
 from memslots.errors import MemslotError, require
+from memslots.memslot_set import MemslotSet
 from memslots.slot import Memslot
 from memslots.validate import Change
 from memslots.vm import Vm
 
-if TYPE_CHECKING:
-    from memslots.memslot_set import MemslotSet
 
-
-class ArrayMemslotSet:
+class ArrayMemslotSet(MemslotSet):
     """``struct kvm_memslots`` before 5.17: one array of slots sorted by ``base_gfn``, an
     id -> index map and an ``lru_slot`` index. Offers the read interface of
     :class:`~memslots.memslot_set.MemslotSet`.
@@ -86,7 +84,9 @@ class ArrayMemslotSet:
     ``update_memslots`` O(n) in the worst case (O(distance moved)).
     """
 
-    __slots__ = ("_gfns", "_id_to_index", "_slots", "as_id", "generation", "lru_slot", "node_idx")
+    # a MemslotSet only so that the compiled engine's Vm, whose protocol code ArrayVm
+    # reuses, accepts it (as_id, node_idx and generation are MemslotSet's fields)
+    __slots__ = ("_gfns", "_id_to_index", "_slots", "lru_slot")
 
     def __init__(self, as_id: int, node_idx: int) -> None:
         self.as_id = as_id
@@ -113,7 +113,7 @@ class ArrayMemslotSet:
         return bool(self._slots)
 
     @property
-    def last_used_slot(self) -> Memslot | None:
+    def last_used_slot(self) -> Memslot | None:  # type: ignore[override]
         """The slot ``lru_slot`` points at (None for an empty set), O(1)."""
         i = self.lru_slot
         slots = self._slots

@@ -15,9 +15,10 @@ A caller that keeps a set across several calls must hold a read section
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Iterator
 from itertools import pairwise
+
+from mypy_extensions import mypyc_attr
 
 from memslots.errors import require
 from memslots.gfn_index import GfnIndex
@@ -25,6 +26,7 @@ from memslots.hva_tree import HvaTree
 from memslots.slot import Memslot
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MemslotSet:
     """The slots of one address space as seen by one of its two sets.
 
@@ -66,18 +68,10 @@ class MemslotSet:
         s = self.last_used_slot
         if s is not None and s.base_gfn <= gfn < s.base_gfn + s.npages:
             return s
-        # GfnIndex.find, inlined: this is the miss path of every guest access
-        index = self._gfn
-        mins = index._mins
-        c = bisect_right(mins, gfn) - 1
-        if c < 0:
-            return None
-        keys = index._keys[c]
-        s = index._vals[c][bisect_right(keys, gfn) - 1]
-        if gfn < s.base_gfn + s.npages:
+        s = self._gfn.find(gfn)
+        if s is not None:
             self.last_used_slot = s
-            return s
-        return None
+        return s
 
     def search(self, gfn: int) -> Memslot | None:
         """The slot holding ``gfn`` without touching the cache (``search_memslots``),
@@ -92,11 +86,8 @@ class MemslotSet:
         """Slots intersecting the gfn range ``[start, end)``, ascending by base_gfn
         (``kvm_for_each_memslot_in_gfn_range``). O(log n + k), lazy."""
         if end <= start:
-            return
-        for s in self._gfn.iter_from(start):
-            if s.base_gfn >= end:
-                return
-            yield s
+            return iter(())
+        return self._gfn.iter_range(start, end)
 
     def iter_hva_range(self, start: int, last: int) -> Iterator[Memslot]:
         """Slots whose hva range intersects ``[start, last]``, both inclusive

@@ -80,6 +80,18 @@ srcu.read():`` form and :class:`LockedSrcu` run Python code between the count an
 caller (``__exit__``, the lock release), where an interrupt can still leak a section; use
 the explicit form where that matters.
 
+The compiled build (see ``memslots.COMPILED``) keeps this module interpreted, on purpose.
+The exit argument would survive compilation (``read_unlock`` is ``deque.pop`` either
+way), the entry argument would not: an interpreted caller's ``tok = srcu.read_lock()``
+would then be a call of a C function, after which CPython checks for interrupts, which is
+the window of ``counter.append(None)`` again (entry counted, token lost). Interpreted,
+``read_lock`` is entered through the eval loop (an interrupt is raised at its entry,
+before the count) and returns without a check, to interpreted and compiled callers alike;
+the compiled engine's lookups make no interrupt checks of their own between that return
+and their ``try``, nor before ``read_unlock`` (compiled code checks only where it calls
+back into Python or into C that checks, like ``time.sleep``). The writer side costs about
+1 us per grace period interpreted and is not worth a second module.
+
 Registration: a thread's first read section creates its counters and appends weak
 references to them to two registry lists (under the GIL a list append is atomic, so no
 lock); a thread that exits drops its counters and a weakref callback removes them.
@@ -239,7 +251,9 @@ class Srcu:
 
     def in_read_section(self) -> bool:
         """True when the calling thread has an open read section. O(1)."""
-        counters: tuple[SrcuToken, SrcuToken] | None = getattr(self._local, "c", None)
+        # the thread's own __dict__ of the local: getattr(local, "c", None) would build and
+        # drop an AttributeError in every thread that never read (most writers)
+        counters: tuple[SrcuToken, SrcuToken] | None = self._local.__dict__.get("c")
         return counters is not None and bool(counters[0] or counters[1])
 
     def reader_threads(self) -> int:
@@ -253,12 +267,29 @@ class Srcu:
         if self.in_read_section():
             raise RuntimeError("synchronize() called inside a read section")
         with self._lock:
+            if self._all_idle():
+                self.grace_periods += 1
+                return
             idx = self._idx
             self._idx = idx ^ 1
             self._wait_for_readers(idx)
             self._idx = idx
             self._wait_for_readers(idx ^ 1)
             self.grace_periods += 1
+
+    def _all_idle(self) -> bool:
+        """True when every registered counter of both indices is empty right now. Then
+        every read section that may have loaded a set published before the call has
+        ended (the safety argument above, with both waits finding their counters empty
+        at once), so the grace period is over without flipping ``idx``; the flips are
+        only needed, for termination, when readers are inside. O(reader threads)."""
+        busy = self._busy
+        for idx in (0, 1):
+            for r in self._registered(idx):
+                c = r()
+                if c is not None and busy(c):
+                    return False
+        return True
 
     def _busy(self, c: SrcuToken) -> bool:
         return bool(c)

@@ -27,7 +27,6 @@ from memslots.constants import (
     KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
     PAGE_SHIFT,
     PAGE_SIZE,
-    U32_MAX,
     U64_MAX,
 )
 from memslots.errors import MemslotError
@@ -81,20 +80,54 @@ class ActiveSlots(Protocol):
     def iter_gfn_range(self, start: int, end: int) -> Iterable[Memslot]: ...
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    """A validated request: what ``kvm_set_memslot`` is asked to do."""
+    """A validated request: what ``kvm_set_memslot`` is asked to do. Read-only by
+    convention (a plain class rather than a frozen dataclass: creating one is on the path
+    of every memslot call, and a frozen dataclass costs ten ``object.__setattr__`` calls)."""
 
-    change: Change
-    as_id: int
-    id: int
-    old: Memslot | None
-    base_gfn: int
-    npages: int
-    flags: int
-    userspace_addr: int
-    guest_memfd_offset: int = 0
-    guest_memfd: int = 0
+    __slots__ = (
+        "as_id",
+        "base_gfn",
+        "change",
+        "flags",
+        "guest_memfd",
+        "guest_memfd_offset",
+        "id",
+        "npages",
+        "old",
+        "userspace_addr",
+    )
+
+    def __init__(
+        self,
+        change: Change,
+        as_id: int,
+        id: int,
+        old: Memslot | None,
+        base_gfn: int,
+        npages: int,
+        flags: int,
+        userspace_addr: int,
+        guest_memfd_offset: int = 0,
+        guest_memfd: int = 0,
+    ) -> None:
+        self.change = change
+        self.as_id = as_id
+        self.id = id
+        self.old = old
+        self.base_gfn = base_gfn
+        self.npages = npages
+        self.flags = flags
+        self.userspace_addr = userspace_addr
+        self.guest_memfd_offset = guest_memfd_offset
+        self.guest_memfd = guest_memfd
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision({self.change.name}, as_id={self.as_id}, id={self.id}, "
+            f"base_gfn={self.base_gfn:#x}, npages={self.npages:#x}, flags={self.flags:#x}, "
+            f"userspace_addr={self.userspace_addr:#x})"
+        )
 
 
 def check_abi_fields(
@@ -111,20 +144,32 @@ def check_abi_fields(
     Not a kernel check (C cannot pass anything else): a value that does not fit is
     EINVAL here, before anything else, in every implementation alike.
     """
-    if not 0 <= slot <= U32_MAX:
+    # shifts rather than comparisons with U32_MAX/U64_MAX: compiled, those constants are
+    # big integers and every comparison with them a generic call
+    if slot < 0 or slot >> 32:
         raise MemslotError(EINVAL, f"slot {slot} does not fit u32")
-    if not 0 <= flags <= U32_MAX:
+    if flags < 0 or flags >> 32:
         raise MemslotError(EINVAL, f"flags {flags} do not fit u32")
-    if not 0 <= guest_memfd <= U32_MAX:
+    if guest_memfd < 0 or guest_memfd >> 32:
         raise MemslotError(EINVAL, f"guest_memfd {guest_memfd} does not fit u32")
-    for name, v in (
-        ("guest_phys_addr", guest_phys_addr),
-        ("memory_size", memory_size),
-        ("userspace_addr", userspace_addr),
-        ("guest_memfd_offset", guest_memfd_offset),
+    if (
+        guest_phys_addr < 0
+        or guest_phys_addr >> 64
+        or memory_size < 0
+        or memory_size >> 64
+        or userspace_addr < 0
+        or userspace_addr >> 64
+        or guest_memfd_offset < 0
+        or guest_memfd_offset >> 64
     ):
-        if not 0 <= v <= U64_MAX:
-            raise MemslotError(EINVAL, f"{name} {v} does not fit u64")
+        for name, v in (
+            ("guest_phys_addr", guest_phys_addr),
+            ("memory_size", memory_size),
+            ("userspace_addr", userspace_addr),
+            ("guest_memfd_offset", guest_memfd_offset),
+        ):
+            if not 0 <= v <= U64_MAX:
+                raise MemslotError(EINVAL, f"{name} {v} does not fit u64")
 
 
 def check_memory_region_flags(limits: VmLimits, flags: int) -> None:
@@ -178,12 +223,12 @@ def check_set_user_memory_region(
     if userspace_addr + memory_size > limits.task_size_max:
         raise MemslotError(EINVAL, "userspace range is not in the user address space")
     if flags & KVM_MEM_GUEST_MEMFD and (
-        guest_memfd_offset & (PAGE_SIZE - 1) or guest_memfd_offset + memory_size > U64_MAX
+        guest_memfd_offset & (PAGE_SIZE - 1) or (guest_memfd_offset + memory_size) >> 64
     ):
         raise MemslotError(EINVAL, "bad guest_memfd_offset")
     if as_id >= limits.nr_address_spaces or id >= KVM_MEM_SLOTS_NUM:
         raise MemslotError(EINVAL, f"address space {as_id} does not exist")
-    if guest_phys_addr + memory_size > U64_MAX:
+    if (guest_phys_addr + memory_size) >> 64:
         raise MemslotError(EINVAL, "guest physical range wraps")
     if id < limits.max_user_slots and (memory_size >> PAGE_SHIFT) > KVM_MEM_MAX_NR_PAGES:
         raise MemslotError(EINVAL, "more than KVM_MEM_MAX_NR_PAGES pages")
@@ -204,7 +249,7 @@ def check_set_user_memory_region(
     npages = memory_size >> PAGE_SHIFT
     if old is None:
         change = Change.CREATE
-        if nr_memslot_pages + npages > U64_MAX:
+        if (nr_memslot_pages + npages) >> 64:
             raise MemslotError(EINVAL, "total page count overflows")
     else:
         if (flags | old.flags) & KVM_MEM_GUEST_MEMFD:

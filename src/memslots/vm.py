@@ -30,6 +30,9 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from errno import EEXIST, EINVAL
+from typing import TYPE_CHECKING
+
+from mypy_extensions import mypyc_attr
 
 from memslots import dirty_log as _dirty_log
 from memslots import guest_memory as _guest_memory
@@ -54,12 +57,16 @@ from memslots.slot import (
 from memslots.sync import FREE_THREADED_BUILD, Srcu
 from memslots.validate import Change, Decision, VmLimits, check_set_user_memory_region
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 InvalidateCallback = Callable[[Memslot], None]
 
 #: the vCPU cache hit path may skip the read section (see Vcpu.gfn_to_memslot)
 _LOCK_FREE_HIT = not FREE_THREADED_BUILD
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Vcpu:
     """A vCPU's view of the memslots: its address space and its last-used-slot cache.
 
@@ -116,6 +123,7 @@ class Vcpu:
         return f"Vcpu(id={self.id}, as_id={self.as_id})"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Vm:
     """A virtual machine's memslots: the tree-based engine with the kernel's semantics.
 
@@ -566,7 +574,7 @@ class Vm:
         (``ALIGN(npages, 64) / 8`` bytes); clears it unless manual protect is on."""
         return _dirty_log.get_dirty_log(self, slot)
 
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Buffer) -> None:
         """``KVM_CLEAR_DIRTY_LOG``: clear the pages set in ``bitmap`` (bit 0 is
         ``first_page``), with the kernel's alignment rules and errnos."""
         _dirty_log.clear_dirty_log(self, slot, first_page, num_pages, bitmap)

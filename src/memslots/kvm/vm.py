@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from errno import EBADF, EEXIST, EINVAL
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from memslots.constants import PAGE_SHIFT, PAGE_SIZE
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages
@@ -52,6 +52,9 @@ from memslots.kvm.abi import (
 from memslots.kvm.vcpu import IoExit, KvmVcpu, MmioExit, RunResult, VcpuExit
 from memslots.validate import check_abi_fields
 from memslots.vm import Vcpu, Vm
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "ENGINE_RAISED",
@@ -382,7 +385,7 @@ class KvmVm(Vm):
             self.kernel_calls += 1
             return self.fd.get_dirty_log(slot, nbytes)
 
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Buffer) -> None:
         """``KVM_CLEAR_DIRTY_LOG`` on both the kernel's and the engine's bitmaps.
         O(num_pages / 8)."""
         with self.slots_lock:
@@ -392,7 +395,7 @@ class KvmVm(Vm):
                 raise MemslotError(EINVAL, "values do not fit the ioctl structure")
             k, _, _ = self._mirror(
                 lambda: f"clear_dirty_log({slot:#x}, {first_page}, {num_pages})",
-                lambda: self.fd.clear_dirty_log(slot, first_page, num_pages, bitmap),
+                lambda: self.fd.clear_dirty_log(slot, first_page, num_pages, bytes(bitmap)),
                 lambda: Vm.clear_dirty_log(self, slot, first_page, num_pages, bitmap),
             )
             if k:

@@ -18,6 +18,15 @@ Implementations (``BenchConfig.impls``):
 ``ioctl``
     the bare ``KVM_SET_USER_MEMORY_REGION`` ioctl through :mod:`memslots.kvm.abi`: what
     the kernel itself costs, seen from Python. The engine's ratios to the kernel use it.
+``pure``
+    the engine's pure-Python build, when ``tree`` is the compiled one
+    (``memslots.COMPILED``), in a worker process (sweep only; see
+    :mod:`memslots.tools.bench_peers`).
+``vmmemory``
+    a model of rust-vmm vm-memory's ``GuestRegionCollection`` (sweep only).
+``unicorn``
+    Unicorn's ``mem_map_ptr``/``mem_unmap``/``mem_protect`` (sweep only; needs the
+    ``peers`` extra).
 
 Scenarios (reference section 7.2; slot layout as in ``memslot_perf_test``: ``N`` slots
 split ``MEM_SIZE`` = 512 MiB + 64 KiB at guest physical 256 MiB, the last slot takes the
@@ -60,15 +69,23 @@ import importlib
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Protocol
 
+import memslots
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_USER_MEM_SLOTS_X86, PAGE_SHIFT
 from memslots.guest_memory import HostMemory
 from memslots.slot import gfn_to_hva_memslot_prot, kvm_is_error_hva
+from memslots.tools.bench_peers import (
+    PureEngine,
+    UnicornTarget,
+    VmMemoryModel,
+    unicorn_available,
+)
 from memslots.vm import Vcpu, Vm
 
 KiB: Final = 1 << 10
@@ -85,12 +102,25 @@ MEM_TEST_UNMAP_CHUNK: Final = 2 * MiB
 #: the sweep's slots: 4 pages each, one after the other (32764 of them fill MEM_SIZE)
 SWEEP_SLOT_PAGES: Final = 4
 
-IMPLS: Final = ("tree", "array", "kvm", "ioctl")
+IMPLS: Final = ("tree", "pure", "array", "kvm", "ioctl", "vmmemory", "unicorn")
+#: the build of the engine this process runs
+BUILD: Final = "compiled" if memslots.COMPILED else "pure Python"
 IMPL_LABELS: Final = {
-    "tree": "tree (Vm)",
+    "tree": f"tree (Vm, {BUILD})",
+    "pure": "tree (Vm, pure Python)",
     "array": "array (ArrayVm)",
     "kvm": "KvmVm",
     "ioctl": "kernel ioctl",
+    "vmmemory": "vm-memory model",
+    "unicorn": "Unicorn",
+}
+#: the implementations that take part in the sweep only
+SWEEP_ONLY: Final = ("pure", "vmmemory", "unicorn")
+#: the largest slot count the sweep measures an implementation at, and why
+SWEEP_LIMITS: Final = {"unicorn": 2048}
+SWEEP_LIMIT_REASONS: Final = {
+    "unicorn": "each mem_map rebuilds the emulator's memory map: mapping 4000 regions "
+    "took 17 s on this project's machine, 32764 would take many minutes",
 }
 SCENARIOS: Final = (
     "setup",
@@ -104,7 +134,7 @@ SCENARIOS: Final = (
 #: which implementations each scenario applies to (lookups, hva walks and guest access
 #: are the engine's in KvmVm and do not exist for the bare ioctl)
 SCENARIO_IMPLS: Final = {
-    "setup": IMPLS,
+    "setup": ("tree", "array", "kvm", "ioctl"),
     "move-active": ("tree", "array", "kvm"),
     "move-inactive": ("tree", "array", "kvm"),
     "unmap": ("tree", "array"),
@@ -226,8 +256,11 @@ class BenchResults:
         """The acceptance ratios, from this run's sweep: the engine at the largest count
         against 64 slots (target: <= 2 for every operation), the array baseline against
         the engine at the largest count (target: >= 20 on the mean of the four
-        operations; each operation is reported too), and the engine against the kernel's
-        ioctl at the largest count. The targets are judged (``*_ok``) only when the
+        operations; each operation is reported too), the engine against the kernel's
+        ioctl at the largest count (target for the compiled build: <= 1 per operation),
+        the compiled build against the pure one (target: <= 0.4 per operation) and each
+        peer against the engine at the largest count it was measured at. The targets
+        are judged (``*_ok``) only when the
         largest count is 32764, the count they are stated for."""
         c: dict[str, Any] = {}
         counts = self.config.counts
@@ -259,12 +292,28 @@ class BenchResults:
             c["array_vs_tree_at_top"] = r
             if judged:
                 c["array_vs_tree_at_top_ok"] = r["mean"] >= 20.0
+        c["build"] = self.machine.get("build", BUILD)
+        compiled = c["build"] == "compiled"
         r = ratios("tree", top, "ioctl", top)
         if r is not None:
             c["tree_vs_ioctl_at_top"] = r
+            if judged and compiled:
+                c["tree_vs_ioctl_at_top_ok"] = all(r[op] <= 1.0 for op in OPS)
+        r = ratios("tree", top, "pure", top)
+        if r is not None:
+            c["compiled_vs_pure_at_top"] = r
+            if judged:
+                c["compiled_vs_pure_at_top_ok"] = all(r[op] <= 0.4 for op in OPS)
         r = ratios("kvm", top, "ioctl", top)
         if r is not None:
             c["kvmvm_vs_ioctl_at_top"] = r
+        for peer in ("vmmemory", "unicorn"):
+            counts_of = sorted({p.count for p in self.sweep if p.impl == peer})
+            if counts_of:
+                at = counts_of[-1]
+                r = ratios(peer, at, "tree", at)
+                if r is not None:
+                    c[f"{peer}_vs_tree"] = {"count": at, **r}
         self.criteria = c
         return c
 
@@ -343,6 +392,12 @@ def make_target(impl: str) -> Target:
 
         with KvmSystem() as system:
             return system.create_vm()
+    if impl == "vmmemory":
+        return VmMemoryModel()
+    if impl == "unicorn":
+        return UnicornTarget()
+    if impl == "pure":
+        raise ValueError("the pure build runs in a worker process: use PureEngine")
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -365,6 +420,12 @@ def available_impls(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
             if not kvm:
                 notes.append(f"{IMPL_LABELS[name]}: skipped, /dev/kvm is not usable here")
                 continue
+        if name == "pure" and not memslots.COMPILED:
+            notes.append("pure: skipped, this install is itself pure Python (the tree column)")
+            continue
+        if name == "unicorn" and not unicorn_available():
+            notes.append("Unicorn: skipped, not installed (pip install 'memslots[peers]')")
+            continue
         ok.append(name)
     return ok, notes
 
@@ -426,6 +487,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
+        "build": BUILD,
     }
     with suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
@@ -648,6 +710,7 @@ class _Runner:
         cfg = self.cfg
         counts = cfg.counts
         targets: dict[str, Target] = {}
+        pure: PureEngine | None = None
         present = dict.fromkeys(impls, 0)
         self.progress.phase(
             "per-operation sweep", len(counts) * (len(impls) + cfg.repetitions * len(impls))
@@ -655,22 +718,51 @@ class _Runner:
         base = mem.addr - MEM_GPA
         step = SWEEP_SLOT_PAGES << PAGE_SHIFT
         size = step
+        duration = cfg.duration / 3
+        capped = [i for i in impls if SWEEP_LIMITS.get(i, counts[-1]) < counts[-1]]
+        for impl in capped:
+            self.results.notes.append(
+                f"{IMPL_LABELS[impl]}: measured up to {SWEEP_LIMITS[impl]} slots "
+                f"({SWEEP_LIMIT_REASONS[impl]})"
+            )
         try:
             for impl in impls:
-                targets[impl] = make_target(impl)
+                if impl == "pure":
+                    pure = PureEngine()
+                else:
+                    targets[impl] = make_target(impl)
             for count in counts:
-                for impl, t in targets.items():
-                    sur = t.set_user_memory_region
+                active = [i for i in impls if count <= SWEEP_LIMITS.get(i, count)]
+                for impl in active:
+                    if impl == "pure":
+                        assert pure is not None
+                        pure.grow(count, base, step)
+                        present[impl] = count
+                        self.progress.advance()
+                        continue
+                    t = targets[impl]
                     with _no_gc():
-                        for i in range(present[impl], count):
-                            gpa = MEM_GPA + i * step
-                            sur(i, 0, gpa, size, base + gpa)
+                        if isinstance(t, VmMemoryModel):
+                            t.preload(
+                                [(MEM_GPA + i * step, size, base + MEM_GPA + i * step)
+                                 for i in range(count)]
+                            )  # fmt: skip
+                        else:
+                            sur = t.set_user_memory_region
+                            for i in range(present[impl], count):
+                                gpa = MEM_GPA + i * step
+                                sur(i, 0, gpa, size, base + gpa)
                     present[impl] = count
                     self.progress.advance()
                 samples: dict[tuple[str, str], list[tuple[float, int]]] = {}
                 for _ in range(cfg.repetitions):
-                    for impl, t in targets.items():
-                        for op, us, n in self._ops(t, count, base, step):
+                    for impl in active:
+                        if impl == "pure":
+                            assert pure is not None
+                            ops = pure.time_ops(count, base, step, duration)
+                        else:
+                            ops = time_ops(targets[impl], count, base, step, duration)
+                        for op, us, n in ops:
                             samples.setdefault((impl, op), []).append((us, n))
                         self.progress.advance()
                 for (impl, op), vals in samples.items():
@@ -682,63 +774,96 @@ class _Runner:
         finally:
             for t in targets.values():
                 close_target(t)
+            if pure is not None:
+                pure.close()
 
-    def _ops(self, t: Target, count: int, base: int, step: int) -> list[tuple[str, float, int]]:
-        """Time the four operations with ``count`` slots present; returns
-        ``(op, microseconds per op, operations timed)``."""
-        sur = t.set_user_memory_region
-        clock = time.perf_counter
-        duration = self.cfg.duration / 3
-        mid = count // 2
-        last = count - 1
-        size = step
-        mgpa = MEM_GPA + mid * step
-        lgpa = MEM_GPA + last * step
-        away = MEM_GPA + MEM_SIZE
-        out: list[tuple[str, float, int]] = []
 
-        def pair(
-            a: Callable[[], None], b: Callable[[], None], same: bool
-        ) -> tuple[float, float, int]:
-            ta = tb = 0.0
-            n = 0
-            with _no_gc():
-                deadline = clock() + duration
-                while True:
-                    t0 = clock()
-                    a()
-                    t1 = clock()
-                    b()
-                    t2 = clock()
-                    ta += t1 - t0
-                    tb += t2 - t1
-                    n += 1
-                    if n >= MIN_PAIRS and t2 >= deadline:
-                        break
-            if same:
-                return (ta + tb) / (2 * n) * 1e6, 0.0, 2 * n
-            return ta / n * 1e6, tb / n * 1e6, n
+def time_ops(
+    t: Target, count: int, base: int, step: int, duration: float
+) -> list[tuple[str, float, int]]:
+    """Time the sweep's four operations on ``t`` with ``count`` slots present (laid out
+    by the sweep: slot i at ``MEM_GPA + i * step``, hva ``base + gpa``), each pair of
+    operations repeated for ``duration`` seconds; returns ``(op, microseconds per op,
+    operations timed)``."""
+    sur = t.set_user_memory_region
+    clock = time.perf_counter
+    mid = count // 2
+    last = count - 1
+    size = step
+    mgpa = MEM_GPA + mid * step
+    lgpa = MEM_GPA + last * step
+    away = MEM_GPA + MEM_SIZE
+    out: list[tuple[str, float, int]] = []
 
-        # delete then re-create the middle slot (its id is reused)
-        d_us, c_us, n = pair(
-            lambda: sur(mid, 0, 0, 0, 0),
-            lambda: sur(mid, 0, mgpa, size, base + mgpa),
-            False,
-        )
-        out += [("create", c_us, n), ("delete", d_us, n)]
-        m_us, _, n = pair(
-            lambda: sur(last, 0, away, size, base + lgpa),
-            lambda: sur(last, 0, lgpa, size, base + lgpa),
-            True,
-        )
-        out.append(("move", m_us, n))
-        f_us, _, n = pair(
-            lambda: sur(mid, KVM_MEM_LOG_DIRTY_PAGES, mgpa, size, base + mgpa),
-            lambda: sur(mid, 0, mgpa, size, base + mgpa),
-            True,
-        )
-        out.append(("flags", f_us, n))
-        return out
+    def pair(a: Callable[[], None], b: Callable[[], None], same: bool) -> tuple[float, float, int]:
+        ta = tb = 0.0
+        n = 0
+        with _no_gc():
+            deadline = clock() + duration
+            while True:
+                t0 = clock()
+                a()
+                t1 = clock()
+                b()
+                t2 = clock()
+                ta += t1 - t0
+                tb += t2 - t1
+                n += 1
+                if n >= MIN_PAIRS and t2 >= deadline:
+                    break
+        if same:
+            return (ta + tb) / (2 * n) * 1e6, 0.0, 2 * n
+        return ta / n * 1e6, tb / n * 1e6, n
+
+    # delete then re-create the middle slot (its id is reused)
+    d_us, c_us, n = pair(
+        lambda: sur(mid, 0, 0, 0, 0),
+        lambda: sur(mid, 0, mgpa, size, base + mgpa),
+        False,
+    )
+    out += [("create", c_us, n), ("delete", d_us, n)]
+    m_us, _, n = pair(
+        lambda: sur(last, 0, away, size, base + lgpa),
+        lambda: sur(last, 0, lgpa, size, base + lgpa),
+        True,
+    )
+    out.append(("move", m_us, n))
+    f_us, _, n = pair(
+        lambda: sur(mid, KVM_MEM_LOG_DIRTY_PAGES, mgpa, size, base + mgpa),
+        lambda: sur(mid, 0, mgpa, size, base + mgpa),
+        True,
+    )
+    out.append(("flags", f_us, n))
+    return out
+
+
+def pure_worker() -> None:
+    """The loop of :class:`~memslots.tools.bench_peers.PureEngine`'s worker process: one
+    JSON request per line on stdin, one answer per line on stdout."""
+    vm = Vm(nr_address_spaces=1)
+    present = 0
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            cmd = msg["cmd"]
+            if cmd == "hello":
+                out: dict[str, Any] = {"compiled": memslots.COMPILED}
+            elif cmd == "grow":
+                base, step = msg["base"], msg["step"]
+                for i in range(present, msg["count"]):
+                    gpa = MEM_GPA + i * step
+                    vm.set_user_memory_region(i, 0, gpa, step, base + gpa)
+                present = max(present, msg["count"])
+                out = {}
+            elif cmd == "ops":
+                ops = time_ops(vm, msg["count"], msg["base"], msg["step"], msg["duration"])
+                out = {"ops": ops}
+            else:
+                out = {"error": f"unknown command {cmd!r}"}
+        except Exception as exc:  # reported to the parent, which raises it
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
 
 
 @contextmanager
@@ -792,7 +917,15 @@ def plot(results: BenchResults, path: str) -> None:
     plt: Any = importlib.import_module("matplotlib.pyplot")
 
     impls = [i for i in IMPLS if any(p.impl == i for p in results.sweep)]
-    styles = {"tree": "o-", "array": "s-", "kvm": "^--", "ioctl": "v-"}
+    styles = {
+        "tree": "o-",
+        "pure": "o:",
+        "array": "s-",
+        "kvm": "^--",
+        "ioctl": "v-",
+        "vmmemory": "d-.",
+        "unicorn": "x-.",
+    }
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), sharex=True, sharey=True)
     for ax, op in zip(axes.flat, OPS, strict=True):
         for impl in impls:

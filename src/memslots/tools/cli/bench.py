@@ -33,10 +33,22 @@ ITERATION: dict[str, str] = {
     "rw": "write_guest + read_guest of 8 bytes in each page of 512 MiB",
 }
 #: column headings
-SHORT: dict[str, str] = {"tree": "tree", "array": "array", "kvm": "KvmVm", "ioctl": "ioctl"}
+SHORT: dict[str, str] = {
+    "tree": "tree",
+    "pure": "pure",
+    "array": "array",
+    "kvm": "KvmVm",
+    "ioctl": "ioctl",
+    "vmmemory": "vm-mem*",
+    "unicorn": "unicorn",
+}
 LEGEND = (
-    "tree: memslots.Vm; array: memslots.baseline.ArrayVm; KvmVm: memslots.kvm.KvmVm (the "
-    "kernel plus the engine mirroring it); ioctl: the bare KVM_SET_USER_MEMORY_REGION"
+    f"tree: memslots.Vm as installed ({_bench.BUILD}); pure: the same engine's pure-Python "
+    "build (a worker process); array: memslots.baseline.ArrayVm; KvmVm: memslots.kvm.KvmVm "
+    "(the kernel plus the engine mirroring it); ioctl: the bare KVM_SET_USER_MEMORY_REGION; "
+    "vm-mem*: a Python model of rust-vmm vm-memory's GuestRegionCollection (clone, push, "
+    "sort and check per insert), not the crate; unicorn: Unicorn's mem_map_ptr / mem_unmap "
+    "/ mem_protect"
 )
 
 
@@ -75,12 +87,15 @@ def register(sub: Any) -> None:
     """Add the ``bench`` subcommand."""
     p = sub.add_parser(
         "bench",
-        help="memslot_perf_test scenarios and a slot-count sweep: tree vs array vs kernel",
+        help="memslot_perf_test scenarios and a slot-count sweep: the engine (compiled and "
+        "pure), the array design, the kernel and peer libraries",
         description=(
             "Measure the tree engine (Vm), the array design it replaced (ArrayVm) and, when "
             "/dev/kvm is usable, the kernel (KvmVm and the bare ioctl): the memslot_perf_test "
             "scenarios with N slots, and the cost of CREATE, DELETE, MOVE and FLAGS_ONLY "
-            "over slot counts. Times are the best of the repetitions."
+            "over slot counts, also for the engine's pure-Python build (when this one is "
+            "compiled), a model of rust-vmm vm-memory and Unicorn (pip install "
+            "'memslots[peers]'). Times are the best of the repetitions."
         ),
     )
     d = BenchConfig()
@@ -219,7 +234,7 @@ def sweep_table(results: BenchResults) -> Table | None:
     t.add_column("op")
     for i in impls:
         t.add_column(SHORT[i], justify="right")
-    pairs = [("array", "tree"), ("tree", "ioctl")]
+    pairs = [("array", "tree"), ("tree", "pure"), ("tree", "ioctl")]
     pairs = [(a, b) for a, b in pairs if a in impls and b in impls]
     for a, b in pairs:
         t.add_column(f"{a}/{b}", justify="right")
@@ -264,9 +279,22 @@ def criteria_lines(results: BenchResults) -> list[str]:
             f"({', '.join(f'{op} {_ratio(r[op], 1.0)}' for op in OPS)}); "
             + mark("array_vs_tree_at_top_ok", ">= 20x on the mean")
         )
+    if "compiled_vs_pure_at_top" in c:
+        r = c["compiled_vs_pure_at_top"]
+        out.append(
+            f"compiled vs pure at {top} slots: {ops(r)}; "
+            + mark("compiled_vs_pure_at_top_ok", "<= 0.4x per operation")
+        )
     if "tree_vs_ioctl_at_top" in c:
         r = c["tree_vs_ioctl_at_top"]
-        out.append(f"tree vs the kernel's ioctl at {top} slots: mean {r['mean']:.2f}x ({ops(r)})")
+        line = f"tree ({c.get('build')}) vs the kernel's ioctl at {top} slots: {ops(r)}"
+        if c.get("build") == "compiled":
+            line += "; " + mark("tree_vs_ioctl_at_top_ok", "<= 1.0x per operation, goal 0.5x")
+        out.append(line)
+    for peer, name in (("vmmemory", "vm-memory model"), ("unicorn", "Unicorn")):
+        if f"{peer}_vs_tree" in c:
+            r = c[f"{peer}_vs_tree"]
+            out.append(f"{name} vs tree at {r['count']} slots: {ops(r)}")
     if "kvmvm_vs_ioctl_at_top" in c:
         r = c["kvmvm_vs_ioctl_at_top"]
         out.append(f"KvmVm (ioctl + engine mirror) vs the bare ioctl: mean {r['mean']:.2f}x")

@@ -21,7 +21,7 @@ ENGINE_TESTS := tests/test_indexes.py tests/test_engine_errno.py tests/test_engi
 
 $(STAMP): pyproject.toml $(ENGINE_SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

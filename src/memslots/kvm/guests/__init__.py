@@ -47,17 +47,17 @@ SPIN_READER: Final = bytes.fromhex("668b0466e711e41284c074f4f4")
 a slot arrives first as a 4-byte MMIO read; the answer is what the guest reports."""
 
 STRIDE_WRITER: Final = bytes.fromhex(
-    "6631d267e30d266789074066426601df67e2f36689d066e710f4"
-    "6631d267e3f326678907e7134066426601df67e2f1ebe2"
+    "6631d267e30d266789074066426601df67e2f385ed75066689d066e710f4"
+    "6631d267e3ef26678907e7134066426601df67e2f1ebde"
 )
 """``stride.S``: writes the word ``AX + k`` at gpa ``EDI + k * EBX`` (32-bit, modulo
 2^32) for ``k`` in ``0 .. ECX-1``, in big real mode (every gpa below 4 GiB), then does
-``out 0x10, eax`` with the number of writes and halts. 5 instructions per write from
-offset 0; from :data:`STRIDE_EXITING_ENTRY` also ``out 0x13, ax`` after each write (an
-exit to userspace per write)."""
+``out 0x10, eax`` with the number of writes (unless ``BP`` is not 0) and halts. 5
+instructions per write from offset 0; from :data:`STRIDE_EXITING_ENTRY` also
+``out 0x13, ax`` after each write (an exit to userspace per write)."""
 
 #: offset of ``stride_writer_exiting`` in :data:`STRIDE_WRITER`
-STRIDE_EXITING_ENTRY: Final = 0x1A
+STRIDE_EXITING_ENTRY: Final = 0x1E
 #: port of the stride writer's final report (4 bytes: writes made)
 STRIDE_DONE_PORT: Final = 0x10
 #: port of the exiting stride writer's per-write report (2 bytes: the word written)
@@ -126,11 +126,13 @@ def stride_writer_args(
     stride: int = _PAGE,
     first_word: int = 0xA000,
     exit_each_write: bool = False,
+    report: bool = True,
 ) -> GuestArgs:
     """Arguments for :data:`STRIDE_WRITER`: ``count`` writes of a word, the first at
     ``first_gpa`` (below 4 GiB, at most 4094 into its page), each ``stride`` bytes
     (may be 0 or negative; added modulo 2^32) after the one before. With
-    ``exit_each_write`` the program starts at :data:`STRIDE_EXITING_ENTRY`."""
+    ``exit_each_write`` the program starts at :data:`STRIDE_EXITING_ENTRY`; without
+    ``report`` it halts right after the last write, with no final OUT."""
     if not 0 <= first_gpa < 1 << 32 or first_gpa % _PAGE > _PAGE - 2:
         raise ValueError(f"first_gpa {first_gpa:#x} is not below 4 GiB with a word in its page")
     if not 0 <= count < 1 << 32:
@@ -143,6 +145,7 @@ def stride_writer_args(
             "rcx": count,
             "rdi": first_gpa,
             "rbx": stride & 0xFFFFFFFF,
+            "rbp": 0 if report else 1,
         },
         segments={"es": 0},
         entry_offset=STRIDE_EXITING_ENTRY if exit_each_write else 0,

@@ -18,9 +18,9 @@
  *
  * Inputs (set by the host before the run): ES base 0 (limit 4 GiB), EDI = gpa of the
  * first write, EBX = distance between writes in bytes, AX = the first word, ECX = number
- * of writes (0 writes nothing).
+ * of writes (0 writes nothing), BP = 0 to report at the end, else halt right away.
  * Output: with the exiting entry one OUT of 2 bytes to port 0x13 (the word) per write;
- * then one OUT of 4 bytes to port 0x10 (the number of writes), then HLT.
+ * then (BP = 0) one OUT of 4 bytes to port 0x10 (the number of writes), then HLT.
  *
  * The bytes are committed in __init__.py (STRIDE_WRITER). To regenerate them:
  *   as -o stride.o stride.S && objcopy -O binary -j .text stride.o stride.bin
@@ -41,8 +41,11 @@ stride_writer:
         add     edi, ebx
         addr32 loop 1b
 done:
+        test    bp, bp                  /* BP != 0: halt without the report */
+        jnz     1f
         mov     eax, edx
         out     0x10, eax               /* report: writes done */
+1:
         hlt
 
         .globl  stride_writer_exiting

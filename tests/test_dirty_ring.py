@@ -1050,16 +1050,17 @@ slot_op = st.tuples(
     st.sampled_from([0, 4, 8]),  # npages (0 deletes)
     st.booleans(),  # logging
 )
-write_op = st.tuples(st.just("write"), st.integers(0, 1), st.integers(0, NSLOTS * WINDOW - 1),
-                     st.booleans(), st.just(False))  # fmt: skip
-burst_op = st.tuples(st.just("burst"), st.integers(0, 1), st.integers(0, NSLOTS * WINDOW - 1),
-                     st.just(True), st.just(False))  # fmt: skip
+# a write's gfn: slot window * WINDOW + 0..11, so most land in a slot (base 0-8, 4 or 8 pages)
+gfns = st.builds(lambda w, k: w * WINDOW + k, st.integers(0, NSLOTS - 1), st.integers(0, 11))
+write_op = st.tuples(st.just("write"), st.integers(0, 1), gfns, st.booleans(), st.just(False))
+burst_op = st.tuples(st.just("burst"), st.integers(0, 1), gfns, st.just(True), st.just(False))
 other_op = st.tuples(st.sampled_from(["harvest", "enter"]), st.integers(0, 1), st.just(0),
                      st.just(False), st.just(False))  # fmt: skip
-reset_op = st.tuples(st.just("reset"), st.just(0), st.just(0), st.just(False), st.just(False))
+reset_op = st.tuples(st.sampled_from(["reset", "cycle"]), st.just(0), st.just(0), st.just(False),
+                    st.just(False))  # fmt: skip
 ops = st.lists(
-    st.one_of(slot_op, slot_op, write_op, write_op, write_op, burst_op, other_op, reset_op),
-    max_size=60,
+    st.one_of(slot_op, write_op, write_op, write_op, burst_op, other_op, reset_op, reset_op),
+    max_size=80,
 )
 BURST = 40
 
@@ -1134,7 +1135,7 @@ class Model:
 
 
 @pytest.mark.parametrize("mode", [PushMode.EVERY_WRITE, PushMode.FIRST_WRITE])
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops)
 def test_model_based(mode: PushMode, ops: list[tuple[str, int, int, Any, int]]) -> None:
     vm = Vm()
@@ -1144,6 +1145,9 @@ def test_model_based(mode: PushMode, ops: list[tuple[str, int, int, Any, int]]) 
     try:
         vm.enable_dirty_ring(4096)
         vcpus = [vm.create_vcpu(0), vm.create_vcpu(1)]
+        for id in range(NSLOTS):  # every slot logs to start with
+            vm.set_user_memory_region(id, LOG, id * WINDOW * PAGE, 8 * PAGE, mems[id].addr)
+            model.set_slot(id, id * WINDOW, 8, True)
         for name, a, b, c, d in ops:
             if name == "slot":
                 id, off, npages, log = a, b, min(c, WINDOW - b), d
@@ -1171,6 +1175,10 @@ def test_model_based(mode: PushMode, ops: list[tuple[str, int, int, Any, int]]) 
                         assert e == (EFAULT if hole else 0)
             elif name == "harvest":
                 assert vcpus[a].harvest_dirty_ring() == model.harvest(a)
+            elif name == "cycle":  # what a VMM does each round
+                for i, v in enumerate(vcpus):
+                    assert v.harvest_dirty_ring() == model.harvest(i)
+                assert vm.reset_dirty_rings() == model.reset()
             elif name == "enter":
                 ring = vcpus[a].dirty_ring
                 assert ring is not None

@@ -28,8 +28,8 @@ page: the first round is the full copy.
 
 With ``--dirty-ring`` the same migration is driven by the dirty ring
 (``KVM_CAP_DIRTY_LOG_RING``, 64 KiB per vCPU unless ``--ring-bytes``) instead of bitmaps,
-as QEMU does with ``-accel kvm,dirty-ring-size=N``: the first round copies everything; every later sync
-harvests each vCPU's ring into a set of ``(slot, offset)`` and calls
+as QEMU does with ``-accel kvm,dirty-ring-size=N``: the first round copies everything;
+every later sync harvests each vCPU's ring into a set of ``(slot, offset)`` and calls
 ``KVM_RESET_DIRTY_RINGS`` before the pages are copied, so a page written after its entry
 was harvested gets a new entry and is sent again. When a ring fills up, the vCPU gets
 ``KVM_EXIT_DIRTY_RING_FULL`` (on the engine: its soft-full request) and, like QEMU's vCPU

@@ -1229,3 +1229,32 @@ def test_live_migration_with_the_ring_on_kvm(capsys: pytest.CaptureFixture[str])
     assert "real code on a vCPU" in out and "the dirty ring" in out
     assert "destination equals source byte for byte: OK" in out
     assert "kernel/engine disagreements: 0" in out
+
+
+# ======================================================================================
+# The harvest benchmark runs and checks what it harvests (no timing is asserted)
+# ======================================================================================
+def test_bench_dirty_on_the_engine() -> None:
+    from memslots.tools.bench_dirty import SCENARIOS, run
+
+    result = run(1, kernel=False)
+    assert list(result.scenarios) == [sc.name for sc in SCENARIOS]
+    for sc in SCENARIOS:
+        r = result.scenarios[sc.name]
+        assert r["dirty_pages"] == len(sc.dirty()) and r["engine_ring_s"] > 0
+        assert "kernel_ring_s" not in r
+    assert [r["dirty_pages"] for r in result.scenarios.values()] == [10486, 3200]
+
+
+@pytest.mark.kvm
+def test_memslots_bench_dirty_cli(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from memslots.tools.cli import main
+
+    out = tmp_path / "dirty.json"
+    assert main(["bench", "--dirty", "--repetitions", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Dirty-page harvest" in text and "kernel" in text
+    data = json.loads(out.read_text())
+    assert all("kernel_bitmap_s" in r for r in data["scenarios"].values())

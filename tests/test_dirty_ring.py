@@ -1258,3 +1258,17 @@ def test_memslots_bench_dirty_cli(tmp_path: Any, capsys: pytest.CaptureFixture[s
     assert "Dirty-page harvest" in text and "kernel" in text
     data = json.loads(out.read_text())
     assert all("kernel_bitmap_s" in r for r in data["scenarios"].values())
+
+
+def test_the_docs_example_runs_and_prints_what_it_says() -> None:
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "dirty-ring.md"
+    block = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, str(doc), "exec"), {})
+    assert out.getvalue().splitlines() == ["[(1, 5), (1, 7)]", "2"]

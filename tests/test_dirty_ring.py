@@ -1272,3 +1272,24 @@ def test_the_docs_example_runs_and_prints_what_it_says() -> None:
     with contextlib.redirect_stdout(out):
         exec(compile(block, str(doc), "exec"), {})
     assert out.getvalue().splitlines() == ["[(1, 5), (1, 7)]", "2"]
+
+
+@pytest.mark.kvm
+def test_kvm_close_unmaps_the_rings_and_releases_every_fd() -> None:
+    from memslots.kvm import KvmVm
+    from memslots.kvm.vm import open_fd_count
+
+    def vcpu_maps() -> int:
+        with open("/proc/self/maps") as f:
+            return f.read().count("kvm-vcpu")
+
+    fds, maps = open_fd_count(), vcpu_maps()
+    vm = KvmVm()
+    vm.enable_dirty_ring(RING)
+    vcpus = [vm.create_vcpu(i) for i in range(2)]
+    assert vcpu_maps() == maps + 4  # kvm_run and the ring of each vCPU
+    assert all(v.harvest_dirty_ring() == [] for v in vcpus)
+    vm.close()
+    assert open_fd_count() == fds and vcpu_maps() == maps
+    assert errno_of(vcpus[0].harvest_dirty_ring) == errno.EBADF
+    assert errno_of(vm.reset_dirty_rings) == errno.EBADF

@@ -19,14 +19,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, HostMemory, MemslotError, Vm
+from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, HostMemory, Vm
 from memslots.dirty_ring import (
     KVM_DIRTY_RING_MAX_BYTES,
     DirtyRing,
@@ -35,6 +35,7 @@ from memslots.dirty_ring import (
     reset_batches,
 )
 from memslots.vm import Vcpu
+from test_dirty_log import _run_live_migration, errno_of
 
 EINVAL, E2BIG, ENXIO, EFAULT, EEXIST = (
     errno.EINVAL,
@@ -50,15 +51,6 @@ RING = 65536  # the checklist's "ring": 4096 entries
 CODE_GPA = 0x1000
 DATA_GPA = 0x10000
 CAP_RING, CAP_ACQ_REL, CAP_WITH_BITMAP = 192, 223, 225
-
-
-def errno_of(fn: Callable[[], object]) -> int:
-    """0 if ``fn()`` succeeds, else the MemslotError's errno."""
-    try:
-        fn()
-    except MemslotError as exc:
-        return exc.errno or 0
-    return 0
 
 
 # ======================================================================================
@@ -1197,23 +1189,6 @@ def test_model_based(mode: PushMode, ops: list[tuple[str, int, int, Any, int]]) 
 # ======================================================================================
 # examples/live_migration.py --dirty-ring converges and verifies
 # ======================================================================================
-def _run_live_migration(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "live_migration.py"
-    spec = importlib.util.spec_from_file_location("live_migration_ring", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        assert module.main(args) == 0
-    finally:
-        del sys.modules[spec.name]
-    return capsys.readouterr().out
-
-
 def test_live_migration_with_the_ring_on_the_engine(capsys: pytest.CaptureFixture[str]) -> None:
     out = _run_live_migration(["--engine", "--dirty-ring", "--ring-bytes", "4096"], capsys)
     assert "dirty tracking: the dirty ring (4 KiB per vCPU)" in out

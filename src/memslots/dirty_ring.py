@@ -319,31 +319,28 @@ class DirtyRing:
         self.fetch_index = f
         return out
 
-    def count_harvested(self) -> int:
-        """What :meth:`reset` would count now, changing nothing: the entries from
-        :attr:`reset_index` on that have RESET set, up to the first that has not. O(count)."""
-        total, i = 0, self.reset_index
-        while total < self.size:
-            start = i & (self.size - 1)
-            k, _ = self._run(start, _IS_HARVESTED)
-            total += k
-            i += k
-            if start + k < self.size:
-                break
-        return min(total, self.size)
-
-    def count_published(self, since: int, limit: int) -> int:
-        """How many entries from free-running ``since`` on have DIRTY set (published by
-        KVM, harvested or not), at most ``limit``. O(count)."""
+    def _count(self, since: int, limit: int, table: bytes) -> int:
+        """How many entries in a row from free-running ``since`` pass ``table``, at most
+        ``limit``, wrapping around the array. O(count)."""
         total, i = 0, since
         while total < limit:
             start = i & (self.size - 1)
-            k, _ = self._run(start, _IS_PUBLISHED)
+            k, _ = self._run(start, table)
             total += k
             i += k
             if start + k < self.size:
                 break
         return min(total, limit)
+
+    def count_harvested(self) -> int:
+        """What :meth:`reset` would count now, changing nothing: the entries from
+        :attr:`reset_index` on that have RESET set, up to the first that has not. O(count)."""
+        return self._count(self.reset_index, self.size, _IS_HARVESTED)
+
+    def count_published(self, since: int, limit: int) -> int:
+        """How many entries from free-running ``since`` on have DIRTY set (published by
+        KVM, harvested or not), at most ``limit``. O(count)."""
+        return self._count(since, limit, _IS_PUBLISHED)
 
     # -- the kernel side ------------------------------------------------------------
     def push(self, slot: int, offset: int) -> None:

@@ -441,6 +441,7 @@ def test_guest_writes_across_slots_and_a_high_slot_id(rig: Rig) -> None:
     expected = [(1, o) for o in (5, 6, 7)] + [(32000, o) for o in range(8)]
     assert vcpu.harvest_dirty_ring() == expected
     assert vm.reset_dirty_rings() == len(expected)
+    assert vcpu.harvest_dirty_ring() == [] and vm.reset_dirty_rings() == 0
 
 
 def test_reset_stops_at_the_first_entry_not_harvested(rig: Rig) -> None:
@@ -633,6 +634,37 @@ def test_kvm_full_exit_without_per_write_exits_and_the_callback() -> None:
         assert result.halted and result.dirty_ring_full_exits == 1
         assert 192 <= calls[0] <= 256
         assert calls[0] + len(vcpu.harvest_dirty_ring()) == 224
+    finally:
+        r.close()
+
+
+@pytest.mark.kvm
+def test_kvm_a_reset_that_leaves_the_ring_soft_full() -> None:
+    """At the full exit with 205 entries, resetting 10 leaves 195 >= 192: the next run
+    exits at once with no new entry; resetting the rest lets the guest resume where it
+    stopped and write the remaining pages, each offset exactly once in all."""
+    from memslots.kvm.vcpu import DirtyRingFull
+
+    r = Rig("kvm")
+    try:
+        vcpu = ring_rig(r, 4096)
+        ring = r.ring(vcpu)
+        with pytest.raises(DirtyRingFull):
+            r.guest(vcpu, DATA_GPA, 224)
+        n = ring.used
+        assert 192 + 10 <= n <= 256
+        for i in range(10):
+            ring.write_entry(i, flags=3)
+        ring.fetch_index = 10
+        assert r.vm.reset_dirty_rings() == 10
+        with pytest.raises(DirtyRingFull):
+            r.resume(vcpu)
+        assert ring.used == n - 10 and ring.count_published(10, 256) == n - 10
+        rest = vcpu.harvest_dirty_ring()
+        assert r.vm.reset_dirty_rings() == n - 10
+        assert r.resume(vcpu).halted
+        offsets = [o for _, o in rest + vcpu.harvest_dirty_ring()]
+        assert list(range(10)) + offsets == list(range(224))
     finally:
         r.close()
 

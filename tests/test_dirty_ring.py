@@ -640,9 +640,11 @@ def test_kvm_full_exit_without_per_write_exits_and_the_callback() -> None:
 
 @pytest.mark.kvm
 def test_kvm_a_reset_that_leaves_the_ring_soft_full() -> None:
-    """At the full exit with 205 entries, resetting 10 leaves 195 >= 192: the next run
-    exits at once with no new entry; resetting the rest lets the guest resume where it
-    stopped and write the remaining pages, each offset exactly once in all."""
+    """At the full exit (205 entries when the emulation batch ran whole; a host interrupt
+    may end a batch early, so at least 192), resetting all but 192 leaves the ring
+    soft-full: the next run exits at once with no new entry; resetting the rest lets the
+    guest resume where it stopped and write the remaining pages, each offset exactly once
+    in all."""
     from memslots.kvm.vcpu import DirtyRingFull
 
     r = Rig("kvm")
@@ -652,52 +654,68 @@ def test_kvm_a_reset_that_leaves_the_ring_soft_full() -> None:
         with pytest.raises(DirtyRingFull):
             r.guest(vcpu, DATA_GPA, 224)
         n = ring.used
-        assert 192 + 10 <= n <= 256
-        for i in range(10):
+        assert 192 <= n <= 256
+        k = n - 192
+        for i in range(k):
             ring.write_entry(i, flags=3)
-        ring.fetch_index = 10
-        assert r.vm.reset_dirty_rings() == 10
+        ring.fetch_index = k
+        assert r.vm.reset_dirty_rings() == k
         with pytest.raises(DirtyRingFull):
             r.resume(vcpu)
-        assert ring.used == n - 10 and ring.count_published(10, 256) == n - 10
+        assert ring.used == 192 and ring.count_published(k, 256) == 192
         rest = vcpu.harvest_dirty_ring()
-        assert r.vm.reset_dirty_rings() == n - 10
+        assert r.vm.reset_dirty_rings() == 192
         assert r.resume(vcpu).halted
         offsets = [o for _, o in rest + vcpu.harvest_dirty_ring()]
-        assert list(range(10)) + offsets == list(range(224))
+        assert list(range(k)) + offsets == list(range(224))
     finally:
         r.close()
 
 
 @pytest.mark.kvm
 def test_kvm_halt_before_the_full_exit() -> None:
-    """The guest writes one page 200 times and halts within one batch: HLT comes first
-    with 200 entries; the next KVM_RUN gives KVM_EXIT_DIRTY_RING_FULL without running.
-    With the final report (an OUT) the same happens after the OUT: the request raised
-    in the batch is looked at only when KVM enters the guest again."""
+    """The guest writes one page 200 times and halts within one emulation batch: HLT
+    comes first with 200 entries; the next KVM_RUN gives KVM_EXIT_DIRTY_RING_FULL without
+    running. With the final report (an OUT) the same happens after the OUT: the request
+    raised in the batch is looked at only when KVM enters the guest again. (A host
+    interrupt can end a batch early and let the request in first: up to three tries.)"""
     from memslots.kvm.vcpu import DirtyRingFull
 
-    r = Rig("kvm")
-    try:
-        vcpu = ring_rig(r, 4096)
-        assert r.guest(vcpu, DATA_GPA, 200, stride=0, report=False).halted
-        ring = r.ring(vcpu)
-        assert ring.count_published(0, 256) == 200
-        rip = vcpu.kvm.get_regs().rip  # type: ignore[attr-defined]
-        ex = vcpu.run()  # type: ignore[attr-defined]
-        assert ex.reason == 31 and vcpu.kvm.get_regs().rip == rip  # type: ignore[attr-defined]
-        assert vcpu.harvest_dirty_ring() == [(1, 0)] * 200
-        assert r.vm.reset_dirty_rings() == 200
-        reports: list[int] = []
-        with pytest.raises(DirtyRingFull) as info:
-            r.guest(vcpu, DATA_GPA, 200, stride=0, on_io=lambda io: reports.append(io.value))
-        assert reports == [200] and info.value.exit is not None
-        assert info.value.exit.rip == CODE_GPA + 0x1D  # at the HLT, not executed
-        vcpu.harvest_dirty_ring()
-        assert r.vm.reset_dirty_rings() == 200
-        assert r.resume(vcpu).halted
-    finally:
-        r.close()
+    for _ in range(3):
+        r = Rig("kvm")
+        try:
+            vcpu = ring_rig(r, 4096)
+            try:
+                r.guest(vcpu, DATA_GPA, 200, stride=0, report=False)
+            except DirtyRingFull:
+                continue  # the batch ended early
+            ring = r.ring(vcpu)
+            assert ring.count_published(0, 256) == 200
+            rip = vcpu.kvm.get_regs().rip  # type: ignore[attr-defined]
+            ex = vcpu.run()  # type: ignore[attr-defined]
+            assert ex.reason == 31 and vcpu.kvm.get_regs().rip == rip  # type: ignore[attr-defined]
+            assert vcpu.harvest_dirty_ring() == [(1, 0)] * 200
+            assert r.vm.reset_dirty_rings() == 200
+            reports: list[int] = []
+            with pytest.raises(DirtyRingFull) as info:
+                r.guest(
+                    vcpu,
+                    DATA_GPA,
+                    200,
+                    stride=0,
+                    on_io=lambda io, got=reports: got.append(io.value),
+                )
+            if reports != [200]:
+                continue  # the batch ended early
+            assert info.value.exit is not None
+            assert info.value.exit.rip == CODE_GPA + 0x1D  # at the HLT, not executed
+            vcpu.harvest_dirty_ring()
+            assert r.vm.reset_dirty_rings() == 200
+            assert r.resume(vcpu).halted
+            return
+        finally:
+            r.close()
+    pytest.fail("three runs of 200 writes never fitted one emulation batch")
 
 
 def test_acq_rel_behaves_the_same(rig: Rig) -> None:

@@ -671,7 +671,9 @@ class Vm:
 
     def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """``kvm_write_guest``: write ``data`` at ``gpa``; EFAULT for holes, INVALID or
-        read-only slots (earlier pages stay written, as in the kernel); marks pages dirty."""
+        read-only slots (earlier pages stay written, as in the kernel); marks pages dirty
+        in their bitmaps. No vCPU makes this write, so it never reaches a dirty ring (use
+        :meth:`Vcpu.write_guest` for a vCPU's write)."""
         _guest_memory.write_guest(self, gpa, data)
 
     def clear_guest(self, gpa: int, length: int) -> None:

@@ -84,7 +84,9 @@ class Vcpu:
         self.last_used_slot: Memslot | None = None
         self.last_used_slot_gen = -1
         #: the vCPU's dirty ring (``kvm_dirty_ring_alloc`` at creation), None while off
-        self.dirty_ring = vm.dirty_rings.new_ring()
+        #: (and for VMs without dirty-ring support)
+        rings: _dirty_ring.DirtyRings | None = getattr(vm, "dirty_rings", None)
+        self.dirty_ring = rings.new_ring() if rings is not None else None
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         """The slot holding ``gfn`` in this vCPU's address space, or None.

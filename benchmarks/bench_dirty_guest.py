@@ -11,6 +11,10 @@
 3. The cost of marking one page dirty, and a 2^28-page (1 TiB) slot's bitmap.
 4. ``--compare``: the bitmap representations the choice was made between (bytearray,
    bitarray, numpy), for whichever of bitarray and numpy are installed.
+5. Harvest cost of the dirty ring against GET_DIRTY_LOG of bitmaps for the same dirty
+   pages (1% of a 2^20-page slot; 3-4 pages in each of 1000 slots), on the engine and,
+   with /dev/kvm, the kernel (:mod:`memslots.tools.bench_dirty`; also
+   ``memslots bench --dirty``).
 
 Every number is the best of several repeats: the machines are shared and noisy.
 """
@@ -324,6 +328,20 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in c.items():
             print(f"  {name:10} {r['set_bit_ns']:10.0f} {r['copy_clear_us']:14.1f} "
                   f"{r['list_pages_ms']:14.3f}")  # fmt: skip
+
+    from memslots.tools.bench_dirty import run as run_ring
+
+    ring = run_ring(max(3, args.repeats // 2))
+    results["ring_vs_bitmap"] = ring.to_json()
+    print(f"harvest, ring vs bitmap (best of {ring.repeats}):")
+    print(f"  {'dirty set':26} {'side':6} {'bitmap ms':>10} {'ring ms':>8} {'ratio':>6}")
+    for name, r in ring.scenarios.items():
+        for side in ("engine", "kernel"):
+            if f"{side}_ring_s" in r:
+                b, g = r[f"{side}_bitmap_s"], r[f"{side}_ring_s"]
+                print(f"  {name:26} {side:6} {b * 1e3:10.3f} {g * 1e3:8.3f} {b / g:5.1f}x")
+    for note in ring.notes:
+        print(f"  note: {note}")
 
     if args.json:
         with open(args.json, "w") as f:

@@ -7,7 +7,8 @@ checks that the destination equals the source byte for byte. The copy goes at th
 of a simulated link (``--bandwidth``), so that, as in a real migration, the guest dirties
 pages while a round is being sent.
 
-    python examples/live_migration.py [--engine] [--threshold N] [--max-rounds N]
+    python examples/live_migration.py [--engine] [--dirty-ring [--ring-bytes N]]
+                                      [--threshold N] [--max-rounds N]
                                       [--bandwidth MIB_PER_S]
 
 On a machine with /dev/kvm the source is a :class:`memslots.kvm.KvmVm` and the guest is
@@ -24,6 +25,15 @@ pages found (re-arming the log for them) and only then copying them. A page the 
 writes after its bit was cleared is reported again in the next round, so nothing is
 missed. Enabling INITIALLY_SET before the slots exist makes the first round report every
 page: the first round is the full copy.
+
+With ``--dirty-ring`` the same migration is driven by the dirty ring
+(``KVM_CAP_DIRTY_LOG_RING``, 64 KiB per vCPU unless ``--ring-bytes``) instead of bitmaps,
+as QEMU does with ``-accel kvm,dirty-ring-size=N``: the first round copies everything;
+every later sync harvests each vCPU's ring into a set of ``(slot, offset)`` and calls
+``KVM_RESET_DIRTY_RINGS`` before the pages are copied, so a page written after its entry
+was harvested gets a new entry and is sent again. When a ring fills up, the vCPU gets
+``KVM_EXIT_DIRTY_RING_FULL`` (on the engine: its soft-full request) and, like QEMU's vCPU
+thread, reaps the rings itself before going on.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, HostMemory, Vm
-from memslots.dirty_log import count_dirty, dirty_runs
+from memslots.dirty_log import count_dirty, dirty_runs, pages_to_bitmap
 
 CODE_GPA = 0x1000  # the guest program, in slot 0
 DATA_GPA = 0x10000  # the guest's data: slots 1 and 2, up to the real-mode limit of 1 MiB
@@ -48,12 +58,17 @@ LAYOUT = [  # (slot, gpa, pages): 64 KiB with the code, then 112 + 128 pages of 
 ]
 DATA_PAGES = 240
 HOT_PAGES = 24  # the guest's working set: most writes land here
+RING_BYTES = 64 << 10  # per vCPU: 4096 entries, soft-full at 4032
 
 
-def build_vm(vm: Vm, new_memory: Any) -> list[HostMemory]:
+def build_vm(vm: Vm, new_memory: Any, ring_bytes: int = 0) -> list[HostMemory]:
     """Create the slots of LAYOUT on ``vm``, each on its own fresh host memory, with
-    dirty logging and (set first) manual protect with INITIALLY_SET."""
-    vm.enable_manual_dirty_log_protect(3)
+    dirty logging and (set first) manual protect with INITIALLY_SET, or a dirty ring of
+    ``ring_bytes`` per vCPU."""
+    if ring_bytes:
+        vm.enable_dirty_ring(ring_bytes)
+    else:
+        vm.enable_manual_dirty_log_protect(3)
     mems = []
     for slot, gpa, pages in LAYOUT:
         mem = new_memory(pages * PAGE_SIZE)
@@ -74,6 +89,9 @@ class Guest:
         self.runs = 0
         self.pages_written = 0
         self.error: BaseException | None = None
+        #: called when the vCPU's dirty ring is full (set by the ring tracker)
+        self.on_ring_full: Any = None
+        self.ring_full_exits = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -118,29 +136,42 @@ class KvmGuest(Guest):
         vm.write_guest(CODE_GPA, guests.PATTERN_WRITER)
         self.vcpu = vm.create_vcpu(0)  # from the main thread (installs the kick handler)
 
+    def _ring_full(self, exit: Any) -> None:
+        self.ring_full_exits += 1
+        self.on_ring_full()
+
     def write_pages(self, first: int, count: int, word: int, offset: int) -> None:
         args = self.guests.pattern_writer_args(
             DATA_GPA + first * PAGE_SIZE, count, first_word=word, offset=offset
         )
         self.vcpu.setup_real_mode(CODE_GPA, regs=args.regs, segments=args.segments)
-        result = self.vcpu.run_until_hlt(on_io=lambda io: None, timeout=10)
+        result = self.vcpu.run_until_hlt(
+            on_io=lambda io: None, timeout=10, on_dirty_ring_full=self._ring_full
+        )
         if not result.halted:
             raise RuntimeError(f"guest did not halt: {result}")
 
 
 class PythonGuest(Guest):
     """A Python thread standing in for a guest on the engine: the same writes, through
-    ``vm.write_guest``, which marks the pages dirty."""
+    a vCPU's ``write_guest``, which marks the pages dirty (bitmap) or pushes them into
+    the vCPU's ring. With a ring, each "run" first does what KVM does on entering the
+    guest: a soft-full ring makes it exit (reap) instead."""
 
     def __init__(self, vm: Vm) -> None:
         super().__init__()
         self.vm = vm
         vm.write_guest(CODE_GPA, b"\xf4")  # a "program" (HLT), so slot 0 has content too
+        self.vcpu = vm.create_vcpu(0)
 
     def write_pages(self, first: int, count: int, word: int, offset: int) -> None:
+        ring = self.vcpu.dirty_ring
+        while ring is not None and ring.check_request():  # KVM_EXIT_DIRTY_RING_FULL
+            self.ring_full_exits += 1
+            self.on_ring_full()
         for k in range(count):
             gpa = DATA_GPA + (first + k) * PAGE_SIZE + offset
-            self.vm.write_guest(gpa, ((word + k) & 0xFFFF).to_bytes(2, "little"))
+            self.vcpu.write_guest(gpa, ((word + k) & 0xFFFF).to_bytes(2, "little"))
 
 
 # ======================================================================================
@@ -155,16 +186,61 @@ class Stats:
         return sum(r[1] for r in self.rounds)
 
 
-def sync(src: Vm) -> dict[int, bytes]:
-    """Fetch and re-arm the dirty log of every slot (GET, then CLEAR of exactly the pages
-    found): the pages to send now; writes from here on show up in the next sync."""
-    logs = {}
-    for slot, _, npages in LAYOUT:
-        log = src.get_dirty_log(slot)
-        if count_dirty(log):
-            src.clear_dirty_log(slot, 0, npages, log)
-        logs[slot] = log
-    return logs
+class BitmapTracker:
+    """Dirty pages from the bitmaps: GET, then CLEAR of exactly the pages found."""
+
+    name = "dirty bitmaps (manual protect, INITIALLY_SET)"
+
+    def __init__(self, src: Vm) -> None:
+        self.src = src
+
+    def sync(self) -> dict[int, bytes]:
+        """Fetch and re-arm the dirty log of every slot: the pages to send now; writes
+        from here on show up in the next sync."""
+        logs = {}
+        for slot, _, npages in LAYOUT:
+            log = self.src.get_dirty_log(slot)
+            if count_dirty(log):
+                self.src.clear_dirty_log(slot, 0, npages, log)
+            logs[slot] = log
+        return logs
+
+
+class RingTracker:
+    """Dirty pages from the vCPUs' dirty rings: harvest every ring, reset, and collect
+    the ``(slot, offset)`` entries into a set; :meth:`reap` also runs on the vCPU thread
+    when its ring is full."""
+
+    def __init__(self, src: Vm, vcpus: list[Any]) -> None:
+        self.name = f"the dirty ring ({src.dirty_ring_size >> 10} KiB per vCPU)"
+        self.src = src
+        self.vcpus = vcpus
+        self._lock = threading.Lock()
+        # the first round is the full copy
+        self._pending = {(slot, p) for slot, _, npages in LAYOUT for p in range(npages)}
+        self.entries = 0
+        self.reaps = 0
+
+    def reap(self) -> None:
+        """Harvest every vCPU's ring into the pending set, then KVM_RESET_DIRTY_RINGS
+        (before the pages are read, so later writes are caught again)."""
+        with self._lock:
+            for vcpu in self.vcpus:
+                got = vcpu.harvest_dirty_ring()
+                self.entries += len(got)
+                self._pending.update(got)
+            self.src.reset_dirty_rings()
+            self.reaps += 1
+
+    def sync(self) -> dict[int, bytes]:
+        """Reap, then hand over the pending pages as one bitmap per slot."""
+        self.reap()
+        with self._lock:
+            pending, self._pending = self._pending, set()
+        by_slot: dict[int, list[int]] = {slot: [] for slot, _, _ in LAYOUT}
+        for slot, page in pending:
+            by_slot[slot].append(page)
+        return {slot: pages_to_bitmap(by_slot[slot], npages) for slot, _, npages in LAYOUT}
 
 
 def merge(a: dict[int, bytes], b: dict[int, bytes]) -> dict[int, bytes]:
@@ -195,7 +271,13 @@ def send(src: Vm, dst: Vm, logs: dict[int, bytes], stats: Stats, bandwidth: floa
 
 
 def migrate(
-    src: Vm, dst: Vm, guest: Guest, threshold: int, max_rounds: int, bandwidth: float
+    tracker: BitmapTracker | RingTracker,
+    src: Vm,
+    dst: Vm,
+    guest: Guest,
+    threshold: int,
+    max_rounds: int,
+    bandwidth: float,
 ) -> Stats:
     """Pre-copy: sync and send, round after round, until a sync finds at most
     ``threshold`` dirty pages (after the first, full round) or ``max_rounds`` is reached;
@@ -204,7 +286,7 @@ def migrate(
     guest.start()
     try:
         while True:
-            logs = sync(src)
+            logs = tracker.sync()
             found = sum(count_dirty(log) for log in logs.values())
             last = (stats.rounds and found <= threshold) or len(stats.rounds) + 1 >= max_rounds
             if last:
@@ -213,7 +295,7 @@ def migrate(
             print(f"  round {len(stats.rounds):2d}: {found:4d} dirty pages sent, guest running")
     finally:
         guest.stop()
-    logs = merge(logs, sync(src))  # and what the guest wrote before it stopped
+    logs = merge(logs, tracker.sync())  # and what the guest wrote before it stopped
     n = send(src, dst, logs, stats, 0)
     print(f"  round {len(stats.rounds):2d}: {n:4d} dirty pages sent, guest stopped")
     return stats
@@ -232,12 +314,15 @@ def verify(src: Vm, dst: Vm) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", action="store_true", help="use the engine even with /dev/kvm")
+    ap.add_argument("--dirty-ring", action="store_true", help="track dirty pages with the ring")
+    ap.add_argument("--ring-bytes", type=int, default=RING_BYTES, help="ring size per vCPU")
     ap.add_argument("--threshold", type=int, default=32, help="stop-and-copy at this many")
     ap.add_argument("--max-rounds", type=int, default=30)
     ap.add_argument(
         "--bandwidth", type=float, default=32, help="MiB/s of the simulated link (0: no limit)"
     )
     args = ap.parse_args(argv)
+    ring_bytes = args.ring_bytes if args.dirty_ring else 0
 
     from memslots.kvm import kvm_available
 
@@ -250,19 +335,26 @@ def main(argv: list[str] | None = None) -> int:
             src: Vm = KvmVm()
             dst: Vm = KvmVm()
             cleanup += [src, dst]
-            build_vm(src, src.host_memory)  # type: ignore[attr-defined]
+            build_vm(src, src.host_memory, ring_bytes)  # type: ignore[attr-defined]
             build_vm(dst, dst.host_memory)  # type: ignore[attr-defined]
             guest: Guest = KvmGuest(src)
             print("source and destination: KvmVm on /dev/kvm; guest: real code on a vCPU")
         else:
             src, dst = Vm(), Vm()
-            cleanup += build_vm(src, HostMemory) + build_vm(dst, HostMemory)
+            cleanup += build_vm(src, HostMemory, ring_bytes) + build_vm(dst, HostMemory)
             guest = PythonGuest(src)
             print("source and destination: the engine; guest: a Python thread (write_guest)")
+        tracker: BitmapTracker | RingTracker = BitmapTracker(src)
+        if args.dirty_ring:
+            tracker = RingTracker(src, [guest.vcpu])  # type: ignore[attr-defined]
+            guest.on_ring_full = tracker.reap
+        print(f"dirty tracking: {tracker.name}")
 
         total = sum(p for _, _, p in LAYOUT)
         t0 = time.perf_counter()
-        stats = migrate(src, dst, guest, args.threshold, args.max_rounds, args.bandwidth * 2**20)
+        stats = migrate(
+            tracker, src, dst, guest, args.threshold, args.max_rounds, args.bandwidth * 2**20
+        )
         elapsed = time.perf_counter() - t0
         verify(src, dst)
         print(f"guest: {guest.runs} runs, {guest.pages_written} page writes during migration")
@@ -272,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({stats.bytes_sent / (total * PAGE_SIZE):.2f}x the memory)"
         )
         print("pages per round: " + ", ".join(str(p) for p, _, _ in stats.rounds))
+        if isinstance(tracker, RingTracker):
+            print(
+                f"ring: {tracker.entries} entries harvested in {tracker.reaps} reaps, "
+                f"{guest.ring_full_exits} dirty-ring-full exits"
+            )
         print("destination equals source byte for byte: OK")
         if use_kvm:
             bad = src.disagreements + dst.disagreements  # type: ignore[attr-defined]

@@ -135,7 +135,12 @@ def test_guest_args_reject_what_real_mode_cannot_reach() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "code"), [("pattern", guests.PATTERN_WRITER), ("spin_read", guests.SPIN_READER)]
+    ("name", "code"),
+    [
+        ("pattern", guests.PATTERN_WRITER),
+        ("spin_read", guests.SPIN_READER),
+        ("stride", guests.STRIDE_WRITER),
+    ],
 )
 def test_guest_bytes_match_their_source(tmp_path: Path, name: str, code: bytes) -> None:
     if shutil.which("as") is None or shutil.which("objcopy") is None:

@@ -1,7 +1,7 @@
 """KVM memslot ABI constants (x86-64), named as in the kernel's uapi and kvm_host.h.
 
 Values follow ``include/uapi/linux/kvm.h`` and ``include/linux/kvm_host.h`` of mainline
-Linux; see ``shared/reference/kernel-memslot-semantics.md`` section 1.4.
+Linux.
 """
 
 from __future__ import annotations
@@ -54,6 +54,25 @@ KVM_DIRTY_LOG_MANUAL_CAPS_X86: Final = (
 #: a read-only slot gives one of these (``include/linux/kvm_host.h``)
 KVM_HVA_ERR_BAD: Final = 1 << 63
 KVM_HVA_ERR_RO_BAD: Final = KVM_HVA_ERR_BAD + PAGE_SIZE
+
+#: x86 ``KVM_MAX_VCPU_IDS`` (``KVM_CHECK_EXTENSION(KVM_CAP_MAX_VCPU_ID)``): a vCPU id must be
+#: below it; and ``KVM_MAX_VCPUS`` (``KVM_CAP_MAX_VCPUS``), vCPUs per VM
+KVM_MAX_VCPU_IDS_X86: Final = 4096
+KVM_MAX_VCPUS_X86: Final = 1024
+
+# the dirty ring (KVM_CAP_DIRTY_LOG_RING, include/uapi/linux/kvm.h, kvm_dirty_ring.h)
+#: ``struct kvm_dirty_gfn.flags``: published by KVM / harvested by userspace
+KVM_DIRTY_GFN_F_DIRTY: Final = 1 << 0
+KVM_DIRTY_GFN_F_RESET: Final = 1 << 1
+KVM_DIRTY_GFN_F_MASK: Final = 0x3
+#: ``sizeof(struct kvm_dirty_gfn)``: ``u32 flags, u32 slot, u64 offset``
+KVM_DIRTY_GFN_SIZE: Final = 16
+#: entries every ring keeps free for pushes between the soft-full request and the exit
+KVM_DIRTY_RING_RSVD_ENTRIES: Final = 64
+#: the largest ring, in entries (1 MiB)
+KVM_DIRTY_RING_MAX_ENTRIES: Final = 65536
+#: where a vCPU fd maps its ring, in pages (x86's ``KVM_DIRTY_LOG_PAGE_OFFSET``)
+KVM_DIRTY_LOG_PAGE_OFFSET: Final = 64
 
 U64_MAX: Final = (1 << 64) - 1
 U32_MAX: Final = (1 << 32) - 1

@@ -1,5 +1,5 @@
 """Dirty logging: per-slot bitmaps, ``KVM_GET_DIRTY_LOG``, ``KVM_CLEAR_DIRTY_LOG``,
-``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` (reference section 5), and helpers for VMMs that
+``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``, and helpers for VMMs that
 consume dirty bitmaps (:func:`dirty_pages`, :func:`dirty_runs`, :func:`count_dirty`).
 
 Layout. A slot's bitmap is a :class:`bytearray` of ``ALIGN(npages, 64) / 8`` bytes in the
@@ -45,7 +45,9 @@ indivisible for each page. GET and CLEAR also hold ``vm.slots_lock`` as the kern
 ``slots_lock``. Marking does not: it runs inside a read section, like the kernel's
 ``mark_page_dirty_in_slot`` under SRCU.
 
-The dirty ring (``KVM_CAP_DIRTY_LOG_RING``, ENXIO from GET and CLEAR) is not modelled.
+With the dirty ring on (:mod:`memslots.dirty_ring`) there are no bitmaps to work on: GET
+and CLEAR fail with ENXIO before any of their checks (:meth:`memslots.vm.Vm.get_dirty_log`)
+and slots that turn logging on get no bitmap.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Guest memory: host mappings (:class:`HostMemory`) and guest-physical access
-(:func:`read_guest`, :func:`write_guest`, :func:`clear_guest`), reference section 6.
+(:func:`read_guest`, :func:`write_guest`, :func:`clear_guest`).
 
 Host memory is only ever reached through a live :class:`HostMemory`: an anonymous shared,
 page-aligned ``mmap``. Every live mapping is in a process-wide registry sorted by address,
@@ -18,6 +18,8 @@ stops the call with EFAULT after the pages before it were copied (no rollback).
   or an INVALID slot is EFAULT.
 - write and clear: write semantics: a read-only slot, a hole or an INVALID slot is
   EFAULT; each page is marked dirty in its slot (if the slot logs) after it was written.
+  A write made by a vCPU (``kvm_vcpu_write_guest``: :meth:`memslots.vm.Vcpu.write_guest`)
+  passes its own ``mark``, which pushes into the vCPU's dirty ring when the VM has one.
 
 For speed, pages that follow each other in one slot and one mapping are handled together:
 one read section, one slot lookup, one registry lookup, one copy and one dirty-bitmap
@@ -54,6 +56,7 @@ import mmap
 import threading
 import weakref
 from bisect import bisect_right
+from collections.abc import Callable
 from errno import EFAULT, EINVAL
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
@@ -67,7 +70,7 @@ from memslots.constants import (
     U64_MAX,
 )
 from memslots.errors import MemslotError
-from memslots.slot import gfn_to_hva_memslot_prot
+from memslots.slot import Memslot, gfn_to_hva_memslot_prot
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -91,6 +94,10 @@ _MAP_NORESERVE: Final = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _EMPTY_VIEW: Final = memoryview(b"")
 #: zeros copied by clear_guest, a piece at a time
 _ZEROS: Final = memoryview(bytes(1 << 20))
+
+#: ``mark(slot, gfn, count)``: a write covered ``count`` pages from ``gfn`` of ``slot``
+#: (a slot that logs); the default sets their dirty-bitmap bits
+MarkDirty = Callable[[Memslot, int, int], None]
 
 
 # ======================================================================================
@@ -317,11 +324,15 @@ def _access(
     as_id: int,
     write: bool,
     copy: _Copy,
+    mark: MarkDirty | None = None,
 ) -> None:
     """The page walk shared by read, write and clear: for each run of pages in one slot
     and one mapping, inside one read section, look up the slot and the mapping, call
     ``copy(view, mapping_offset, pos, n)`` under the mapping's lock and (``write``) mark
-    the run dirty. Raises EFAULT at the first page that cannot be accessed."""
+    the run dirty with ``mark`` (default: the bitmap). Raises EFAULT at the first page
+    that cannot be accessed."""
+    if mark is None:
+        mark = _dirty_log.mark_pages_dirty_in_slot
     srcu = vm.srcu
     memslots = vm.memslots
     pos = 0
@@ -354,7 +365,7 @@ def _access(
                     raise _efault(gpa, f"hva {hva:#x}: its HostMemory was closed")
                 copy(mem._view, moff, pos, n)
             if write and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-                _dirty_log.mark_pages_dirty_in_slot(slot, gfn, (off + n + _PAGE_MASK) >> PAGE_SHIFT)
+                mark(slot, gfn, (off + n + _PAGE_MASK) >> PAGE_SHIFT)
         finally:
             srcu.read_unlock(idx)
         pos += n
@@ -438,15 +449,18 @@ def read_guest_into(vm: VmView, gpa: int, buf: Buffer, *, as_id: int = 0) -> Non
     _access(vm, gpa, len(dest), as_id, False, _ReadInto(dest))
 
 
-def write_guest(vm: VmView, gpa: int, data: Buffer, *, as_id: int = 0) -> None:
+def write_guest(
+    vm: VmView, gpa: int, data: Buffer, *, as_id: int = 0, mark: MarkDirty | None = None
+) -> None:
     """``kvm_write_guest``: copy ``data`` (any bytes-like object) to guest physical
     ``gpa`` in address space ``as_id``. EFAULT for a hole, an INVALID or read-only slot,
     or an hva outside a live :class:`HostMemory`; the pages before the bad one stay
     written and marked dirty, as in the kernel. Each written page is marked dirty in
-    its slot if the slot logs. O(len(data) + runs x (log slots + log mappings))."""
+    its slot if the slot logs (by ``mark``, see :data:`MarkDirty`, when given).
+    O(len(data) + runs x (log slots + log mappings))."""
     src = memoryview(data).cast("B")
     _check_args(vm, gpa, len(src), as_id)
-    _access(vm, gpa, len(src), as_id, True, _Write(src))
+    _access(vm, gpa, len(src), as_id, True, _Write(src), mark)
 
 
 def clear_guest(vm: VmView, gpa: int, length: int, *, as_id: int = 0) -> None:

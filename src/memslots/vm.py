@@ -29,15 +29,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from errno import EEXIST, EINVAL
+from errno import EEXIST, EINVAL, ENXIO
 from typing import TYPE_CHECKING
 
 from mypy_extensions import mypyc_attr
 
 from memslots import dirty_log as _dirty_log
+from memslots import dirty_ring as _dirty_ring
 from memslots import guest_memory as _guest_memory
 from memslots.constants import (
     KVM_ADDRESS_SPACE_NUM_X86,
+    KVM_MAX_VCPU_IDS_X86,
+    KVM_MAX_VCPUS_X86,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
@@ -68,14 +71,18 @@ _LOCK_FREE_HIT = not FREE_THREADED_BUILD
 
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Vcpu:
-    """A vCPU's view of the memslots: its address space and its last-used-slot cache.
+    """A vCPU's view of the memslots: its address space and its last-used-slot cache,
+    and, when the VM has one, its dirty ring (:attr:`dirty_ring`, a
+    :class:`memslots.dirty_ring.DirtyRing`).
 
     ``as_id`` may be changed at any time (x86 SMM entry/exit switches to address space 1).
     The cache is dropped whenever the active set's generation differs from the one it was
-    filled under (``kvm_vcpu_gfn_to_memslot``).
+    filled under (``kvm_vcpu_gfn_to_memslot``). :meth:`mark_page_dirty` and
+    :meth:`write_guest` are writes made by this vCPU: with a ring on they push into its
+    ring, otherwise they mark dirty bitmaps.
     """
 
-    __slots__ = ("as_id", "id", "last_used_slot", "last_used_slot_gen", "vm")
+    __slots__ = ("as_id", "dirty_ring", "id", "last_used_slot", "last_used_slot_gen", "vm")
 
     def __init__(self, vm: Vm, id: int) -> None:
         self.vm = vm
@@ -83,6 +90,10 @@ class Vcpu:
         self.as_id = 0
         self.last_used_slot: Memslot | None = None
         self.last_used_slot_gen = -1
+        #: the vCPU's dirty ring (``kvm_dirty_ring_alloc`` at creation), None while off
+        #: (and for VMs without dirty-ring support)
+        rings: _dirty_ring.DirtyRings | None = getattr(vm, "dirty_rings", None)
+        self.dirty_ring = rings.new_ring() if rings is not None else None
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         """The slot holding ``gfn`` in this vCPU's address space, or None.
@@ -118,6 +129,39 @@ class Vcpu:
     def memslots(self) -> MemslotSet:
         """The active set of this vCPU's address space (hold a read section to use it)."""
         return self.vm._memslots[self.as_id]
+
+    # -- writes by this vCPU and its dirty ring (memslots.dirty_ring) ---------------
+    def mark_page_dirty(self, gfn: int) -> None:
+        """``kvm_vcpu_mark_page_dirty``: a write by this vCPU to ``gfn`` (its address
+        space): pushed into its ring when the VM has one (per
+        ``vm.dirty_rings.push_mode``), else the page's bitmap bit; nothing for a hole or a
+        slot that does not log. O(1) on a slot-cache hit, O(log n) otherwise."""
+        srcu = self.vm.srcu
+        idx = srcu.read_lock()
+        try:
+            _dirty_ring.mark_page_dirty_in_slot(
+                self.vm.dirty_rings, self.dirty_ring, self.gfn_to_memslot(gfn), gfn
+            )
+        finally:
+            srcu.read_unlock(idx)
+
+    def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """``kvm_vcpu_write_guest``: as :meth:`Vm.write_guest` in this vCPU's address
+        space, each written page marked as by :meth:`mark_page_dirty` (in page order).
+        O(len(data))."""
+        _guest_memory.write_guest(self.vm, gpa, data, as_id=self.as_id, mark=self._mark_run)
+
+    def _mark_run(self, slot: Memslot, gfn: int, count: int) -> None:
+        _dirty_ring.mark_pages_dirty_in_slot(self.vm.dirty_rings, self.dirty_ring, slot, gfn, count)
+
+    def harvest_dirty_ring(self) -> list[tuple[int, int]]:
+        """The ``(slot, offset)`` of every entry this vCPU's ring published that was not
+        harvested yet, in ring order; each is marked harvested (``KVM_DIRTY_GFN_F_RESET``)
+        as a VMM does. EINVAL when the VM has no ring. O(entries)."""
+        ring = self.dirty_ring
+        if ring is None:
+            raise MemslotError(EINVAL, "the VM has no dirty ring")
+        return ring.harvest()
 
     def __repr__(self) -> str:
         return f"Vcpu(id={self.id}, as_id={self.as_id})"
@@ -181,6 +225,10 @@ class Vm:
         self._deferred: BaseException | None = None
         #: guest_memfd files of this VM and their bindings to slots
         self.guest_memfds = GuestMemfdTable()
+        #: the dirty ring's VM-wide state (size, push mode): memslots.dirty_ring
+        self.dirty_rings = _dirty_ring.DirtyRings()
+        #: vCPUs ever created (``kvm->created_vcpus``; never drops)
+        self.created_vcpus = 0
 
     # ==================================================================================
     # The ioctls
@@ -420,6 +468,8 @@ class Vm:
                 new.dirty_bitmap = None
             elif old is not None and old.dirty_bitmap is not None:
                 new.dirty_bitmap = old.dirty_bitmap  # shared: MOVE/FLAGS keep pending bits
+            elif not _dirty_ring.kvm_use_dirty_bitmap(self):
+                new.dirty_bitmap = None  # the dirty ring is on: no bitmap
             else:
                 self.faults.check("dirty_bitmap")
                 new.dirty_bitmap = _dirty_log.alloc_dirty_bitmap(
@@ -538,12 +588,25 @@ class Vm:
         return self.guest_memfds.create(size, flags)
 
     def create_vcpu(self, id: int) -> Vcpu:
-        """A vCPU with its own last-used-slot cache (address space 0 to start with)."""
+        """``KVM_CREATE_VCPU``: a vCPU with its own last-used-slot cache (address space 0
+        to start with) and, if the VM has a dirty ring, its ring. EINVAL for an id at or
+        past ``KVM_MAX_VCPU_IDS`` (4096) or past ``KVM_MAX_VCPUS`` (1024) vCPUs, EEXIST for
+        an id in use; a failure is not counted in :attr:`created_vcpus`."""
+        with self.slots_lock:
+            self._check_new_vcpu(id)
+            vcpu = Vcpu(self, id)
+            self._vcpus[id] = vcpu
+            self.created_vcpus += 1
+            return vcpu
+
+    def _check_new_vcpu(self, id: int) -> None:
+        """``kvm_vm_ioctl_create_vcpu``'s checks, in order."""
+        if not 0 <= id < KVM_MAX_VCPU_IDS_X86:
+            raise MemslotError(EINVAL, f"vCPU id {id} is not below {KVM_MAX_VCPU_IDS_X86}")
+        if self.created_vcpus >= KVM_MAX_VCPUS_X86:
+            raise MemslotError(EINVAL, f"the VM has {KVM_MAX_VCPUS_X86} vCPUs already")
         if id in self._vcpus:
             raise MemslotError(EEXIST, f"vCPU {id} exists")
-        vcpu = Vcpu(self, id)
-        self._vcpus[id] = vcpu
-        return vcpu
 
     def slots(self) -> list[Memslot]:
         """A snapshot of every slot of every address space (as_id, then base_gfn order)."""
@@ -571,13 +634,41 @@ class Vm:
 
     def get_dirty_log(self, slot: int) -> bytes:
         """``KVM_GET_DIRTY_LOG``: the slot's bitmap as little-endian u64 words
-        (``ALIGN(npages, 64) / 8`` bytes); clears it unless manual protect is on."""
+        (``ALIGN(npages, 64) / 8`` bytes); clears it unless manual protect is on. ENXIO,
+        before any other check, while the dirty ring is on."""
+        if not _dirty_ring.kvm_use_dirty_bitmap(self):
+            raise MemslotError(ENXIO, "the dirty ring is on: there are no dirty bitmaps")
         return _dirty_log.get_dirty_log(self, slot)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Buffer) -> None:
         """``KVM_CLEAR_DIRTY_LOG``: clear the pages set in ``bitmap`` (bit 0 is
-        ``first_page``), with the kernel's alignment rules and errnos."""
+        ``first_page``), with the kernel's alignment rules and errnos; ENXIO first while
+        the dirty ring is on."""
+        if not _dirty_ring.kvm_use_dirty_bitmap(self):
+            raise MemslotError(ENXIO, "the dirty ring is on: there are no dirty bitmaps")
         _dirty_log.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
+
+    # ==================================================================================
+    # The dirty ring (memslots.dirty_ring)
+    # ==================================================================================
+    @property
+    def dirty_ring_size(self) -> int:
+        """Bytes of each vCPU's dirty ring (``kvm->dirty_ring_size``); 0 while off."""
+        return self.dirty_rings.size
+
+    def enable_dirty_ring(self, size: int, acq_rel: bool = False) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING, size)`` (``..._ACQ_REL`` with
+        ``acq_rel``): a ring of ``size`` bytes for each vCPU created afterwards. The
+        kernel's checks and errnos in its order: EINVAL (not a power of two, below 4096),
+        E2BIG (over 1 MiB), EINVAL (already on, or a vCPU was ever created); ``size`` is
+        truncated to u32 first. O(1)."""
+        _dirty_ring.enable_dirty_ring(self, size, acq_rel)
+
+    def reset_dirty_rings(self) -> int:
+        """``KVM_RESET_DIRTY_RINGS``: reset the harvested entries of every vCPU's ring
+        (each ring up to its first entry not harvested) and return how many; EINVAL
+        without a ring. O(entries reset)."""
+        return _dirty_ring.reset_dirty_rings(self, [v.dirty_ring for v in self._vcpus.values()])
 
     def mark_page_dirty(self, gfn: int) -> None:
         """``mark_page_dirty``: set ``gfn``'s bit if its slot (address space 0) logs."""
@@ -590,7 +681,9 @@ class Vm:
 
     def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """``kvm_write_guest``: write ``data`` at ``gpa``; EFAULT for holes, INVALID or
-        read-only slots (earlier pages stay written, as in the kernel); marks pages dirty."""
+        read-only slots (earlier pages stay written, as in the kernel); marks pages dirty
+        in their bitmaps. No vCPU makes this write, so it never reaches a dirty ring (use
+        :meth:`Vcpu.write_guest` for a vCPU's write)."""
         _guest_memory.write_guest(self, gpa, data)
 
     def clear_guest(self, gpa: int, length: int) -> None:
@@ -604,7 +697,7 @@ class Vm:
         """Assert the VM is consistent (for tests; O(n)): outside an update both sets of
         every address space hold the same objects; each set's indexes agree; no gfn
         overlap; caches point into their set; generations are settled; page, dirty
-        bitmap and guest_memfd accounting add up."""
+        bitmap and guest_memfd accounting add up; vCPU dirty rings match the VM's."""
         with self.slots_lock:
             pages = bitmap_bytes = logging = gmem_pages = 0
             for a in range(self.nr_address_spaces):
@@ -641,6 +734,7 @@ class Vm:
             )
             require(bitmap_bytes == self.dirty_bitmap_bytes, "dirty bitmap leaked")
             require(gmem_pages == self.guest_memfds.bound_pages(), "guest_memfd binding leaked")
+            _dirty_ring.check_invariants(self, [v.dirty_ring for v in self._vcpus.values()])
 
     def _check_address_space(self, as_id: int) -> None:
         """The set-structure part of :meth:`check_invariants` for one address space: both

@@ -31,11 +31,19 @@ import os
 from types import TracebackType
 from typing import Final, Self
 
+from memslots.constants import (
+    KVM_DIRTY_GFN_F_DIRTY,
+    KVM_DIRTY_GFN_F_MASK,
+    KVM_DIRTY_GFN_F_RESET,
+    KVM_DIRTY_LOG_PAGE_OFFSET,
+)
 from memslots.errors import MemslotError
 
 __all__ = [
     "KVM_API_VERSION",
     "KVM_CAP_DIRTY_LOG_RING",
+    "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+    "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
     "KVM_CAP_GUEST_MEMFD",
     "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
     "KVM_CAP_MULTI_ADDRESS_SPACE",
@@ -45,6 +53,11 @@ __all__ = [
     "KVM_CAP_VM_TYPES",
     "KVM_CAP_X86_SMM",
     "KVM_DEV_PATH",
+    "KVM_DIRTY_GFN_F_DIRTY",
+    "KVM_DIRTY_GFN_F_MASK",
+    "KVM_DIRTY_GFN_F_RESET",
+    "KVM_DIRTY_LOG_PAGE_OFFSET",
+    "KVM_EXIT_DIRTY_RING_FULL",
     "KVM_EXIT_HLT",
     "KVM_EXIT_INTERNAL_ERROR",
     "KVM_EXIT_IO",
@@ -157,6 +170,20 @@ class kvm_clear_dirty_log(ctypes.Structure):
         ("num_pages", ctypes.c_uint32),
         ("first_page", ctypes.c_uint64),
         ("dirty_bitmap", ctypes.c_uint64),
+    )
+
+
+class kvm_dirty_gfn(ctypes.Structure):
+    """``struct kvm_dirty_gfn`` (16 bytes): one entry of a vCPU's dirty ring, which is an
+    array of them mapped from the vCPU fd at page ``KVM_DIRTY_LOG_PAGE_OFFSET``. ``flags``
+    is ``KVM_DIRTY_GFN_F_DIRTY`` (KVM published it), with ``KVM_DIRTY_GFN_F_RESET`` set by
+    userspace once harvested; ``slot`` is ``as_id << 16 | id``; ``offset`` the page index
+    inside the slot."""
+
+    _fields_ = (
+        ("flags", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
+        ("offset", ctypes.c_uint64),
     )
 
 
@@ -355,6 +382,7 @@ assert ctypes.sizeof(kvm_userspace_memory_region2) == 160
 assert ctypes.sizeof(kvm_dirty_log) == 16
 assert ctypes.sizeof(kvm_clear_dirty_log) == 24
 assert ctypes.sizeof(kvm_enable_cap) == 104
+assert ctypes.sizeof(kvm_dirty_gfn) == 16
 assert ctypes.sizeof(kvm_create_guest_memfd) == 64
 assert ctypes.sizeof(kvm_regs) == 144
 assert ctypes.sizeof(kvm_segment) == 24
@@ -387,6 +415,7 @@ KVM_SET_TSS_ADDR: Final = _IO(KVMIO, 0x47)
 KVM_SET_USER_MEMORY_REGION2: Final = _IOW(KVMIO, 0x49, kvm_userspace_memory_region2)
 KVM_ENABLE_CAP: Final = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 KVM_CLEAR_DIRTY_LOG: Final = _IOWR(KVMIO, 0xC0, kvm_clear_dirty_log)
+KVM_RESET_DIRTY_RINGS: Final = _IO(KVMIO, 0xC7)
 KVM_CREATE_GUEST_MEMFD: Final = _IOWR(KVMIO, 0xD4, kvm_create_guest_memfd)
 
 # vCPU ioctls
@@ -405,6 +434,7 @@ assert KVM_ENABLE_CAP == 0x4068AEA3
 assert KVM_GET_REGS == 0x8090AE81
 assert KVM_SET_SREGS == 0x4138AE84
 assert KVM_CREATE_GUEST_MEMFD == 0xC040AED4
+assert KVM_RESET_DIRTY_RINGS == 0xAEC7
 
 #: the only KVM API version there has ever been (``KVM_GET_API_VERSION``)
 KVM_API_VERSION: Final = 12
@@ -424,8 +454,11 @@ KVM_CAP_MAX_VCPUS: Final = 66
 KVM_CAP_READONLY_MEM: Final = 81
 KVM_CAP_X86_SMM: Final = 117
 KVM_CAP_MULTI_ADDRESS_SPACE: Final = 118
+KVM_CAP_MAX_VCPU_ID: Final = 128
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: Final = 168
 KVM_CAP_DIRTY_LOG_RING: Final = 192
+KVM_CAP_DIRTY_LOG_RING_ACQ_REL: Final = 223
+KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: Final = 225
 KVM_CAP_USER_MEMORY2: Final = 231
 KVM_CAP_MEMORY_ATTRIBUTES: Final = 233
 KVM_CAP_GUEST_MEMFD: Final = 234
@@ -768,6 +801,11 @@ class VmFd(_Fd):
             _check_range("arg", value, _U64)
         request = kvm_enable_cap(cap, flags, (ctypes.c_uint64 * 4)(*args))
         return _ioctl_checked(self.fd, KVM_ENABLE_CAP, ctypes.addressof(request), "KVM_ENABLE_CAP")
+
+    def reset_dirty_rings(self) -> int:
+        """``KVM_RESET_DIRTY_RINGS``: reset the harvested entries of every vCPU's dirty
+        ring; returns how many were reset (EINVAL without a ring). O(entries)."""
+        return _ioctl_checked(self.fd, KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS")
 
     def set_tss_addr(self, addr: int) -> None:
         """``KVM_SET_TSS_ADDR``: where x86 puts the three pages of its real-mode TSS (an

@@ -11,6 +11,13 @@ Typical use::
 
 The guest runs in KVM's instruction emulator on this kind of machine (about 1 us per
 two-instruction loop iteration), so guest programs must stay tiny.
+
+With the VM's dirty ring on (``KVM_CAP_DIRTY_LOG_RING``), :meth:`KvmVcpu.map_dirty_ring`
+maps the vCPU's ring and :meth:`KvmVcpu.run_until_hlt` surfaces
+``KVM_EXIT_DIRTY_RING_FULL`` (the ring is soft-full; KVM will not enter the guest until
+userspace harvests and ``KVM_RESET_DIRTY_RINGS`` frees entries) to a callback, or raises
+:class:`DirtyRingFull`; either way the guest goes on where it stopped once entries are
+freed and the vCPU runs again.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Protocol, Self
 
+from memslots.constants import PAGE_SIZE
 from memslots.errors import MemslotError
 from memslots.kvm.abi import (
+    KVM_DIRTY_LOG_PAGE_OFFSET,
+    KVM_EXIT_DIRTY_RING_FULL,
     KVM_EXIT_HLT,
     KVM_EXIT_INTERNAL_ERROR,
     KVM_EXIT_INTR,
@@ -54,11 +64,13 @@ from memslots.kvm.abi import (
 __all__ = [
     "DEFAULT_TSS_ADDR",
     "KICK_SIGNAL",
+    "DirtyRingFull",
     "GuestError",
     "GuestTimeout",
     "IoExit",
     "KvmVcpu",
     "MmioExit",
+    "RunObserver",
     "RunResult",
     "UnexpectedExit",
     "VcpuExit",
@@ -175,6 +187,8 @@ class RunResult:
     exits: int = 0
     io_exits: int = 0
     mmio_exits: int = 0
+    #: ``KVM_EXIT_DIRTY_RING_FULL`` exits answered by ``on_dirty_ring_full``
+    dirty_ring_full_exits: int = 0
     #: wall-clock time of the call
     seconds: float = 0.0
     #: whether the guest reached HLT
@@ -198,8 +212,27 @@ class GuestTimeout(GuestError):
     """``timeout`` or ``max_exits`` of :meth:`KvmVcpu.run_until_hlt` ran out."""
 
 
+class DirtyRingFull(GuestError):
+    """``KVM_EXIT_DIRTY_RING_FULL`` reached :meth:`KvmVcpu.run_until_hlt` without an
+    ``on_dirty_ring_full`` callback: harvest the rings, ``KVM_RESET_DIRTY_RINGS``, then
+    run again; the guest goes on where it stopped (KVM did not enter it)."""
+
+
+class RunObserver(Protocol):
+    """Told about every ``KVM_RUN`` of a :class:`KvmVcpu` (``vcpu.run_observer``): the
+    dirty-ring checks of :class:`memslots.kvm.KvmVm` use it."""
+
+    def before_run(self) -> None:
+        """Right before the ioctl."""
+
+    def after_run(self, exit: VcpuExit) -> None:
+        """Right after it, with the decoded exit (may raise to stop the run)."""
+
+
 IoHandler = Callable[[IoExit], int | bytes | None]
 MmioHandler = Callable[[MmioExit], int | bytes | None]
+DirtyRingFullHandler = Callable[[VcpuExit], object]
+_KvmRun = kvm_run  # the structure (KvmVcpu.kvm_run is a property of that name)
 
 
 def _noop_handler(signum: int, frame: object) -> None:
@@ -250,6 +283,9 @@ class KvmVcpu:
         self._lock = threading.Lock()  # guards _thread_id against kick()
         self._thread_id: int | None = None
         self._kicked = False
+        self._ring_map: mmap.mmap | None = None
+        #: told about every KVM_RUN (see :class:`RunObserver`), or None
+        self.run_observer: RunObserver | None = None
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -272,13 +308,33 @@ class KvmVcpu:
             raise ValueError("KvmVcpu is closed")
         return self._run
 
+    def map_dirty_ring(self, nbytes: int) -> mmap.mmap:
+        """Map this vCPU's dirty ring: ``nbytes`` (the VM's ring size) from page
+        ``KVM_DIRTY_LOG_PAGE_OFFSET`` (64) of the vCPU fd, shared and read-write, as the
+        kernel requires (a private or executable mapping is refused). The mapping belongs
+        to the vCPU and is unmapped by :meth:`close` (release views of it first); one
+        ring per vCPU, so a second call returns the same mapping."""
+        if self._ring_map is None:
+            self._ring_map = mmap.mmap(
+                self.fd,
+                nbytes,
+                mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE,
+            )
+        return self._ring_map
+
     def close(self) -> None:
-        """Unmap ``kvm_run`` and close the vCPU fd (idempotent)."""
+        """Unmap ``kvm_run`` and the dirty ring and close the vCPU fd (idempotent)."""
         if self._fd < 0:
             return
         self._release_view()
         self._run = None
         self._map.close()
+        if self._ring_map is not None:
+            with contextlib.suppress(BufferError):  # a view is alive: the GC unmaps it
+                self._ring_map.close()
+            self._ring_map = None
         fd, self._fd = self._fd, -1
         os.close(fd)
 
@@ -327,6 +383,7 @@ class KvmVcpu:
         *,
         regs: Mapping[str, int] | None = None,
         segments: Mapping[str, int] | None = None,
+        big_real_mode: bool = False,
     ) -> None:
         """Put the vCPU in 16-bit real mode about to execute the code at gpa ``entry``.
 
@@ -337,7 +394,9 @@ class KvmVcpu:
         (``{"es": 0x20000}``). A base below 1 MiB that is a multiple of 16 gets the
         matching selector, so guest code may reload the register; any other base (up to
         4 GiB, e.g. ``{"ds": 0xc0000000}``) lives only in the hidden part of the
-        register and holds until the guest reloads it. Limits stay 64 KiB.
+        register and holds until the guest reloads it. Limits stay 64 KiB, unless
+        ``big_real_mode``: then DS, ES, FS, GS and SS get a 4 GiB limit ("unreal mode"),
+        so code using 32-bit addresses (the 0x67 prefix) reaches every gpa below 4 GiB.
         """
         if not 0 <= entry < _REAL_MODE_LIMIT:
             raise ValueError(f"real-mode entry {entry:#x} is not below 1 MiB")
@@ -354,13 +413,14 @@ class KvmVcpu:
             seg: kvm_segment = getattr(sregs, name)
             seg.base = base
             seg.selector = base >> 4 if base < _REAL_MODE_LIMIT and base % 16 == 0 else 0
-            seg.limit = 0xFFFF
+            big = big_real_mode and name != "cs"
+            seg.limit = 0xFFFFFFFF if big else 0xFFFF
             seg.present = 1
             seg.s = 1
             seg.dpl = 0
             seg.db = 0
             seg.l = 0
-            seg.g = 0
+            seg.g = 1 if big else 0
             seg.unusable = 0
             seg.type = 0x0B if name == "cs" else 0x03  # code exec/read/accessed; data rw/a
         sregs.cr0 &= ~1  # PE off: real mode
@@ -394,6 +454,9 @@ class KvmVcpu:
         """
         run = self.kvm_run
         self._release_view()
+        observer = self.run_observer
+        if observer is not None:
+            observer.before_run()
         with self._lock:
             self._thread_id = threading.get_ident()
         try:
@@ -405,8 +468,18 @@ class KvmVcpu:
         if ret < 0:
             if err == 4:  # EINTR
                 run.immediate_exit = 0
-                return VcpuExit(KVM_EXIT_INTR)
+                ex = VcpuExit(KVM_EXIT_INTR)
+                if observer is not None:
+                    observer.after_run(ex)
+                return ex
             raise MemslotError(err, "KVM_RUN")
+        ex = self._decode(run)
+        if observer is not None:
+            observer.after_run(ex)
+        return ex
+
+    def _decode(self, run: _KvmRun) -> VcpuExit:
+        """The exit ``KVM_RUN`` left in ``kvm_run``."""
         reason = run.exit_reason
         if reason == KVM_EXIT_IO:
             io = run.io
@@ -454,6 +527,7 @@ class KvmVcpu:
         *,
         timeout: float | None = None,
         max_exits: int | None = None,
+        on_dirty_ring_full: DirtyRingFullHandler | None = None,
     ) -> RunResult:
         """Run the guest until it executes HLT, handing exits to the callbacks.
 
@@ -462,6 +536,11 @@ class KvmVcpu:
         ``exit.data``), or None (zeros); it may also write ``exit.data`` itself. For OUT
         the return value is ignored. ``on_mmio(exit)`` does the same for MMIO: for a
         read the return value (int, bytes or None for zeros) is what the guest loads.
+        ``on_dirty_ring_full(exit)`` gets every ``KVM_EXIT_DIRTY_RING_FULL``: it should
+        harvest the rings and reset them; the run then goes on (if the ring is still
+        soft-full, the next exit is the same). Without it the exit raises
+        :class:`DirtyRingFull`, and calling this method again after harvest and reset
+        resumes the guest where it stopped.
 
         Returns a :class:`RunResult` when the guest halts, or with ``halted`` False when
         :meth:`kick` stopped it. Raises :class:`GuestTimeout` when ``timeout`` seconds or
@@ -509,6 +588,11 @@ class KvmVcpu:
                         buf = (ctypes.c_uint8 * 8)()
                         _fill(memoryview(buf).cast("B"), ex.mmio.length, answer)
                         self.kvm_run.mmio.data = buf
+                elif reason == KVM_EXIT_DIRTY_RING_FULL:
+                    if on_dirty_ring_full is None:
+                        raise DirtyRingFull(f"dirty ring full: {ex}", ex)
+                    result.dirty_ring_full_exits += 1
+                    on_dirty_ring_full(ex)
                 elif reason == KVM_EXIT_INTR:
                     if timed_out.is_set():
                         raise GuestTimeout(f"guest still running after {timeout} s", ex)

@@ -21,6 +21,11 @@ dirtied; only a running guest can set bits the engine does not know of. So until
 has a vCPU, every page the kernel reports must be in the engine's bitmap, and until Python
 has dirtied a page (and :meth:`KvmVm.kernel_dirty_log` has bypassed the mirror) the two
 must be equal; a difference is a :class:`Disagreement` like a differing errno.
+
+The dirty ring (``KVM_CAP_DIRTY_LOG_RING``, :meth:`KvmVm.enable_dirty_ring`): each vCPU
+maps the kernel's ring from its fd, and a guest program's writes appear there; what the
+engine checks of it, and how host-side writes are recorded, is described in
+:mod:`memslots.kvm.ring`.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from errno import EBADF, EEXIST, EINVAL
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from memslots.constants import PAGE_SHIFT, PAGE_SIZE
+from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, U32_MAX, U64_MAX
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages
 from memslots.errors import MemslotError, errno_name
 from memslots.guest_memory import HostMemory
 from memslots.kvm.abi import (
+    KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_MULTI_ADDRESS_SPACE,
@@ -49,7 +56,8 @@ from memslots.kvm.abi import (
     KvmSystem,
     VmFd,
 )
-from memslots.kvm.vcpu import IoExit, KvmVcpu, MmioExit, RunResult, VcpuExit
+from memslots.kvm.ring import KernelRing
+from memslots.kvm.vcpu import DirtyRingFullHandler, IoExit, KvmVcpu, MmioExit, RunResult, VcpuExit
 from memslots.validate import check_abi_fields
 from memslots.vm import Vcpu, Vm
 
@@ -139,13 +147,26 @@ def probe_max_gfn(path: str = KVM_DEV_PATH) -> int:
 class KvmVcpuHandle(Vcpu):
     """A vCPU of a :class:`KvmVm`: the engine's :class:`~memslots.vm.Vcpu` (its
     last-used-slot cache and ``gfn_to_memslot``) plus the real vCPU in :attr:`kvm`
-    (a :class:`memslots.kvm.vcpu.KvmVcpu`) that runs real-mode guest code."""
+    (a :class:`memslots.kvm.vcpu.KvmVcpu`) that runs real-mode guest code.
 
-    __slots__ = ("kvm",)
+    With the VM's dirty ring on, :attr:`kernel_ring` is the kernel's ring of this vCPU,
+    mapped from its fd (a :class:`memslots.kvm.ring.KernelRing`: the guest's writes),
+    and the inherited :attr:`dirty_ring` is the engine's ring of the writes Python makes
+    through this vCPU (:meth:`write_guest`, :meth:`mark_page_dirty`), which the kernel
+    never sees. :meth:`harvest_dirty_ring` returns both."""
+
+    __slots__ = ("kernel_ring", "kvm")
 
     def __init__(self, vm: KvmVm, id: int, kvm: KvmVcpu) -> None:
         super().__init__(vm, id)
         self.kvm = kvm
+        self.kernel_ring: KernelRing | None = None
+        size = vm.dirty_ring_size
+        if size:
+            self.kernel_ring = KernelRing(
+                kvm.map_dirty_ring(size), size, vm._logging_slots, vm._report
+            )
+            kvm.run_observer = self.kernel_ring
 
     def setup_real_mode(
         self,
@@ -153,10 +174,11 @@ class KvmVcpuHandle(Vcpu):
         *,
         regs: Mapping[str, int] | None = None,
         segments: Mapping[str, int] | None = None,
+        big_real_mode: bool = False,
     ) -> None:
         """16-bit real mode, about to run the code at gpa ``entry`` (see
         :meth:`memslots.kvm.vcpu.KvmVcpu.setup_real_mode`)."""
-        self.kvm.setup_real_mode(entry, regs=regs, segments=segments)
+        self.kvm.setup_real_mode(entry, regs=regs, segments=segments, big_real_mode=big_real_mode)
 
     def run(self) -> VcpuExit:
         """One ``KVM_RUN``; the decoded exit."""
@@ -169,22 +191,65 @@ class KvmVcpuHandle(Vcpu):
         *,
         timeout: float | None = None,
         max_exits: int | None = None,
+        on_dirty_ring_full: DirtyRingFullHandler | None = None,
     ) -> RunResult:
-        """Run until the guest halts, handing port-I/O and MMIO exits to the callbacks
-        (see :meth:`memslots.kvm.vcpu.KvmVcpu.run_until_hlt`)."""
-        return self.kvm.run_until_hlt(on_io, on_mmio, timeout=timeout, max_exits=max_exits)
+        """Run until the guest halts, handing port-I/O, MMIO and dirty-ring-full exits to
+        the callbacks (see :meth:`memslots.kvm.vcpu.KvmVcpu.run_until_hlt`; without
+        ``on_dirty_ring_full`` a full ring raises
+        :class:`memslots.kvm.vcpu.DirtyRingFull`: harvest, reset, call again)."""
+        return self.kvm.run_until_hlt(
+            on_io,
+            on_mmio,
+            timeout=timeout,
+            max_exits=max_exits,
+            on_dirty_ring_full=on_dirty_ring_full,
+        )
+
+    def harvest_dirty_ring(self) -> list[tuple[int, int]]:
+        """``(slot, offset)`` of every entry not harvested yet: first the kernel's ring
+        (what the guest wrote, in ring order; checked as :mod:`memslots.kvm.ring` says),
+        then the engine's ring of writes made from Python through this vCPU. Each is
+        marked harvested. EINVAL without a ring. O(entries)."""
+        vm = self.vm
+        assert isinstance(vm, KvmVm)
+        with vm._ring_lock:
+            vm._check_open()
+            if self.kernel_ring is None:
+                raise MemslotError(EINVAL, "the VM has no dirty ring")
+            return self.kernel_ring.harvest() + Vcpu.harvest_dirty_ring(self)
+
+    def mark_page_dirty(self, gfn: int) -> None:
+        """A write by this vCPU made from Python (see :meth:`memslots.vm.Vcpu.
+        mark_page_dirty`): into the engine's ring or bitmap; the kernel never sees it."""
+        vm = self.vm
+        assert isinstance(vm, KvmVm)
+        vm._no_host_writes = False
+        super().mark_page_dirty(gfn)
+
+    def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """``kvm_vcpu_write_guest`` from Python, through the engine's slots and
+        :class:`HostMemory` (the kernel's memory is the same memory): pages are recorded
+        in the engine's ring or bitmap, never in the kernel's. O(len(data))."""
+        vm = self.vm
+        assert isinstance(vm, KvmVm)
+        vm._no_host_writes = False
+        super().write_guest(gpa, data)
 
     def kick(self) -> None:
         """Make a running guest exit soon (from any thread)."""
         self.kvm.kick()
 
     def close(self) -> None:
-        """Close the real vCPU (idempotent)."""
+        """Close the real vCPU and unmap its ring (idempotent)."""
+        if self.kernel_ring is not None:
+            self.kvm.run_observer = None
+            self.kernel_ring.release()
+            self.kernel_ring = None
         self.kvm.close()
 
 
 class KvmVm(Vm):
-    """A real VM on ``/dev/kvm`` behind the memslots API (SPEC section 3).
+    """A real VM on ``/dev/kvm`` behind the memslots API (that of :class:`memslots.Vm`).
 
     ``KvmVm(strict=True, path="/dev/kvm")``: opens the device and creates a VM. The engine
     limits come from the kernel: ``KVM_CAP_MULTI_ADDRESS_SPACE`` (address spaces),
@@ -226,6 +291,9 @@ class KvmVm(Vm):
         self._no_host_writes = True
         self._closed = False
         self._close_lock = threading.Lock()
+        #: serialises harvests and resets of the dirty rings (their checks assume it)
+        self._ring_lock = threading.RLock()
+        self._logging_cache: tuple[tuple[int, ...], dict[int, int]] = ((), {})
 
     # -- the oracle ------------------------------------------------------------------
     def _compare(self, call: str, kernel: int, engine: int, detail: str = "") -> None:
@@ -401,6 +469,76 @@ class KvmVm(Vm):
             if k:
                 raise MemslotError(k, "KVM_CLEAR_DIRTY_LOG")
 
+    # -- the dirty ring ----------------------------------------------------------------
+    def enable_dirty_ring(self, size: int, acq_rel: bool = False) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING[_ACQ_REL], size)`` on both; vCPUs made
+        afterwards map the kernel's ring. Errnos as :meth:`memslots.vm.Vm.
+        enable_dirty_ring`. O(1)."""
+        with self.slots_lock:
+            self._check_open()
+            if not 0 <= size <= U64_MAX:
+                raise MemslotError(EINVAL, "size does not fit u64")
+            cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else KVM_CAP_DIRTY_LOG_RING
+            k, _, _ = self._mirror(
+                lambda: f"enable_dirty_ring({size:#x}, acq_rel={acq_rel})",
+                lambda: self.fd.enable_cap(cap, size),
+                lambda: Vm.enable_dirty_ring(self, size, acq_rel),
+            )
+            if k:
+                raise MemslotError(k, "KVM_ENABLE_CAP")
+            if not self.dirty_rings.size:  # non-strict and the engine refused: follow
+                self.dirty_rings.size = size & U32_MAX
+                self.dirty_rings.acq_rel = acq_rel
+
+    def reset_dirty_rings(self) -> int:
+        """``KVM_RESET_DIRTY_RINGS`` on the kernel, with its count predicted from the
+        kernel's rings (see :mod:`memslots.kvm.ring`), and on the engine's rings of
+        host-side writes; returns both counts added. EINVAL without a ring.
+        O(entries)."""
+        with self.slots_lock, self._ring_lock:
+            self._check_open()
+            rings = [v.kernel_ring for v in self._kvm_vcpus if v.kernel_ring is not None]
+            runs = [r.runs for r in rings]
+            predicted = [r.predict_reset() for r in rings]
+            k, kcount, host = self._mirror(
+                lambda: "reset_dirty_rings()",
+                self.fd.reset_dirty_rings,
+                lambda: Vm.reset_dirty_rings(self),
+            )
+            if k:
+                raise MemslotError(k, "KVM_RESET_DIRTY_RINGS")
+            if kcount != sum(predicted):
+                self._compare(
+                    "reset_dirty_rings()",
+                    0,
+                    0,
+                    f"the kernel reset {kcount} entries, the engine predicted {sum(predicted)}"
+                    f" ({predicted} per vCPU)",
+                )
+            for ring, count, before in zip(rings, predicted, runs, strict=True):
+                ring.apply_reset(count, before)
+            return int(kcount) + (host or 0)
+
+    def _report(self, call: str, detail: str) -> None:
+        """A kernel ring differs from the engine's model (see :mod:`memslots.kvm.ring`)."""
+        self._compare(call, 0, 0, detail)
+
+    def _logging_slots(self) -> dict[int, int]:
+        """``{slot number: npages}`` of the slots that log now (cached by generation)."""
+        with self.read_section():
+            gens = tuple(s.generation for s in self._memslots)
+            cached_gens, cached = self._logging_cache
+            if gens == cached_gens:
+                return cached
+            slots = {
+                x.slot: x.npages
+                for s in self._memslots
+                for x in s
+                if x.flags & KVM_MEM_LOG_DIRTY_PAGES
+            }
+            self._logging_cache = (gens, slots)
+            return slots
+
     # -- host-side dirtying (served by the engine) -----------------------------------
     def mark_page_dirty(self, gfn: int) -> None:
         """``mark_page_dirty``: the engine's bitmap only; :meth:`get_dirty_log` merges it
@@ -441,17 +579,39 @@ class KvmVm(Vm):
             return fd
 
     def create_vcpu(self, id: int) -> KvmVcpuHandle:
-        """A vCPU: the engine's lookup cache plus a real vCPU that runs real-mode guests
-        (``KVM_SET_TSS_ADDR`` is done on the first one)."""
-        self._check_open()
-        if id in self._vcpus:
-            raise MemslotError(EEXIST, f"vCPU {id} exists")
-        self._no_guest_writes = False  # from now on the guest may dirty pages
-        kvm_vcpu = KvmVcpu(self.fd, id)
-        handle = KvmVcpuHandle(self, id, kvm_vcpu)
-        self._vcpus[id] = handle
-        self._kvm_vcpus.append(handle)
-        return handle
+        """``KVM_CREATE_VCPU`` on the kernel, its errno compared with the engine's: a vCPU
+        with the engine's lookup cache plus a real vCPU that runs real-mode guests
+        (``KVM_SET_TSS_ADDR`` is done on the first one) and, with the dirty ring on, the
+        kernel's ring mapped."""
+        with self.slots_lock:
+            self._check_open()
+            if not 0 <= id <= U32_MAX:
+                raise MemslotError(EINVAL, "vCPU id does not fit u32")
+            if id in self._vcpus:  # the engine knows; the kernel would agree (EEXIST)
+                raise MemslotError(EEXIST, f"vCPU {id} exists")
+            made: list[KvmVcpu] = []
+            try:
+                k, _, _ = self._mirror(
+                    lambda: f"create_vcpu({id})",
+                    lambda: made.append(KvmVcpu(self.fd, id)),
+                    lambda: self._check_new_vcpu(id),
+                )
+            except ConformanceError:
+                for v in made:
+                    v.close()
+                raise
+            if k:
+                raise MemslotError(k, "KVM_CREATE_VCPU")
+            self._no_guest_writes = False  # from now on the guest may dirty pages
+            self.created_vcpus += 1
+            try:
+                handle = KvmVcpuHandle(self, id, made[0])
+            except BaseException:
+                made[0].close()
+                raise
+            self._vcpus[id] = handle
+            self._kvm_vcpus.append(handle)
+            return handle
 
     # -- lifetime --------------------------------------------------------------------
     def _check_open(self) -> None:

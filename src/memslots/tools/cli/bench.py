@@ -123,6 +123,8 @@ def register(sub: Any) -> None:
                    help="save a log-log plot of the sweep (needs the plot extra: "
                    "pip install 'memslots[plot]')")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    p.add_argument("--dirty", action="store_true",
+                   help="instead: dirty-page harvest, ring vs GET_DIRTY_LOG")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -330,6 +332,10 @@ def print_results(results: BenchResults, console: Console) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print, save and plot the results."""
+    if getattr(args, "dirty", False):
+        from memslots.tools.cli.bench_dirty import run_dirty
+
+        return run_dirty(args)
     cfg = config_from_args(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise CliError("--plot needs matplotlib: pip install 'memslots[plot]'")

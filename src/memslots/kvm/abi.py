@@ -25,6 +25,7 @@ Classes:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -595,9 +596,11 @@ class _Fd:
         self.close()
 
     def __del__(self) -> None:
-        # Last resort only; callers close explicitly or use ``with``.
+        # Last resort only; callers close explicitly or use ``with``. BufferError: a
+        # subclass's mapping is still exported (a caller holds a view); the GC frees it.
         if getattr(self, "_fd", -1) >= 0:
-            self.close()
+            with contextlib.suppress(BufferError):
+                self.close()
 
 
 class KvmSystem(_Fd):

@@ -15,17 +15,14 @@ two-instruction loop iteration), so guest programs must stay tiny.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import mmap
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from memslots.errors import MemslotError
 from memslots.kvm.abi import (
@@ -42,6 +39,7 @@ from memslots.kvm.abi import (
     KVM_SET_REGS,
     KVM_SET_SREGS,
     VmFd,
+    _Fd,
     _ioctl,
     _ioctl_checked,
     exit_reason_name,
@@ -220,7 +218,7 @@ def _ensure_kick_handler() -> bool:
     return True
 
 
-class KvmVcpu:
+class KvmVcpu(_Fd):
     """A vCPU of a :class:`~memslots.kvm.abi.VmFd`: owns its fd and ``kvm_run`` mapping.
 
     ``KvmVcpu(vm, vcpu_id)`` gives the VM a real-mode TSS address first if it has none
@@ -237,13 +235,13 @@ class KvmVcpu:
         self.vm = vm
         self.vcpu_id = vcpu_id
         self._kick_ok = _ensure_kick_handler()
-        self._fd = vm.create_vcpu(vcpu_id)
+        super().__init__(vm.create_vcpu(vcpu_id))
         try:
             self._map = mmap.mmap(
                 self._fd, vm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
             )
         except BaseException:
-            os.close(self._fd)
+            super().close()
             raise
         self._run: kvm_run | None = kvm_run.from_buffer(self._map)
         self._view: memoryview | None = None  # the last IoExit.data, released on next run
@@ -251,19 +249,7 @@ class KvmVcpu:
         self._thread_id: int | None = None
         self._kicked = False
 
-    # -- plumbing -------------------------------------------------------------------
-
-    @property
-    def fd(self) -> int:
-        """The vCPU's file descriptor; ``ValueError`` once closed."""
-        if self._fd < 0:
-            raise ValueError("KvmVcpu is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` has run."""
-        return self._fd < 0
+    # -- plumbing (``fd``, ``closed`` and the context manager are :class:`_Fd`'s) ------
 
     @property
     def kvm_run(self) -> kvm_run:
@@ -274,30 +260,12 @@ class KvmVcpu:
 
     def close(self) -> None:
         """Unmap ``kvm_run`` and close the vCPU fd (idempotent)."""
-        if self._fd < 0:
+        if self.closed:
             return
         self._release_view()
         self._run = None
         self._map.close()
-        fd, self._fd = self._fd, -1
-        os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            # BufferError: a caller still holds a view; leave the mapping to the GC
-            with contextlib.suppress(BufferError):
-                self.close()
+        super().close()
 
     # -- registers ------------------------------------------------------------------
 

@@ -68,7 +68,9 @@ from typing import Any, Final, Protocol
 
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_USER_MEM_SLOTS_X86, PAGE_SHIFT
 from memslots.guest_memory import HostMemory
+from memslots.kvm.abi import kvm_available
 from memslots.slot import gfn_to_hva_memslot_prot, kvm_is_error_hva
+from memslots.view import MemslotTarget
 from memslots.vm import Vcpu, Vm
 
 KiB: Final = 1 << 10
@@ -308,24 +310,7 @@ class _NoProgress:
 # ======================================================================================
 # Implementations under test
 # ======================================================================================
-class Target(Protocol):
-    """What every implementation offers: the memslot ioctl."""
-
-    def set_user_memory_region(
-        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
-    ) -> None: ...
-
-
-def kvm_usable() -> bool:
-    """True when ``/dev/kvm`` opens and answers API version 12."""
-    try:
-        from memslots.kvm.abi import kvm_available
-    except ImportError:  # pragma: no cover - the package ships it
-        return False
-    return kvm_available()
-
-
-def make_target(impl: str) -> Target:
+def make_target(impl: str) -> MemslotTarget:
     """A new, empty VM of implementation ``impl`` (one address space, as the kernel on
     this machine has). Close it with :func:`close_target`."""
     if impl == "tree":
@@ -346,7 +331,7 @@ def make_target(impl: str) -> Target:
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def close_target(t: Target) -> None:
+def close_target(t: MemslotTarget) -> None:
     """Release what :func:`make_target` created (a kernel VM is destroyed)."""
     close = getattr(t, "close", None)
     if close is not None:
@@ -361,7 +346,7 @@ def available_impls(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
     for name in wanted:
         if name in ("kvm", "ioctl"):
             if kvm is None:
-                kvm = kvm_usable()
+                kvm = kvm_available()
             if not kvm:
                 notes.append(f"{IMPL_LABELS[name]}: skipped, /dev/kvm is not usable here")
                 continue
@@ -432,7 +417,7 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
-    if kvm_usable():
+    if kvm_available():
         from memslots.kvm.abi import (
             KVM_CAP_MULTI_ADDRESS_SPACE,
             KVM_CAP_NR_MEMSLOTS,
@@ -495,7 +480,7 @@ class _Runner:
                 self._vcpus.pop(id(target), None)
                 close_target(target)
 
-    def _create_all(self, t: Target, layout: list[tuple[int, int]], mem: HostMemory) -> None:
+    def _create_all(self, t: MemslotTarget, layout: list[tuple[int, int]], mem: HostMemory) -> None:
         sur = t.set_user_memory_region
         base = mem.addr - MEM_GPA
         for i, (gpa, size) in enumerate(layout):
@@ -503,12 +488,12 @@ class _Runner:
 
     def _setup(
         self, impl: str, layout: list[tuple[int, int]], mem: HostMemory, timed: bool
-    ) -> Target:
+    ) -> MemslotTarget:
         """Build a VM with the layout; when ``timed``, build it ``repetitions`` times and
         record the best creation time. Returns the last VM built."""
         reps = self.cfg.repetitions if timed else 1
         best = float("inf")
-        target: Target | None = None
+        target: MemslotTarget | None = None
         for _ in range(reps):
             if target is not None:
                 close_target(target)
@@ -529,7 +514,7 @@ class _Runner:
     def _move(
         self,
         impl: str,
-        t: Target,
+        t: MemslotTarget,
         layout: list[tuple[int, int]],
         mem: HostMemory,
         *,
@@ -647,7 +632,7 @@ class _Runner:
     def sweep(self, impls: list[str], mem: HostMemory) -> None:
         cfg = self.cfg
         counts = cfg.counts
-        targets: dict[str, Target] = {}
+        targets: dict[str, MemslotTarget] = {}
         present = dict.fromkeys(impls, 0)
         self.progress.phase(
             "per-operation sweep", len(counts) * (len(impls) + cfg.repetitions * len(impls))
@@ -683,7 +668,9 @@ class _Runner:
             for t in targets.values():
                 close_target(t)
 
-    def _ops(self, t: Target, count: int, base: int, step: int) -> list[tuple[str, float, int]]:
+    def _ops(
+        self, t: MemslotTarget, count: int, base: int, step: int
+    ) -> list[tuple[str, float, int]]:
         """Time the four operations with ``count`` slots present; returns
         ``(op, microseconds per op, operations timed)``."""
         sur = t.set_user_memory_region

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from errno import EBADF, EEXIST, EINVAL
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from memslots.constants import PAGE_SHIFT, PAGE_SIZE
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages
@@ -52,6 +52,9 @@ from memslots.kvm.abi import (
 from memslots.kvm.vcpu import IoExit, KvmVcpu, MmioExit, RunResult, VcpuExit
 from memslots.validate import check_abi_fields
 from memslots.vm import Vcpu, Vm
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "ENGINE_RAISED",
@@ -382,7 +385,7 @@ class KvmVm(Vm):
             self.kernel_calls += 1
             return self.fd.get_dirty_log(slot, nbytes)
 
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Buffer) -> None:
         """``KVM_CLEAR_DIRTY_LOG`` on both the kernel's and the engine's bitmaps.
         O(num_pages / 8)."""
         with self.slots_lock:
@@ -405,17 +408,17 @@ class KvmVm(Vm):
         self._no_host_writes = False
         super().mark_page_dirty(gfn)
 
-    def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+    def write_guest(self, gpa: int, data: Buffer, *, as_id: int = 0) -> None:
         """``kvm_write_guest`` through the engine's slots and :class:`HostMemory` (the
         kernel's memory is the same memory); pages are marked in the engine's bitmap.
         O(len(data))."""
         self._no_host_writes = False
-        super().write_guest(gpa, data)
+        super().write_guest(gpa, data, as_id=as_id)
 
-    def clear_guest(self, gpa: int, length: int) -> None:
+    def clear_guest(self, gpa: int, length: int, *, as_id: int = 0) -> None:
         """``kvm_clear_guest``, as :meth:`write_guest`. O(length)."""
         self._no_host_writes = False
-        super().clear_guest(gpa, length)
+        super().clear_guest(gpa, length, as_id=as_id)
 
     # -- memory and vCPUs ------------------------------------------------------------
     def host_memory(self, size: int) -> HostMemory:

@@ -146,7 +146,6 @@ EngineMachine.TestCase.settings = settings(
 TestTreeEngine = EngineMachine.TestCase
 
 
-
 class ArrayMachine(EngineMachine):
     impl = ArrayVm
 

@@ -16,9 +16,11 @@ from memslots import (
     Change,
     Memslot,
     MemslotError,
+    MemslotSet,
     Vm,
     kvm_is_error_hva,
 )
+from memslots.constants import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 from memslots.faults import POINTS
 
 MB = 1 << 20
@@ -292,3 +294,65 @@ def test_id_to_memslot_and_iteration_order() -> None:
     assert vm.nr_memslot_pages == 3 * 256
     with pytest.raises(MemslotError):
         vm.memslots(2)
+
+
+class _Recorder:
+    """A publish observer that records what it sees of every swap."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.events: list[tuple[str, int, tuple[tuple[int, int, bool], ...], bool]] = []
+
+    def _record(self, what: str, as_id: int, slots: MemslotSet) -> None:
+        active = self.vm._memslots[as_id] is slots
+        seen = tuple((s.id, s.base_gfn, s.invalid) for s in slots)
+        self.events.append((what, as_id, seen, active))
+        if what == "published":
+            assert not slots.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+
+    def publishing(self, as_id: int, slots: MemslotSet) -> None:
+        self._record("publishing", as_id, slots)
+
+    def published(self, as_id: int, slots: MemslotSet) -> None:
+        self._record("published", as_id, slots)
+
+
+def test_publish_observer_sees_every_swap_with_the_set_being_published() -> None:
+    vm = Vm()
+    rec = _Recorder(vm)
+    vm.publish_observer = rec
+    vm.set_user_memory_region(1 << 16 | 3, 0, 0, MB, HVA)  # CREATE in address space 1
+    vm.set_user_memory_region(1 << 16 | 3, 0, 4 * MB, MB, HVA)  # MOVE: INVALID, then new
+    vm.faults.inject("arch_prepare")
+    with pytest.raises(MemslotError):  # a MOVE failing in prepare: INVALID in and out
+        vm.set_user_memory_region(1 << 16 | 3, 0, 8 * MB, MB, HVA)
+    vm.set_user_memory_region(1 << 16 | 3, 0, 0, 0, 0)  # DELETE: INVALID, then gone
+    old, new = (3, 0, False), (3, 1024, False)
+    bad_old, bad_new = (3, 0, True), (3, 1024, True)
+    swaps = [((), (old,)), ((old,), (bad_old,)), ((bad_old,), (new,)),
+             ((new,), (bad_new,)), ((bad_new,), (new,)),
+             ((new,), (bad_new,)), ((bad_new,), ())]  # fmt: skip
+    expected = []
+    for _before, after in swaps:
+        expected.append(("publishing", 1, after, False))  # not yet published
+        expected.append(("published", 1, after, True))
+    assert rec.events == expected
+    assert vm.memslots(1).generation == 1 + 7 * 2
+
+
+def test_published_set_is_the_active_one_and_complete() -> None:
+    """The set handed to ``published`` is the one readers now use, with the new slot."""
+    vm = Vm(nr_address_spaces=1)
+    seen: list[MemslotSet] = []
+
+    class Keep:
+        def publishing(self, as_id: int, slots: MemslotSet) -> None:
+            pass
+
+        def published(self, as_id: int, slots: MemslotSet) -> None:
+            seen.append(slots)
+
+    vm.publish_observer = Keep()
+    vm.set_user_memory_region(0, 0, 0, MB, HVA)
+    assert seen == [vm.memslots(0)] and [s.id for s in seen[0]] == [0]
+    vm.check_invariants()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from memslots import Memslot
+from memslots import Memslot, MemslotSet
 from memslots.faults import POINTS
 from memslots.sync import Srcu
 from memslots.tools.cli import main
@@ -285,11 +285,11 @@ def test_vm_id_to_memslot_never_answers_with_an_unpublished_slot() -> None:
         at_swap = threading.Event()
         go_on = threading.Event()
 
-        def _swap_active_memslots(self, as_id: int) -> None:
-            if self.arm and self._inactive_memslots(as_id).id_to_memslot(8) is not None:
+        def publishing(self, as_id: int, slots: MemslotSet) -> None:
+            if self.arm and slots.id_to_memslot(8) is not None:
                 self.at_swap.set()
                 self.go_on.wait(WAIT)
-            super()._swap_active_memslots(as_id)
+            super().publishing(as_id, slots)
 
     vm = PauseBeforeSecondSwap(nr_address_spaces=1)
     sets = _PausingSets(list(vm._memslots), vm.srcu)

@@ -115,8 +115,7 @@ class PublishObserver(Protocol):
     - ``publishing(as_id, slots)``: ``slots`` is complete and about to become the active
       set of ``as_id`` (the next statement publishes it).
     - ``published(as_id, slots)``: the grace period after publishing ``slots`` has ended
-      (no reader uses the previous set any more) and its generation is settled. Called
-      even if the swap raised.
+      (no reader uses the previous set any more) and its generation is settled.
 
     Neither may change ``slots``. :class:`memslots.tools.stress.HistoryVm` records the
     history of published states this way.
@@ -322,11 +321,16 @@ class Vm(VmApi[MemslotSet]):
 
     def _swap_active_memslots(self, as_id: int) -> None:
         """``kvm_swap_active_memslots``: publish the inactive set, wait for every reader of
-        the previously active set to leave, then settle the generation."""
+        the previously active set to leave, then settle the generation. The
+        ``publish_observer``, if any, is told just before the publish and after the
+        generation is settled."""
         active = self._memslots[as_id]
         inactive = self._inactive_memslots(as_id)
         gen = active.generation
         assert not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, "swap already in progress"
+        observer = self.publish_observer
+        if observer is not None:
+            observer.publishing(as_id, inactive)
         # Caches tagged with any final generation miss while the swap is in flight.
         inactive.generation = gen | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
         self._memslots[as_id] = inactive  # publish: new readers see this set
@@ -337,6 +341,8 @@ class Vm(VmApi[MemslotSet]):
             self.srcu.synchronize()
         gen = (inactive.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.nr_address_spaces
         inactive.generation = gen
+        if observer is not None:
+            observer.published(as_id, inactive)
 
     def _activate_memslot(self, old: Memslot | None, new: Memslot | None) -> None:
         """``kvm_activate_memslot``: swap, then repeat the replacement on the set that was

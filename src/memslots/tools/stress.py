@@ -5,9 +5,9 @@ The pieces are reusable (tests/test_stress.py, tests/test_faults_concurrent.py a
 ``memslots stress`` use them):
 
 :class:`HistoryVm`
-    a :class:`~memslots.vm.Vm` that records every publish: it overrides
-    ``_swap_active_memslots`` to snapshot the set it is about to publish and to take a
-    sequence number before and after the swap. Sequence numbers come from one
+    a :class:`~memslots.vm.Vm` that records every publish through the engine's
+    ``publish_observer`` hook: it snapshots the set about to be published and takes a
+    sequence number before the publish and after the grace period. Sequence numbers come from one
     ``itertools.count`` shared by the writer and the readers (``next()`` on it is atomic),
     so they order events consistently with the threads' execution.
 :class:`History`
@@ -172,9 +172,10 @@ class History:
 
 class HistoryVm(Vm):
     """A :class:`~memslots.vm.Vm` that records every published state (see the module
-    docstring). Same constructor; adds ``seq`` (the shared sequence), ``histories``
-    (one :class:`History` per address space), ``swaps`` and ``swap_serial`` (odd while a
-    swap, i.e. a publish and its grace period, is in flight)."""
+    docstring): it is its own ``publish_observer`` (:class:`memslots.vm.PublishObserver`).
+    Same constructor; adds ``seq`` (the shared sequence), ``histories`` (one
+    :class:`History` per address space), ``swaps`` and ``swap_serial`` (odd while a swap,
+    i.e. a publish and its grace period, is in flight)."""
 
     #: record a pruning pass every this many swaps
     PRUNE_EVERY = 256
@@ -189,21 +190,28 @@ class HistoryVm(Vm):
         #: (None when idle); versions still needed by that call are kept
         self.reader_marks: list[int | None] = []
         self.pruned = 0
+        self._recording: Version | None = None
+        self.publish_observer = self
 
     def add_reader_mark(self) -> int:
         """Reserve a mark slot for a reader; returns its index."""
         self.reader_marks.append(None)
         return len(self.reader_marks) - 1
 
-    def _swap_active_memslots(self, as_id: int) -> None:
-        snapshot = tuple(self._inactive_memslots(as_id))
-        v = self.histories[as_id].record(next(self.seq), snapshot)
+    def publishing(self, as_id: int, slots: MemslotSet) -> None:
+        """Record the version about to be published (with the sequence number before
+        the publish)."""
+        self._recording = self.histories[as_id].record(next(self.seq), tuple(slots))
         self.swap_serial += 1
-        try:
-            super()._swap_active_memslots(as_id)
-        finally:
-            self.swap_serial += 1
-            v.end = next(self.seq)
+
+    def published(self, as_id: int, slots: MemslotSet) -> None:
+        """Close the version's publishing swap (the sequence number after its grace
+        period); prune the history now and then."""
+        v = self._recording
+        assert v is not None, "published() without publishing()"
+        self._recording = None
+        self.swap_serial += 1
+        v.end = next(self.seq)
         self.swaps += 1
         if not self.swaps % self.PRUNE_EVERY:
             self.prune_history()

@@ -120,6 +120,8 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Self, cast
 
+from memslots.errors import require
+
 #: True on free-threaded (PEP 703) builds: :class:`Srcu` then builds a :class:`LockedSrcu`
 FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
@@ -349,4 +351,30 @@ class LockedSrcu(Srcu):
             return bool(c)
 
 
-__all__ = ["FREE_THREADED_BUILD", "ExpeditedSrcu", "LockedSrcu", "Srcu", "SrcuToken"]
+def lockdep_assert_held(lock: threading.RLock, what: str) -> None:
+    """The kernel's ``lockdep_assert_held(lock)``: raise
+    :class:`memslots.errors.InvariantError` unless the calling thread holds ``lock`` (a
+    :func:`threading.RLock`). Callers write ``if __debug__: lockdep_assert_held(...)``,
+    so that the check costs nothing under ``python -O``. O(1).
+
+    >>> import threading
+    >>> lock = threading.RLock()
+    >>> with lock:
+    ...     lockdep_assert_held(lock, "swap")
+    >>> lockdep_assert_held(lock, "swap")
+    Traceback (most recent call last):
+    ...
+    memslots.errors.InvariantError: swap: lock not held by this thread
+    """
+    is_owned: Callable[[], bool] = lock._is_owned  # type: ignore[attr-defined]
+    require(is_owned(), f"{what}: lock not held by this thread")
+
+
+__all__ = [
+    "FREE_THREADED_BUILD",
+    "ExpeditedSrcu",
+    "LockedSrcu",
+    "Srcu",
+    "SrcuToken",
+    "lockdep_assert_held",
+]

@@ -43,7 +43,7 @@ from memslots.constants import (
 from memslots.errors import MemslotError, require
 from memslots.memslot_set import MemslotSet
 from memslots.slot import Memslot
-from memslots.sync import FREE_THREADED_BUILD
+from memslots.sync import FREE_THREADED_BUILD, lockdep_assert_held
 from memslots.validate import Change, Decision, VmLimits
 from memslots.vm_api import VmApi
 
@@ -252,6 +252,8 @@ class Vm(VmApi[MemslotSet]):
     # ==================================================================================
     def _set_memslot(self, old: Memslot | None, new: Memslot | None, change: Change) -> None:
         """``kvm_set_memslot``: the whole update, with rollback on failure."""
+        if __debug__:
+            lockdep_assert_held(self.slots_lock, "kvm_set_memslot")
         invalid: Memslot | None = None
         if change in (Change.DELETE, Change.MOVE):
             assert old is not None
@@ -310,7 +312,11 @@ class Vm(VmApi[MemslotSet]):
         self._activate_memslot(old, new)
 
     def _inactive_memslots(self, as_id: int) -> MemslotSet:
-        """``kvm_get_inactive_memslots``: the set of ``as_id`` that is not published."""
+        """``kvm_get_inactive_memslots``: the set of ``as_id`` that is not published
+        (only writers may touch it: the kernel's ``__kvm_memslots`` checks that they hold
+        ``slots_lock``)."""
+        if __debug__:
+            lockdep_assert_held(self.slots_lock, "kvm_get_inactive_memslots")
         return self._sets[as_id][self._memslots[as_id].node_idx ^ 1]
 
     def _replace_memslot(self, old: Memslot | None, new: Memslot | None) -> None:
@@ -327,7 +333,8 @@ class Vm(VmApi[MemslotSet]):
         active = self._memslots[as_id]
         inactive = self._inactive_memslots(as_id)
         gen = active.generation
-        assert not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, "swap already in progress"
+        if __debug__:
+            require(not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, "swap already in progress")
         observer = self.publish_observer
         if observer is not None:
             observer.publishing(as_id, inactive)

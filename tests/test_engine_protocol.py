@@ -356,3 +356,25 @@ def test_published_set_is_the_active_one_and_complete() -> None:
     vm.set_user_memory_region(0, 0, 0, MB, HVA)
     assert seen == [vm.memslots(0)] and [s.id for s in seen[0]] == [0]
     vm.check_invariants()
+
+
+def test_an_update_inside_a_read_section_is_refused_and_changes_nothing(
+    make_vm: Callable[..., Vm],
+) -> None:
+    """The grace period of such an update would wait for its own caller; it used to
+    publish the new set, then raise from the grace period, leaving the VM half-updated
+    (every later update failed)."""
+    vm = make_vm(nr_address_spaces=1)
+    vm.set_user_memory_region(0, 0, 0, MB, HVA)
+    before = _snapshot(vm)
+    with vm.read_section():
+        with pytest.raises(RuntimeError, match="inside a read section"):
+            vm.set_user_memory_region(1, 0, 4 * MB, MB, HVA)
+        with pytest.raises(RuntimeError):
+            vm.set_user_memory_region(0, 0, 0, 0, 0)
+        vm.set_user_memory_region(0, 0, 0, MB, HVA)  # no change: no grace period needed
+    assert _snapshot(vm) == before
+    vm.check_invariants()
+    vm.set_user_memory_region(1, 0, 4 * MB, MB, HVA)
+    assert [s.id for s in vm.slots()] == [0, 1]
+    vm.check_invariants()

@@ -224,11 +224,16 @@ class Vm(VmApi[MemslotSet]):
             self.apply(d)
 
     def apply(self, d: Decision) -> None:
-        """Carry out a validated request (the end of ``kvm_set_memory_region``)."""
+        """Carry out a validated request (the end of ``kvm_set_memory_region``).
+        ``RuntimeError`` (and nothing changed) when the calling thread is inside a read
+        section of this VM, whose grace period the update would wait for forever (the
+        kernel's lockdep reports the same as an illegal ``synchronize_srcu``)."""
         with self.slots_lock:
             if d.change is Change.NONE:
                 self.last_change = Change.NONE
                 return
+            if self.srcu.in_read_section():  # the grace period would wait for us forever
+                raise RuntimeError("a memslot update inside a read section of the same VM")
             new: Memslot | None = None
             if d.change is not Change.DELETE:
                 self.faults.check("kzalloc_new")

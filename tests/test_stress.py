@@ -130,9 +130,15 @@ def test_reader_flags_a_set_changed_under_it_without_a_grace_period() -> None:
     vm.set_user_memory_region(0, 0, 0, 0x10000, HVA)
     r = Reader(vm, 0, seed=1)
 
-    def hold() -> None:  # the writer runs while the reader holds the set
+    def write() -> None:
         vm.set_user_memory_region(1, 0, 0x100000, 0x1000, HVA)
         vm.set_user_memory_region(2, 0, 0x200000, 0x1000, HVA)
+
+    def hold() -> None:  # the writer runs (in its own thread) while the reader holds the set
+        w = threading.Thread(target=write, daemon=True)
+        w.start()
+        w.join(WAIT)
+        assert not w.is_alive()
 
     r.check_range(0, 0, 0x400, HVA, 0x1000, hold=hold)
     assert r.stats.violations >= 1

@@ -15,6 +15,9 @@ from memslots import Vm
 from memslots.baseline import ArrayVm
 from memslots.kvm import kvm_available
 
+#: either design: the tree engine (``KvmVm`` too) or the array baseline
+AnyVm = Vm | ArrayVm
+
 
 def engine_impls() -> list[Any]:
     """The engine and the array baseline: same API, same results."""
@@ -22,9 +25,9 @@ def engine_impls() -> list[Any]:
 
 
 @pytest.fixture(params=engine_impls())
-def make_vm(request: pytest.FixtureRequest) -> Callable[..., Vm]:
+def make_vm(request: pytest.FixtureRequest) -> Callable[..., AnyVm]:
     """A constructor of the implementation under test (``make_vm(**limits)``)."""
-    impl: Callable[..., Vm] = request.param
+    impl: Callable[..., AnyVm] = request.param
     return impl
 
 

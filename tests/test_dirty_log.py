@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import engine_impls
+from conftest import AnyVm, engine_impls
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotError, Vm
 from memslots.dirty_log import (
     alloc_dirty_bitmap,
@@ -41,7 +41,7 @@ EINVAL, ENOENT, EFAULT = errno.EINVAL, errno.ENOENT, errno.EFAULT
 LOG = KVM_MEM_LOG_DIRTY_PAGES
 PAGE = 4096
 HVA = 0x7F0000000000
-MakeVm = Callable[..., Vm]
+MakeVm = Callable[..., AnyVm]
 
 
 @pytest.fixture(params=[*engine_impls(), pytest.param("kvm", id="kvm", marks=pytest.mark.kvm)])
@@ -55,7 +55,7 @@ def make_vm(request: pytest.FixtureRequest) -> Iterator[MakeVm]:
 
     made: list[KvmVm] = []
 
-    def make(**limits: int) -> Vm:
+    def make(**limits: int) -> AnyVm:
         assert not limits, "KvmVm takes its limits from the kernel"
         vm = KvmVm()
         made.append(vm)
@@ -67,7 +67,7 @@ def make_vm(request: pytest.FixtureRequest) -> Iterator[MakeVm]:
         vm.close()
 
 
-def is_kvm(vm: Vm) -> bool:
+def is_kvm(vm: AnyVm) -> bool:
     return type(vm).__name__ == "KvmVm"
 
 
@@ -85,7 +85,7 @@ def words(*ws: int) -> bytes:
     return struct.pack(f"<{len(ws)}Q", *ws)
 
 
-def logged_vm(make_vm: MakeVm, npages: int = 200, base_gfn: int = 0x100, flags: int = LOG) -> Vm:
+def logged_vm(make_vm: MakeVm, npages: int = 200, base_gfn: int = 0x100, flags: int = LOG) -> AnyVm:
     vm = make_vm()
     vm.set_user_memory_region(0, flags, base_gfn * PAGE, npages * PAGE, HVA)
     return vm

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from conftest import AnyVm
 from memslots import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -90,13 +91,13 @@ CASES: list[tuple[str, tuple[int, int, int, int, int], bool, int]] = [
 ]  # fmt: skip
 
 
-def _table(vm: Vm) -> list[tuple[int, int, int, int, int, int]]:
+def _table(vm: AnyVm) -> list[tuple[int, int, int, int, int, int]]:
     return [s.as_tuple() for s in vm.slots()]
 
 
 @pytest.mark.parametrize(("name", "req", "v2", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_errno_rules(
-    make_vm: Callable[..., Vm],
+    make_vm: Callable[..., AnyVm],
     name: str,
     req: tuple[int, int, int, int, int],
     v2: bool,
@@ -140,7 +141,7 @@ def test_values_outside_the_abi_are_einval(req: tuple[int, int, int, int, int]) 
     assert exc.value.errno == EINVAL
 
 
-def test_limits_are_configurable(make_vm: Callable[..., Vm]) -> None:
+def test_limits_are_configurable(make_vm: Callable[..., AnyVm]) -> None:
     vm = make_vm(nr_address_spaces=1, max_user_slots=8, max_gfn=(1 << 20) - 1)
     with pytest.raises(MemslotError) as exc:
         vm.set_user_memory_region(8, 0, 0, 4096, 0)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from conftest import AnyVm
 from memslots import (
     KVM_HVA_ERR_BAD,
     KVM_HVA_ERR_RO_BAD,
@@ -27,12 +28,12 @@ MB = 1 << 20
 HVA = 0x10000000
 
 
-def _populate(vm: Vm, n: int = 10) -> None:
+def _populate(vm: AnyVm, n: int = 10) -> None:
     for i in range(n):
         vm.set_user_memory_region(i, 0, i * 2 * MB, MB, HVA + i * MB)
 
 
-def _snapshot(vm: Vm) -> dict[str, object]:
+def _snapshot(vm: AnyVm) -> dict[str, object]:
     return {
         "table": [s.as_tuple() for s in vm.slots()],
         "objects": [id(s) for s in vm.slots()],
@@ -135,7 +136,7 @@ def test_invalid_window(change: str) -> None:
         assert vcpu.gfn_to_memslot(1024 + 5) is vm.memslots(0).id_to_memslot(0)
 
 
-def _expect_rollback(vm: Vm, before: dict[str, object], swaps: int, err: int) -> None:
+def _expect_rollback(vm: AnyVm, before: dict[str, object], swaps: int, err: int) -> None:
     after = _snapshot(vm)
     assert after["table"] == before["table"]
     assert after["objects"] == before["objects"], "a failed update replaced a slot object"
@@ -166,7 +167,7 @@ FAULTS = [
 
 @pytest.mark.parametrize(("point", "kind", "err", "swaps"), FAULTS)
 def test_fault_injection_rolls_back(
-    make_vm: Callable[..., Vm], point: str, kind: str, err: int, swaps: int
+    make_vm: Callable[..., AnyVm], point: str, kind: str, err: int, swaps: int
 ) -> None:
     vm = make_vm()
     _populate(vm, 5)
@@ -359,7 +360,7 @@ def test_published_set_is_the_active_one_and_complete() -> None:
 
 
 def test_an_update_inside_a_read_section_is_refused_and_changes_nothing(
-    make_vm: Callable[..., Vm],
+    make_vm: Callable[..., AnyVm],
 ) -> None:
     """The grace period of such an update would wait for its own caller; it used to
     publish the new set, then raise from the grace period, leaving the VM half-updated

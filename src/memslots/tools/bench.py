@@ -66,12 +66,16 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Protocol
 
+from memslots.baseline import ArrayVcpu, ArrayVm
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_USER_MEM_SLOTS_X86, PAGE_SHIFT
 from memslots.guest_memory import HostMemory
 from memslots.kvm.abi import kvm_available
 from memslots.slot import gfn_to_hva_memslot_prot, kvm_is_error_hva
 from memslots.view import MemslotTarget
 from memslots.vm import Vcpu, Vm
+
+#: the implementations that answer lookups and guest memory (not a bare VM fd)
+EngineVm = Vm | ArrayVm
 
 KiB: Final = 1 << 10
 MiB: Final = 1 << 20
@@ -316,8 +320,6 @@ def make_target(impl: str) -> MemslotTarget:
     if impl == "tree":
         return Vm(nr_address_spaces=1)
     if impl == "array":
-        from memslots.baseline import ArrayVm
-
         return ArrayVm(nr_address_spaces=1)
     if impl == "kvm":
         from memslots.kvm import KvmVm
@@ -380,7 +382,7 @@ def perf_layout(n: int) -> list[tuple[int, int]]:
     return out
 
 
-def invalidate_hva_range(vm: Vm, start: int, end: int) -> int:
+def invalidate_hva_range(vm: EngineVm, start: int, end: int) -> int:
     """``__kvm_handle_hva_range`` for ``[start, end)``: in a read section, for every
     address space, each slot whose hva range meets the range and the gfn range it maps
     there. Returns the number of gfns the handler would see. O(log n + k log n) on the
@@ -442,7 +444,7 @@ class _Runner:
         self.progress = progress
         self.results = results
         #: the vCPU of each scenario VM (by id of the VM), created on first use
-        self._vcpus: dict[int, Vcpu] = {}
+        self._vcpus: dict[int, Vcpu | ArrayVcpu] = {}
 
     # --- memslot_perf_test scenarios --------------------------------------------------
     def scenarios(self, impls: list[str], mem: HostMemory) -> None:
@@ -469,10 +471,10 @@ class _Runner:
                     if s.startswith("move"):
                         r = self._move(impl, target, layout, mem, active=s == "move-active")
                     elif s.startswith("unmap"):
-                        assert isinstance(target, Vm)
+                        assert isinstance(target, EngineVm)
                         r = self._unmap(impl, target, mem, chunked=s == "unmap-chunked")
                     else:
-                        assert isinstance(target, Vm)
+                        assert isinstance(target, EngineVm)
                         r = self._rw(impl, target, layout)
                     self.results.scenarios.append(r)
                     self.progress.advance()
@@ -520,7 +522,7 @@ class _Runner:
         *,
         active: bool,
     ) -> ScenarioResult:
-        assert isinstance(t, Vm)
+        assert isinstance(t, EngineVm)
         last = len(layout) - 1
         gpa, size = layout[last]
         hva = mem.addr - MEM_GPA + gpa
@@ -566,7 +568,7 @@ class _Runner:
             detail={"lookups": total * 2 * area_pages, "lookups_without_slot": mmio},
         )  # fmt: skip
 
-    def _unmap(self, impl: str, vm: Vm, mem: HostMemory, *, chunked: bool) -> ScenarioResult:
+    def _unmap(self, impl: str, vm: EngineVm, mem: HostMemory, *, chunked: bool) -> ScenarioResult:
         piece = MEM_TEST_UNMAP_CHUNK if chunked else 1 << PAGE_SHIFT
         per_pass = MEM_TEST_UNMAP_SIZE // piece
         start0 = mem.addr
@@ -596,7 +598,7 @@ class _Runner:
             detail={"calls": total, "pages_invalidated": pages},
         )  # fmt: skip
 
-    def _rw(self, impl: str, vm: Vm, layout: list[tuple[int, int]]) -> ScenarioResult:
+    def _rw(self, impl: str, vm: EngineVm, layout: list[tuple[int, int]]) -> ScenarioResult:
         npages = MEM_SIZE >> PAGE_SHIFT
         gpas = range(MEM_GPA, MEM_GPA + (npages << PAGE_SHIFT), 1 << PAGE_SHIFT)
         write, read = vm.write_guest, vm.read_guest

@@ -13,9 +13,11 @@ from memslots import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
+    Change,
     MemslotError,
     Vm,
 )
+from model import Model
 
 MB = 1 << 20
 HVA = 0x7F0000000000
@@ -104,10 +106,14 @@ def test_errno_rules(
     expected: int,
 ) -> None:
     vm = make_vm()
+    model = Model(nr_as=vm.nr_address_spaces)  # the slot table the kernel would have
     for s in SETUP:
         vm.set_user_memory_region(*s)
+        assert model.apply(False, *s) == 0
     before = _table(vm)
+    assert before == model.table()
     gens = [vm.memslots(a).generation for a in range(vm.nr_address_spaces)]
+    assert model.apply(v2, *req) == expected, "the model disagrees with the case"
     call = vm.set_user_memory_region2 if v2 else vm.set_user_memory_region
     if expected:
         with pytest.raises(MemslotError) as exc:
@@ -117,6 +123,10 @@ def test_errno_rules(
         assert [vm.memslots(a).generation for a in range(vm.nr_address_spaces)] == gens
     else:
         call(*req)
+        assert _table(vm) != before or vm.last_change is Change.NONE
+    assert _table(vm) == model.table()
+    assert [vm.memslots(a).generation for a in range(vm.nr_address_spaces)] == model.gen
+    assert vm.nr_memslot_pages == model.pages
     vm.check_invariants()
 
 

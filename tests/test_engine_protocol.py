@@ -4,6 +4,7 @@ window, generations, failure injection with the kernel's rollback, and lookups."
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -26,6 +27,7 @@ from memslots.faults import POINTS
 
 MB = 1 << 20
 HVA = 0x10000000
+WAIT = 10.0  # seconds: bound on every wait and join
 
 
 def _populate(vm: AnyVm, n: int = 10) -> None:
@@ -378,4 +380,66 @@ def test_an_update_inside_a_read_section_is_refused_and_changes_nothing(
     vm.check_invariants()
     vm.set_user_memory_region(1, 0, 4 * MB, MB, HVA)
     assert [s.id for s in vm.slots()] == [0, 1]
+    vm.check_invariants()
+
+
+@pytest.mark.parametrize("change", ["delete", "move", "flags"])
+def test_a_vcpu_cache_never_answers_with_a_slot_no_longer_published(
+    make_vm: Callable[..., AnyVm], change: str
+) -> None:
+    """Deterministic: a vCPU caches slot S; an update replaces S and, while its grace
+    period waits for a reader that holds the old set, the vCPU looks the gfn up again. It
+    must answer with what is published now (the INVALID copy, or the new slot), never the
+    cached S: the swap marks the published generation in flight, so no cache tag (a
+    settled generation) matches it. After the update, the final state."""
+    vm = make_vm(nr_address_spaces=1)
+    vm.set_user_memory_region(0, 0, 0, MB, HVA)
+    vcpu = vm.create_vcpu(0)
+    cached = vcpu.gfn_to_memslot(5)
+    assert cached is not None and vcpu.gfn_to_memslot(5) is cached  # a cache hit
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_old_set() -> None:
+        with vm.read_section():
+            entered.set()
+            release.wait(WAIT)
+
+    request = {
+        "delete": (0, 0, 0, 0, 0),
+        "move": (0, 0, 8 * MB, MB, HVA),
+        "flags": (0, KVM_MEM_LOG_DIRTY_PAGES, 0, MB, HVA),
+    }[change]
+    errors: list[BaseException] = []
+
+    def update() -> None:
+        try:
+            vm.set_user_memory_region(*request)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    reader = threading.Thread(target=hold_old_set, daemon=True)
+    reader.start()
+    assert entered.wait(WAIT)
+    writer = threading.Thread(target=update, daemon=True)
+    writer.start()
+    try:
+        for _ in range(int(WAIT / 0.001)):  # until the first new set is published
+            if vm.memslots(0).id_to_memslot(0) is not cached:
+                break
+            threading.Event().wait(0.001)
+        published = vm.memslots(0)
+        assert published.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS  # in its grace period
+        now = published.id_to_memslot(0)
+        assert now is not cached
+        assert vcpu.gfn_to_memslot(5) is now  # not the cached, unpublished slot
+        assert vcpu.last_used_slot_gen == published.generation
+    finally:
+        release.set()
+        writer.join(WAIT)
+        reader.join(WAIT)
+    assert not writer.is_alive() and not reader.is_alive() and errors == []
+    final = vm.id_to_memslot(0)
+    assert vcpu.gfn_to_memslot(5) is (None if change in ("delete", "move") else final)
+    if change == "move":
+        assert vcpu.gfn_to_memslot(8 * MB // 4096 + 5) is final
     vm.check_invariants()

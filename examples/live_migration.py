@@ -81,7 +81,9 @@ class Guest:
     def stop(self) -> None:
         """Stop and wait: no guest write happens after this returns."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(30.0)
+        if self._thread.is_alive():
+            raise RuntimeError("the guest thread did not stop within 30 s")
         if self.error is not None:
             raise self.error
 

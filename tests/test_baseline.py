@@ -182,7 +182,8 @@ def test_readers_never_see_a_torn_array() -> None:
             vm.set_user_memory_region(63, 0, 63 * 4 * PAGE, 4 * PAGE, HVA + 63 * 4 * PAGE)
     finally:
         stop.set()
-        t.join()
+        t.join(30.0)
+    assert not t.is_alive()
     assert errors == []
     vm.check_invariants()
 

@@ -42,6 +42,7 @@ LOG = KVM_MEM_LOG_DIRTY_PAGES
 PAGE = 4096
 HVA = 0x7F0000000000
 MakeVm = Callable[..., AnyVm]
+WAIT = 30.0  # seconds: bound on every thread join
 
 
 @pytest.fixture(params=[*engine_impls(), pytest.param("kvm", id="kvm", marks=pytest.mark.kvm)])
@@ -494,7 +495,8 @@ def test_concurrent_marks_are_never_lost(manual: bool) -> None:
         while any(t.is_alive() for t in threads):
             collect()
         for t in threads:
-            t.join()
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
     finally:
         sys.setswitchinterval(interval)
     collect()

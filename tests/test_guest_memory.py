@@ -34,6 +34,7 @@ from memslots.guest_memory import live_mappings, read_guest_into, resolve_hva
 EFAULT, EINVAL = errno.EFAULT, errno.EINVAL
 LOG, RO = KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 P = PAGE_SIZE
+WAIT = 30.0  # seconds: bound on every thread join
 MakeVm = Callable[..., Vm]
 
 
@@ -506,7 +507,8 @@ def test_close_racing_copies_only_ever_gives_efault() -> None:
         time.sleep(rng.random() * 0.003)
         m.close()
         for t in threads:
-            t.join()
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
         assert errors == []
         assert errno_of(lambda: vm.write_guest(0, b"x")) == EFAULT  # noqa: B023
         assert errno_of(lambda: vm.read_guest(0, 1)) == EFAULT  # noqa: B023
@@ -555,7 +557,8 @@ def test_slot_changes_racing_copies(mems: list[HostMemory]) -> None:
                 vm.set_user_memory_region(1, LOG, 32 * P, 32 * P, m.addr + 32 * P)
     finally:
         stop.set()
-        t.join()
+        t.join(WAIT)
+    assert not t.is_alive()
     assert errors == []
     vm.check_invariants()
     assert m.read(24 * P, 8 * P) == b"r" * (8 * P)

@@ -78,6 +78,8 @@ GFN_SPACE = 1 << 13
 HVA_BASE = 0x7F00_0000_0000
 HVA_POOL_PAGES = 1 << 10
 MAX_SLOT_PAGES = 64
+#: seconds :func:`run_stress` waits for each thread to stop once the run is over
+JOIN_TIMEOUT = 30.0
 
 
 def same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
@@ -1061,7 +1063,8 @@ def run_stress(
     ``switch_interval`` sets ``sys.setswitchinterval`` for the run (smaller: more thread
     interleavings per second) and restores it after. ``progress`` is called from the
     calling thread every ``progress_every`` seconds. Ctrl-C stops the run early and
-    returns the report so far (``interrupted``). Time: ``seconds`` plus thread joins.
+    returns the report so far (``interrupted``). Time: ``seconds`` plus thread joins
+    (each bounded by :data:`JOIN_TIMEOUT`; a thread still running then is a violation).
     """
     if seconds <= 0:
         raise ValueError("seconds must be > 0")
@@ -1107,12 +1110,17 @@ def run_stress(
         interrupted = True
     finally:
         stop.set()
-        wthread.join()
-        for t in threads:
-            t.join()
+        stuck = []
+        for t in (wthread, *threads):
+            t.join(JOIN_TIMEOUT)
+            if t.is_alive():
+                stuck.append(t.name)
         sys.setswitchinterval(old_interval)
     elapsed = time.monotonic() - t_start
-    writer.check_state()
+    if stuck:  # a call that never returns (a deadlock, a grace period that never ends)
+        writer.violation(f"{', '.join(stuck)} did not stop within {JOIN_TIMEOUT:g} s")
+    else:
+        writer.check_state()
     return StressReport(
         seconds=elapsed,
         readers=readers,

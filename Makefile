@@ -17,7 +17,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples
 
 typecheck: $(STAMP)
-	$(BIN)/mypy src/memslots
+	$(BIN)/mypy src tests benchmarks examples
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q -rs

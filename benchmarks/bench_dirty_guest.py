@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     h = results["huge_slot"] = bench_huge_slot()
     print(
         f"2^28-page slot: create with logging {h['create_with_logging_ms']:.1f} ms "
-        f"(a {h['npages'] // 8 >> 20} MiB bitmap), GET + list {h['dirty_pages']} dirty "
+        f"(a {int(h['npages']) // 8 >> 20} MiB bitmap), GET + list {h['dirty_pages']} dirty "
         f"pages {h['get_and_list_ms']:.1f} ms"
     )
 

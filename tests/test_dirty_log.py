@@ -150,6 +150,7 @@ def test_mark_helpers_ignore_gfns_outside_the_slot(make_vm: MakeVm) -> None:
     if is_kvm(vm):
         pytest.skip("marks the engine's slot behind KvmVm's back: engine only")
     s = vm.id_to_memslot(0)
+    assert s is not None
     mark_page_dirty_in_slot(s, 0xFF)
     mark_page_dirty_in_slot(s, 0x100 + 100)
     mark_page_dirty_in_slot(None, 0x100)

@@ -74,14 +74,14 @@ def test_struct_sizes(struct: type[ctypes.Structure], size: int) -> None:
 
 def test_struct_offsets_match_uapi() -> None:
     # offsets printed by a C program against <linux/kvm.h>
-    assert abi.kvm_run.exit_reason.offset == 8  # type: ignore[attr-defined]
-    assert abi.kvm_run.immediate_exit.offset == 1  # type: ignore[attr-defined]
-    assert abi.kvm_run.cr8.offset == 16  # type: ignore[attr-defined]
-    assert abi.kvm_run.u.offset == 32  # type: ignore[attr-defined]
-    assert abi.kvm_sregs.gdt.offset == 192  # type: ignore[attr-defined]
-    assert abi.kvm_sregs.cr0.offset == 224  # type: ignore[attr-defined]
-    assert abi.kvm_sregs.interrupt_bitmap.offset == 280  # type: ignore[attr-defined]
-    assert abi.kvm_userspace_memory_region2.guest_memfd.offset == 40  # type: ignore[attr-defined]
+    assert abi.kvm_run.exit_reason.offset == 8
+    assert abi.kvm_run.immediate_exit.offset == 1
+    assert abi.kvm_run.cr8.offset == 16
+    assert abi.kvm_run.u.offset == 32
+    assert abi.kvm_sregs.gdt.offset == 192
+    assert abi.kvm_sregs.cr0.offset == 224
+    assert abi.kvm_sregs.interrupt_bitmap.offset == 280
+    assert abi.kvm_userspace_memory_region2.guest_memfd.offset == 40
 
 
 def test_ioctl_numbers_match_uapi() -> None:

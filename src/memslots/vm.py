@@ -57,6 +57,15 @@ class Vcpu:
     ``as_id`` may be changed at any time (x86 SMM entry/exit switches to address space 1).
     The cache is dropped whenever the active set's generation differs from the one it was
     filled under (``kvm_vcpu_gfn_to_memslot``).
+
+    >>> vm = Vm()
+    >>> vm.set_user_memory_region(0, 0, 0, 0x10000, 0x7F0000000000)
+    >>> vcpu = vm.create_vcpu(0)
+    >>> vcpu.gfn_to_memslot(3) is vcpu.last_used_slot is vm.id_to_memslot(0)
+    True
+    >>> vcpu.as_id = 1          # SMM: address space 1 has no slots
+    >>> vcpu.gfn_to_memslot(3) is None
+    True
     """
 
     __slots__ = ("as_id", "id", "last_used_slot", "last_used_slot_gen", "vm")

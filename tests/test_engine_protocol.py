@@ -24,6 +24,7 @@ from memslots import (
 )
 from memslots.constants import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 from memslots.faults import POINTS
+from memslots.view import SlotsView
 
 MB = 1 << 20
 HVA = 0x10000000
@@ -302,26 +303,28 @@ def test_id_to_memslot_and_iteration_order() -> None:
 class _Recorder:
     """A publish observer that records what it sees of every swap."""
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: AnyVm) -> None:
         self.vm = vm
         self.events: list[tuple[str, int, tuple[tuple[int, int, bool], ...], bool]] = []
 
-    def _record(self, what: str, as_id: int, slots: MemslotSet) -> None:
+    def _record(self, what: str, as_id: int, slots: SlotsView) -> None:
         active = self.vm._memslots[as_id] is slots
         seen = tuple((s.id, s.base_gfn, s.invalid) for s in slots)
         self.events.append((what, as_id, seen, active))
         if what == "published":
             assert not slots.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 
-    def publishing(self, as_id: int, slots: MemslotSet) -> None:
+    def publishing(self, as_id: int, slots: SlotsView) -> None:
         self._record("publishing", as_id, slots)
 
-    def published(self, as_id: int, slots: MemslotSet) -> None:
+    def published(self, as_id: int, slots: SlotsView) -> None:
         self._record("published", as_id, slots)
 
 
-def test_publish_observer_sees_every_swap_with_the_set_being_published() -> None:
-    vm = Vm()
+def test_publish_observer_sees_every_swap_with_the_set_being_published(
+    make_vm: Callable[..., AnyVm],
+) -> None:
+    vm = make_vm()
     rec = _Recorder(vm)
     vm.publish_observer = rec
     vm.set_user_memory_region(1 << 16 | 3, 0, 0, MB, HVA)  # CREATE in address space 1

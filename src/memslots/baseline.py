@@ -433,7 +433,7 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
         same results). O(n)."""
         with self.slots_lock:
             d = self.check_region(False, slot, flags, guest_phys_addr, memory_size, userspace_addr)
-            self._set_memory_region(d)
+            self.apply(d)
 
     def set_user_memory_region2(
         self,
@@ -452,12 +452,18 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
                 True, slot, flags, guest_phys_addr, memory_size, userspace_addr,
                 guest_memfd_offset, guest_memfd,
             )  # fmt: skip
-            self._set_memory_region(d)
+            self.apply(d)
 
-    def _set_memory_region(self, d: Decision) -> None:
-        """The part of ``__kvm_set_memory_region`` after validation: build the new slot
-        (binding its guest_memfd), run ``kvm_set_memslot``, undo the binding if it fails;
-        an interrupt that arrived meanwhile is raised at the end."""
+    def apply(self, d: Decision) -> None:
+        """Carry out a validated request (:meth:`check_region`): the part of
+        ``__kvm_set_memory_region`` after validation. Builds the new slot (binding its
+        guest_memfd), runs ``kvm_set_memslot``, undoes the binding if it fails; an
+        interrupt that arrived meanwhile is raised at the end. ``RuntimeError`` (and
+        nothing changed) inside a read section of this VM."""
+        with self.slots_lock:
+            self._apply(d)
+
+    def _apply(self, d: Decision) -> None:
         if d.change is Change.NONE:
             self.last_change = Change.NONE
             return
@@ -536,11 +542,15 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
     def _install_new_memslots(self, as_id: int) -> None:
         """``install_new_memslots``: mark the new array's generation in flight, publish
         it, wait until no reader uses the old one, then give it the next generation of
-        this address space (``old + nr_address_spaces``)."""
+        this address space (``old + nr_address_spaces``). The ``publish_observer``, if
+        any, is told before the publish and after the generation is settled."""
         slots = self._inactive_array(as_id)
         gen = self._memslots[as_id].generation
         if __debug__:
             require(not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, "install already in flight")
+        observer = self.publish_observer
+        if observer is not None:
+            observer.publishing(as_id, slots)
         slots.generation = gen | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
         self._memslots[as_id] = slots  # rcu_assign_pointer
         try:
@@ -549,6 +559,8 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
             self._hold_interrupt(exc)
             self.srcu.synchronize()
         slots.generation = (gen & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.nr_address_spaces
+        if observer is not None:
+            observer.published(as_id, slots)
 
     def _hold_interrupt(self, exc: BaseException) -> None:
         """Keep the first interrupt of an update for :meth:`_set_memory_region` to raise

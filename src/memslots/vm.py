@@ -27,7 +27,6 @@ they use :class:`~memslots.sync.Srcu` read sections, which never block.
 from __future__ import annotations
 
 from errno import EEXIST, EINVAL
-from typing import Protocol
 
 from memslots import dirty_log as _dirty_log
 from memslots.constants import (
@@ -116,25 +115,6 @@ class Vcpu:
         return f"Vcpu(id={self.id}, as_id={self.as_id})"
 
 
-class PublishObserver(Protocol):
-    """Watches every swap of :class:`Vm` (``kvm_swap_active_memslots``): set
-    ``vm.publish_observer`` to an object with these two methods. Both run in the writer,
-    under ``slots_lock``; they must not start an update or wait for readers.
-
-    - ``publishing(as_id, slots)``: ``slots`` is complete and about to become the active
-      set of ``as_id`` (the next statement publishes it).
-    - ``published(as_id, slots)``: the grace period after publishing ``slots`` has ended
-      (no reader uses the previous set any more) and its generation is settled.
-
-    Neither may change ``slots``. :class:`memslots.tools.stress.HistoryVm` records the
-    history of published states this way.
-    """
-
-    def publishing(self, as_id: int, slots: MemslotSet) -> None: ...
-
-    def published(self, as_id: int, slots: MemslotSet) -> None: ...
-
-
 class Vm(VmApi[MemslotSet]):
     """A virtual machine's memslots: the tree-based engine with the kernel's semantics.
 
@@ -146,7 +126,7 @@ class Vm(VmApi[MemslotSet]):
     each; one at a time, under ``slots_lock``). Readers: :meth:`gfn_to_memslot`,
     :meth:`memslots`, vCPUs; they never block. Lookups, dirty logging and guest memory
     are :class:`memslots.vm_api.VmApi`'s. ``publish_observer`` (None by default, see
-    :class:`PublishObserver`) watches every swap.
+    :class:`memslots.vm_api.PublishObserver`) watches every swap.
 
     >>> vm = Vm()
     >>> vm.set_user_memory_region(1, 0, 0x200000, 0x2000, 0x7F0000000000)
@@ -187,8 +167,6 @@ class Vm(VmApi[MemslotSet]):
         self._vcpus: dict[int, Vcpu] = {}
         #: an interrupt that arrived during an update, raised when the update completes
         self._deferred: BaseException | None = None
-        #: watches every swap (see :class:`PublishObserver`)
-        self.publish_observer: PublishObserver | None = None
 
     # ==================================================================================
     # The ioctls

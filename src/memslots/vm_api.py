@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from errno import EINVAL
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from memslots import dirty_log as _dirty_log
 from memslots import guest_memory as _guest_memory
@@ -58,12 +58,33 @@ from memslots.view import SlotsView
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["InvalidateCallback", "VmApi"]
+__all__ = ["InvalidateCallback", "PublishObserver", "VmApi"]
 
 InvalidateCallback = Callable[[Memslot], None]
 
 #: the set type of a design (:class:`memslots.MemslotSet`, ``ArrayMemslotSet``)
 SetT = TypeVar("SetT", bound=SlotsView)
+SetT_contra = TypeVar("SetT_contra", bound=SlotsView, contravariant=True)
+
+
+class PublishObserver(Protocol[SetT_contra]):
+    """Watches every swap of a VM (``kvm_swap_active_memslots``, v5.15's
+    ``install_new_memslots``): set ``vm.publish_observer`` to an object with these two
+    methods. Both run in the writer, under ``slots_lock``; they must not start an update
+    or wait for readers.
+
+    - ``publishing(as_id, slots)``: ``slots`` is complete and about to become the active
+      set of ``as_id`` (the next statement publishes it).
+    - ``published(as_id, slots)``: the grace period after publishing ``slots`` has ended
+      (no reader uses the previous set any more) and its generation is settled.
+
+    Neither may change ``slots``. :class:`memslots.tools.stress.HistoryVm` records the
+    history of published states this way.
+    """
+
+    def publishing(self, as_id: int, slots: SetT_contra) -> None: ...
+
+    def published(self, as_id: int, slots: SetT_contra) -> None: ...
 
 
 class VmApi(Generic[SetT]):
@@ -77,7 +98,7 @@ class VmApi(Generic[SetT]):
     ``kvm->slots_lock``), ``nr_memslot_pages``, ``nr_memslots_dirty_logging``,
     ``manual_dirty_log_protect``, ``dirty_bitmap_bytes``, ``faults``
     (:class:`memslots.faults.FaultInjector`), ``last_change``, ``callback_errors``,
-    ``guest_memfds``.
+    ``guest_memfds``, ``publish_observer`` (:class:`PublishObserver`, None by default).
     """
 
     #: the published (active) set of each address space: what readers load
@@ -105,6 +126,8 @@ class VmApi(Generic[SetT]):
         self.callback_errors: list[tuple[int, BaseException]] = []
         #: guest_memfd files of this VM and their bindings to slots
         self.guest_memfds = GuestMemfdTable()
+        #: watches every swap (see :class:`PublishObserver`)
+        self.publish_observer: PublishObserver[SetT] | None = None
 
     # ==================================================================================
     # Validation

@@ -174,7 +174,7 @@ class History:
 
 class HistoryVm(Vm):
     """A :class:`~memslots.vm.Vm` that records every published state (see the module
-    docstring): it is its own ``publish_observer`` (:class:`memslots.vm.PublishObserver`).
+    docstring): it is its own ``publish_observer`` (:class:`memslots.vm_api.PublishObserver`).
     Same constructor; adds ``seq`` (the shared sequence), ``histories`` (one
     :class:`History` per address space), ``swaps`` and ``swap_serial`` (odd while a swap,
     i.e. a publish and its grace period, is in flight)."""

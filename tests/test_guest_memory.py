@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import AnyVm
 from memslots import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
@@ -35,7 +36,7 @@ EFAULT, EINVAL = errno.EFAULT, errno.EINVAL
 LOG, RO = KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 P = PAGE_SIZE
 WAIT = 30.0  # seconds: bound on every thread join
-MakeVm = Callable[..., Vm]
+MakeVm = Callable[..., AnyVm]
 
 
 def errno_of(fn: Callable[[], object]) -> int:
@@ -359,6 +360,29 @@ def test_other_address_space(mems: list[HostMemory]) -> None:
     write_guest(vm, 0, b"smm", as_id=1)
     assert read_guest(vm, 0, 3, as_id=1) == b"smm"
     assert vm.read_guest(0, 3) == bytes(3)
+
+
+def test_vm_methods_take_the_address_space_and_any_buffer(
+    make_vm: MakeVm, mems: list[HostMemory]
+) -> None:
+    """The VM's guest-memory methods have the module functions' signatures: ``as_id``
+    keyword, any bytes-like data; address space 1 is reached only when asked for."""
+    a, b = mem(mems, 2 * P), mem(mems, 2 * P)
+    vm = make_vm()
+    vm.set_user_memory_region(0, 0, 0, 2 * P, a.addr)
+    vm.set_user_memory_region(1 << 16, LOG, 0, 2 * P, b.addr)
+    vm.write_guest(P - 4, array("I", [0x11223344, 0x55667788]), as_id=1)
+    assert b.read(P - 4, 8) == bytes.fromhex("4433221188776655")
+    assert a.read(0, 2 * P) == bytes(2 * P)
+    assert vm.read_guest(P - 4, 8, as_id=1) == b.read(P - 4, 8)
+    buf = bytearray(8)
+    vm.read_guest_into(P - 4, memoryview(buf), as_id=1)
+    assert bytes(buf) == b.read(P - 4, 8)
+    vm.clear_guest(P - 2, 4, as_id=1)
+    assert vm.read_guest(P - 4, 8, as_id=1) == bytes.fromhex("4433000000006655")
+    assert vm.read_guest(P - 4, 8) == bytes(8)  # address space 0 is another memory
+    assert dirty_pages(vm.get_dirty_log(1 << 16)) == [0, 1]
+    assert errno_of(lambda: vm.read_guest(0, 1, as_id=2)) == EINVAL
 
 
 def test_large_clear(make_vm: MakeVm, mems: list[HostMemory]) -> None:

@@ -1,4 +1,4 @@
-"""Dirty logging: every errno and layout rule of reference section 5 (bitmap layout, GET,
+"""Dirty logging: every errno and layout rule of the kernel's (bitmap layout, GET,
 CLEAR, MANUAL_DIRTY_LOG_PROTECT2, bitmap lifetime across MOVE and FLAGS_ONLY), the
 dirty-page helpers, a 2^28-page slot, and concurrent marking.
 

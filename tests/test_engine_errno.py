@@ -1,5 +1,6 @@
-"""Every validation rule of KVM_SET_USER_MEMORY_REGION(2) with its errno (reference 2.1,
-2.3 and the measured facts), in the kernel's order, against every implementation."""
+"""Every validation rule of KVM_SET_USER_MEMORY_REGION(2) with its errno
+(``kvm_set_memory_region`` and what this machine's kernel answers), in the kernel's
+order, against every implementation; the resulting slot table against tests/model.py."""
 
 from __future__ import annotations
 

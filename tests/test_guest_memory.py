@@ -1,7 +1,7 @@
 """Guest memory: HostMemory and its registry, and read_guest/write_guest/clear_guest with
-the kernel's page-by-page semantics (reference section 6): EFAULT for holes, INVALID
-slots, writes to read-only slots and hvas outside a live HostMemory; earlier pages stay
-written and dirty; nothing outside a live mapping is ever touched."""
+the kernel's page-by-page semantics (``kvm_read_guest``, ``kvm_write_guest``): EFAULT for
+holes, INVALID slots, writes to read-only slots and hvas outside a live HostMemory;
+earlier pages stay written and dirty; nothing outside a live mapping is ever touched."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """KVM memslot ABI constants (x86-64), named as in the kernel's uapi and kvm_host.h.
 
 Values follow ``include/uapi/linux/kvm.h`` and ``include/linux/kvm_host.h`` of mainline
-Linux; see ``shared/reference/kernel-memslot-semantics.md`` section 1.4.
+Linux.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Dirty logging: per-slot bitmaps, ``KVM_GET_DIRTY_LOG``, ``KVM_CLEAR_DIRTY_LOG``,
-``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` (reference section 5), and helpers for VMMs that
+``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` (``virt/kvm/kvm_main.c``), and helpers for VMMs that
 consume dirty bitmaps (:func:`dirty_pages`, :func:`dirty_runs`, :func:`count_dirty`).
 
 Layout. A slot's bitmap is a :class:`bytearray` of ``ALIGN(npages, 64) / 8`` bytes in the

@@ -1,5 +1,6 @@
 """Guest memory: host mappings (:class:`HostMemory`) and guest-physical access
-(:func:`read_guest`, :func:`write_guest`, :func:`clear_guest`), reference section 6.
+(:func:`read_guest`, :func:`write_guest`, :func:`clear_guest`), as the kernel's
+``kvm_read_guest`` family (``virt/kvm/kvm_main.c``).
 
 Host memory is only ever reached through a live :class:`HostMemory`: an anonymous shared,
 page-aligned ``mmap``. Every live mapping is in a process-wide registry sorted by address,

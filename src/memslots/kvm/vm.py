@@ -184,7 +184,7 @@ class KvmVcpuHandle(Vcpu):
 
 
 class KvmVm(Vm):
-    """A real VM on ``/dev/kvm`` behind the memslots API (SPEC section 3).
+    """A real VM on ``/dev/kvm`` behind the memslots API of :class:`memslots.Vm`.
 
     ``KvmVm(strict=True, path="/dev/kvm")``: opens the device and creates a VM. The engine
     limits come from the kernel: ``KVM_CAP_MULTI_ADDRESS_SPACE`` (address spaces),

@@ -26,7 +26,7 @@ The pieces are reusable (tests/test_stress.py, tests/test_faults_concurrent.py a
     random create/delete/move/flags/no-op/invalid requests through
     ``set_user_memory_region`` against a model of the slots, each with its expected
     result and errno; optionally an injected fault before a request, after which the
-    state must be as the kernel leaves it (reference 3.6 and 3.7): same slot objects, the
+    state must be as the kernel's ``kvm_set_memslot`` leaves it: same slot objects, the
     generation advanced by ``2 * nr_address_spaces`` for a DELETE/MOVE that failed in
     prepare and unchanged otherwise, no leaked dirty bitmap (``vm.check_invariants()``).
 :func:`run_stress`
@@ -557,7 +557,8 @@ class _Request:
 
 
 def generation_delta(change: Change, failed_in_prepare: bool, nr_address_spaces: int) -> int:
-    """How much a request moves its address space's active generation (reference 3.6):
+    """How much a request moves its address space's active generation
+    (``kvm_swap_active_memslots``):
     ``nr_address_spaces`` per swap; CREATE and FLAGS_ONLY swap once, DELETE and MOVE twice
     (also when they fail in prepare, which swaps the INVALID copy in and out); a request
     that fails before ``kvm_set_memslot`` or a CREATE/FLAGS_ONLY failing in prepare: 0."""

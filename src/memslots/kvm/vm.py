@@ -280,6 +280,7 @@ class KvmVm(Vm):
         args = (slot, flags, guest_phys_addr, memory_size, userspace_addr)
         with self.slots_lock:
             self._check_open()
+            self._check_not_in_read_section()
             k, _, _ = self._mirror(
                 lambda: _fmt_call("set_user_memory_region", args),
                 lambda: self.fd.set_user_memory_region(*args),
@@ -308,6 +309,7 @@ class KvmVm(Vm):
         args = (slot, flags, guest_phys_addr, memory_size, userspace_addr)
         with self.slots_lock:
             self._check_open()
+            self._check_not_in_read_section()
             k, _, _ = self._mirror(
                 lambda: (
                     _fmt_call("set_user_memory_region2", args)[:-1]
@@ -457,6 +459,13 @@ class KvmVm(Vm):
     def _check_open(self) -> None:
         if self._closed:
             raise MemslotError(EBADF, "the VM is closed")
+
+    def _check_not_in_read_section(self) -> None:
+        """The engine refuses an update from inside one of its read sections (its grace
+        period would wait for itself); refuse it before the kernel sees it, so that the
+        two stay in step."""
+        if self.srcu.in_read_section():
+            raise RuntimeError("a memslot update inside a read section of the same VM")
 
     @property
     def closed(self) -> bool:

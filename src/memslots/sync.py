@@ -120,7 +120,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Self, cast
 
-from memslots.errors import require
+from memslots.errors import InvariantError
 
 #: True on free-threaded (PEP 703) builds: :class:`Srcu` then builds a :class:`LockedSrcu`
 FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
@@ -252,7 +252,9 @@ class Srcu:
 
     def in_read_section(self) -> bool:
         """True when the calling thread has an open read section. O(1)."""
-        counters: tuple[SrcuToken, SrcuToken] | None = getattr(self._local, "c", None)
+        # the thread's own __dict__ of the local: getattr(local, "c", None) would build and
+        # drop an AttributeError in every thread that never read (most writers)
+        counters: tuple[SrcuToken, SrcuToken] | None = self._local.__dict__.get("c")
         return counters is not None and bool(counters[0] or counters[1])
 
     def reader_threads(self) -> int:
@@ -366,8 +368,8 @@ def lockdep_assert_held(lock: threading.RLock, what: str) -> None:
     ...
     memslots.errors.InvariantError: swap: lock not held by this thread
     """
-    is_owned: Callable[[], bool] = lock._is_owned  # type: ignore[attr-defined]
-    require(is_owned(), f"{what}: lock not held by this thread")
+    if not lock._is_owned():  # type: ignore[attr-defined]
+        raise InvariantError(f"{what}: lock not held by this thread")
 
 
 __all__ = [

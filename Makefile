@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check setup.py src tests benchmarks examples
 
 typecheck: $(STAMP)
-	$(BIN)/mypy src/memslots
+	$(BIN)/mypy src tests benchmarks examples
 
 pytest: $(STAMP)
 	MEMSLOTS_EXPECT_BUILD=compiled $(BIN)/python -m pytest -q -rs

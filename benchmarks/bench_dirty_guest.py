@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     h = results["huge_slot"] = bench_huge_slot()
     print(
         f"2^28-page slot: create with logging {h['create_with_logging_ms']:.1f} ms "
-        f"(a {h['npages'] // 8 >> 20} MiB bitmap), GET + list {h['dirty_pages']} dirty "
+        f"(a {int(h['npages']) // 8 >> 20} MiB bitmap), GET + list {h['dirty_pages']} dirty "
         f"pages {h['get_and_list_ms']:.1f} ms"
     )
 
@@ -335,11 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     results["ring_vs_bitmap"] = ring.to_json()
     print(f"harvest, ring vs bitmap (best of {ring.repeats}):")
     print(f"  {'dirty set':26} {'side':6} {'bitmap ms':>10} {'ring ms':>8} {'ratio':>6}")
-    for name, r in ring.scenarios.items():
+    for name, scenario in ring.scenarios.items():
         for side in ("engine", "kernel"):
-            if f"{side}_ring_s" in r:
-                b, g = r[f"{side}_bitmap_s"], r[f"{side}_ring_s"]
-                print(f"  {name:26} {side:6} {b * 1e3:10.3f} {g * 1e3:8.3f} {b / g:5.1f}x")
+            if f"{side}_ring_s" in scenario:
+                bm, rg = scenario[f"{side}_bitmap_s"], scenario[f"{side}_ring_s"]
+                print(f"  {name:26} {side:6} {bm * 1e3:10.3f} {rg * 1e3:8.3f} {bm / rg:5.1f}x")
     for note in ring.notes:
         print(f"  note: {note}")
 

@@ -55,6 +55,13 @@ def build(expedited: bool = False) -> Vm:
     return vm
 
 
+def join(t: threading.Thread, timeout: float = 60.0) -> None:
+    """Join ``t``; RuntimeError if it is still running after ``timeout`` seconds."""
+    t.join(timeout)
+    if t.is_alive():
+        raise RuntimeError(f"thread {t.name} did not stop within {timeout} s")
+
+
 def loop_cost(body: Callable[[int], None], n: int, repeats: int = 7) -> float:
     """Best ns per iteration of ``body(n)`` (which loops n times) minus an empty loop."""
 
@@ -175,7 +182,7 @@ def throughput(
     time.sleep(seconds)
     stop.set()
     for t in threads:
-        t.join()
+        join(t)
     elapsed = time.perf_counter() - t0
     return {"lookups_per_s": sum(counts) / elapsed, "writer_ns": w.times}
 
@@ -202,7 +209,7 @@ def writer_alone(seconds: float) -> list[int]:
     t.start()
     time.sleep(seconds)
     stop.set()
-    t.join()
+    join(t)
     return w.times
 
 
@@ -217,7 +224,7 @@ def synchronize_alone(n: int) -> float:
         srcu.synchronize()
     ns = (time.perf_counter_ns() - t0) / n
     done.set()
-    t.join()
+    join(t)
     return ns
 
 

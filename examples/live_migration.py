@@ -99,7 +99,9 @@ class Guest:
     def stop(self) -> None:
         """Stop and wait: no guest write happens after this returns."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(30.0)
+        if self._thread.is_alive():
+            raise RuntimeError("the guest thread did not stop within 30 s")
         if self.error is not None:
             raise self.error
 
@@ -240,7 +242,7 @@ class RingTracker:
         by_slot: dict[int, list[int]] = {slot: [] for slot, _, _ in LAYOUT}
         for slot, page in pending:
             by_slot[slot].append(page)
-        return {slot: pages_to_bitmap(by_slot[slot], npages) for slot, _, npages in LAYOUT}
+        return {slot: bytes(pages_to_bitmap(by_slot[slot], npages)) for slot, _, npages in LAYOUT}
 
 
 def merge(a: dict[int, bytes], b: dict[int, bytes]) -> dict[int, bytes]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,40 +12,28 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from memslots import Vm
+from memslots.baseline import ArrayVm
+from memslots.kvm import kvm_available
 
-
-def kvm_usable() -> bool:
-    """True when /dev/kvm can be opened read-write."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+#: either design: the tree engine (``KvmVm`` too) or the array baseline
+AnyVm = Vm | ArrayVm
 
 
 def engine_impls() -> list[Any]:
-    """The engine and, once it exists, the array baseline: same API, same results."""
-    impls: list[Any] = [pytest.param(Vm, id="tree")]
-    try:
-        from memslots.baseline import ArrayVm
-
-        impls.append(pytest.param(ArrayVm, id="array"))
-    except ImportError:
-        pass
-    return impls
+    """The engine and the array baseline: same API, same results."""
+    return [pytest.param(Vm, id="tree"), pytest.param(ArrayVm, id="array")]
 
 
 @pytest.fixture(params=engine_impls())
-def make_vm(request: pytest.FixtureRequest) -> Callable[..., Vm]:
+def make_vm(request: pytest.FixtureRequest) -> Callable[..., AnyVm]:
     """A constructor of the implementation under test (``make_vm(**limits)``)."""
-    impl: Callable[..., Vm] = request.param
+    impl: Callable[..., AnyVm] = request.param
     return impl
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``kvm``-marked tests cleanly where /dev/kvm is not usable."""
-    if kvm_usable():
+    if kvm_available():
         return
     skip = pytest.mark.skip(reason="/dev/kvm is not available on this machine")
     for item in items:

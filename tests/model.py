@@ -1,6 +1,7 @@
 """A deliberately naive reference model of the memslot ABI, for model-based tests.
 
-Written from the reference (sections 2 and 3.6) without sharing any code with the
+Written from the kernel's ``kvm_set_memory_region`` and ``kvm_set_memslot``
+(``virt/kvm/kvm_main.c``) without sharing any code with the
 engine: a dict of slots, a linear overlap scan, the generation counted per request.
 """
 

@@ -10,12 +10,13 @@ import random
 import threading
 from collections.abc import Callable
 from itertools import pairwise
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import AnyVm
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotError, Vm
 from memslots.baseline import ArrayMemslotSet, ArrayVm
 from memslots.faults import POINTS
@@ -26,7 +27,7 @@ PAGE = 4096
 HVA = 0x100000
 
 
-def table(vm: Vm) -> list[tuple[int, int, int, int, int, int]]:
+def table(vm: AnyVm) -> list[tuple[int, int, int, int, int, int]]:
     return [s.as_tuple() for s in vm.slots()]
 
 
@@ -96,11 +97,11 @@ def test_every_change_duplicates_the_array_and_frees_the_old_one() -> None:
     vm = ArrayVm(nr_address_spaces=1)
     for i in range(4):
         vm.set_user_memory_region(i, 0, i * PAGE, PAGE, HVA)
-    before = cast(ArrayMemslotSet, vm.memslots(0))
+    before = vm.memslots(0)
     before_list = before._slots
     snapshot = list(before_list)
     vm.set_user_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, PAGE, PAGE, HVA)
-    after = cast(ArrayMemslotSet, vm.memslots(0))
+    after = vm.memslots(0)
     assert after is not before
     assert after._slots is not before_list
     assert before_list == snapshot  # the published array was never written
@@ -112,7 +113,7 @@ def test_every_change_duplicates_the_array_and_frees_the_old_one() -> None:
 
 @pytest.mark.parametrize("impl", [Vm, ArrayVm], ids=["tree", "array"])
 @pytest.mark.parametrize("change", ["delete", "move"])
-def test_invalid_copy_is_published_while_the_slot_goes(impl: type[Vm], change: str) -> None:
+def test_invalid_copy_is_published_while_the_slot_goes(impl: type[AnyVm], change: str) -> None:
     vm = impl(nr_address_spaces=1)
     vm.set_user_memory_region(0, 0, 0, 4 * PAGE, HVA)
     vm.set_user_memory_region(1, 0, 16 * PAGE, 4 * PAGE, HVA)
@@ -181,7 +182,8 @@ def test_readers_never_see_a_torn_array() -> None:
             vm.set_user_memory_region(63, 0, 63 * 4 * PAGE, 4 * PAGE, HVA + 63 * 4 * PAGE)
     finally:
         stop.set()
-        t.join()
+        t.join(30.0)
+    assert not t.is_alive()
     assert errors == []
     vm.check_invariants()
 
@@ -237,7 +239,7 @@ class _Pair:
     """The engine and the baseline side by side, each with a vCPU."""
 
     def __init__(self) -> None:
-        self.vms: list[Vm] = [Vm(nr_address_spaces=2), ArrayVm(nr_address_spaces=2)]
+        self.vms: list[AnyVm] = [Vm(nr_address_spaces=2), ArrayVm(nr_address_spaces=2)]
         self.vcpus = [vm.create_vcpu(0) for vm in self.vms]
         self.callbacks: list[list[tuple[int, ...]]] = [[], []]
         for i, vm in enumerate(self.vms):
@@ -245,7 +247,7 @@ class _Pair:
                 lambda s, i=i: self.callbacks[i].append(s.as_tuple())  # type: ignore[misc]
             )
 
-    def both(self, fn: Callable[[Vm, int], Any]) -> Any:
+    def both(self, fn: Callable[[AnyVm, int], Any]) -> Any:
         a, b = (outcome(lambda vm=vm, i=i: fn(vm, i)) for i, vm in enumerate(self.vms))  # type: ignore[misc]
         assert a == b
         return a
@@ -256,7 +258,7 @@ class _Pair:
             _, v2, as_id, id, flags, page, npages, hva, fault = op
             slot = (as_id << 16) | id
 
-            def call(vm: Vm, _i: int) -> None:
+            def call(vm: AnyVm, _i: int) -> None:
                 if fault is not None:
                     vm.faults.inject(fault)
                 try:
@@ -288,7 +290,7 @@ class _Pair:
             for v in self.vcpus:
                 v.as_id = as_id
 
-            def look(vm: Vm, i: int) -> tuple[Any, ...]:
+            def look(vm: AnyVm, i: int) -> tuple[Any, ...]:
                 s = vm.gfn_to_memslot(gfn)
                 c = self.vcpus[i].gfn_to_memslot(gfn)
                 return (
@@ -303,7 +305,7 @@ class _Pair:
         elif kind == "ranges":
             _, start, length, as_id = op
 
-            def walk(vm: Vm, _i: int) -> tuple[Any, ...]:
+            def walk(vm: AnyVm, _i: int) -> tuple[Any, ...]:
                 with vm.read_section():
                     s = vm.memslots(min(as_id, 1))
                     g = [x.as_tuple() for x in s.iter_gfn_range(start, start + length)]
@@ -432,7 +434,7 @@ def test_perf_layout_splits_the_test_memory_like_memslot_perf_test() -> None:
 
 
 @pytest.mark.parametrize("impl", [Vm, ArrayVm], ids=["tree", "array"])
-def test_invalidate_hva_range_matches_a_brute_force_walk(impl: type[Vm]) -> None:
+def test_invalidate_hva_range_matches_a_brute_force_walk(impl: type[AnyVm]) -> None:
     from memslots.tools.bench import invalidate_hva_range
 
     vm = impl(nr_address_spaces=2)

@@ -76,6 +76,7 @@ def test_interpreted_subclasses_override_engine_internals() -> None:
 
     class NamedVcpu(Vcpu):
         __slots__ = ("name",)
+        name: str
 
     vm = CountingVm(nr_address_spaces=1)
     vm._sets = [(CountingSet(0, 0), CountingSet(0, 1))]

@@ -360,9 +360,9 @@ def test_bitmaps_with_the_ring(rig: Rig) -> None:
         return s.dirty_bitmap is not None
 
     assert (bitmap(1), bitmap(2), bitmap(3)) == (True, False, False)
-    vm.set_user_memory_region(
-        3, LOG, DATA_GPA + (2 << 22), 16 * PAGE, vm.id_to_memslot(3).userspace_addr
-    )  # type: ignore[union-attr]
+    s3 = vm.id_to_memslot(3)
+    assert s3 is not None
+    vm.set_user_memory_region(3, LOG, DATA_GPA + (2 << 22), 16 * PAGE, s3.userspace_addr)
     assert not bitmap(3)
     vm.set_user_memory_region(1, LOG, DATA_GPA + (3 << 22), 1 << 22, before.addr)  # MOVE
     assert bitmap(1)
@@ -1203,7 +1203,7 @@ def test_model_based(mode: PushMode, ops: list[tuple[str, int, int, Any, int]]) 
                 changed = cur is None or (cur.base_gfn, bool(cur.flags & LOG)) != (base, log)
                 vm.set_user_memory_region(id, flags, base * PAGE, npages * PAGE, mems[id].addr)
                 if changed or not npages:  # CREATE, DELETE, MOVE, FLAGS_ONLY; not NONE
-                    model.set_slot(id, base, npages, log)
+                    model.set_slot(id, base, npages, bool(log))
             elif name in ("write", "burst"):
                 v, gfn, by_mark = vcpus[a], b, c
                 for _ in range(BURST if name == "burst" else 1):

@@ -1,5 +1,6 @@
-"""Every validation rule of KVM_SET_USER_MEMORY_REGION(2) with its errno (reference 2.1,
-2.3 and the measured facts), in the kernel's order, against every implementation."""
+"""Every validation rule of KVM_SET_USER_MEMORY_REGION(2) with its errno
+(``kvm_set_memory_region`` and what this machine's kernel answers), in the kernel's
+order, against every implementation; the resulting slot table against tests/model.py."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from collections.abc import Callable
 
 import pytest
 
+from conftest import AnyVm
 from memslots import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
+    Change,
     MemslotError,
     Vm,
 )
+from model import Model
 
 MB = 1 << 20
 HVA = 0x7F0000000000
@@ -90,23 +94,27 @@ CASES: list[tuple[str, tuple[int, int, int, int, int], bool, int]] = [
 ]  # fmt: skip
 
 
-def _table(vm: Vm) -> list[tuple[int, int, int, int, int, int]]:
+def _table(vm: AnyVm) -> list[tuple[int, int, int, int, int, int]]:
     return [s.as_tuple() for s in vm.slots()]
 
 
 @pytest.mark.parametrize(("name", "req", "v2", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_errno_rules(
-    make_vm: Callable[..., Vm],
+    make_vm: Callable[..., AnyVm],
     name: str,
     req: tuple[int, int, int, int, int],
     v2: bool,
     expected: int,
 ) -> None:
     vm = make_vm()
+    model = Model(nr_as=vm.nr_address_spaces)  # the slot table the kernel would have
     for s in SETUP:
         vm.set_user_memory_region(*s)
+        assert model.apply(False, *s) == 0
     before = _table(vm)
+    assert before == model.table()
     gens = [vm.memslots(a).generation for a in range(vm.nr_address_spaces)]
+    assert model.apply(v2, *req) == expected, "the model disagrees with the case"
     call = vm.set_user_memory_region2 if v2 else vm.set_user_memory_region
     if expected:
         with pytest.raises(MemslotError) as exc:
@@ -116,6 +124,10 @@ def test_errno_rules(
         assert [vm.memslots(a).generation for a in range(vm.nr_address_spaces)] == gens
     else:
         call(*req)
+        assert _table(vm) != before or vm.last_change is Change.NONE
+    assert _table(vm) == model.table()
+    assert [vm.memslots(a).generation for a in range(vm.nr_address_spaces)] == model.gen
+    assert vm.nr_memslot_pages == model.pages
     vm.check_invariants()
 
 
@@ -140,7 +152,7 @@ def test_values_outside_the_abi_are_einval(req: tuple[int, int, int, int, int]) 
     assert exc.value.errno == EINVAL
 
 
-def test_limits_are_configurable(make_vm: Callable[..., Vm]) -> None:
+def test_limits_are_configurable(make_vm: Callable[..., AnyVm]) -> None:
     vm = make_vm(nr_address_spaces=1, max_user_slots=8, max_gfn=(1 << 20) - 1)
     with pytest.raises(MemslotError) as exc:
         vm.set_user_memory_region(8, 0, 0, 4096, 0)

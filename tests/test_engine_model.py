@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from memslots import MemslotError, Vm
+from memslots.baseline import ArrayVm
 from memslots.faults import POINTS
 from model import Model
 
@@ -144,13 +145,10 @@ EngineMachine.TestCase.settings = settings(
 )
 TestTreeEngine = EngineMachine.TestCase
 
-try:
-    from memslots.baseline import ArrayVm
 
-    class ArrayMachine(EngineMachine):
-        impl = ArrayVm
+class ArrayMachine(EngineMachine):
+    impl = ArrayVm
 
-    ArrayMachine.TestCase.settings = EngineMachine.TestCase.settings
-    TestArrayBaseline = ArrayMachine.TestCase
-except ImportError:  # the baseline is optional while it is being built
-    pass
+
+ArrayMachine.TestCase.settings = EngineMachine.TestCase.settings
+TestArrayBaseline = ArrayMachine.TestCase

@@ -4,10 +4,12 @@ window, generations, failure injection with the kernel's rollback, and lookups."
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable
 
 import pytest
 
+from conftest import AnyVm
 from memslots import (
     KVM_HVA_ERR_BAD,
     KVM_HVA_ERR_RO_BAD,
@@ -16,21 +18,25 @@ from memslots import (
     Change,
     Memslot,
     MemslotError,
+    MemslotSet,
     Vm,
     kvm_is_error_hva,
 )
+from memslots.constants import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 from memslots.faults import POINTS
+from memslots.view import SlotsView
 
 MB = 1 << 20
 HVA = 0x10000000
+WAIT = 10.0  # seconds: bound on every wait and join
 
 
-def _populate(vm: Vm, n: int = 10) -> None:
+def _populate(vm: AnyVm, n: int = 10) -> None:
     for i in range(n):
         vm.set_user_memory_region(i, 0, i * 2 * MB, MB, HVA + i * MB)
 
 
-def _snapshot(vm: Vm) -> dict[str, object]:
+def _snapshot(vm: AnyVm) -> dict[str, object]:
     return {
         "table": [s.as_tuple() for s in vm.slots()],
         "objects": [id(s) for s in vm.slots()],
@@ -133,7 +139,7 @@ def test_invalid_window(change: str) -> None:
         assert vcpu.gfn_to_memslot(1024 + 5) is vm.memslots(0).id_to_memslot(0)
 
 
-def _expect_rollback(vm: Vm, before: dict[str, object], swaps: int, err: int) -> None:
+def _expect_rollback(vm: AnyVm, before: dict[str, object], swaps: int, err: int) -> None:
     after = _snapshot(vm)
     assert after["table"] == before["table"]
     assert after["objects"] == before["objects"], "a failed update replaced a slot object"
@@ -164,7 +170,7 @@ FAULTS = [
 
 @pytest.mark.parametrize(("point", "kind", "err", "swaps"), FAULTS)
 def test_fault_injection_rolls_back(
-    make_vm: Callable[..., Vm], point: str, kind: str, err: int, swaps: int
+    make_vm: Callable[..., AnyVm], point: str, kind: str, err: int, swaps: int
 ) -> None:
     vm = make_vm()
     _populate(vm, 5)
@@ -292,3 +298,151 @@ def test_id_to_memslot_and_iteration_order() -> None:
     assert vm.nr_memslot_pages == 3 * 256
     with pytest.raises(MemslotError):
         vm.memslots(2)
+
+
+class _Recorder:
+    """A publish observer that records what it sees of every swap."""
+
+    def __init__(self, vm: AnyVm) -> None:
+        self.vm = vm
+        self.events: list[tuple[str, int, tuple[tuple[int, int, bool], ...], bool]] = []
+
+    def _record(self, what: str, as_id: int, slots: SlotsView) -> None:
+        active = self.vm._memslots[as_id] is slots
+        seen = tuple((s.id, s.base_gfn, s.invalid) for s in slots)
+        self.events.append((what, as_id, seen, active))
+        if what == "published":
+            assert not slots.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+
+    def publishing(self, as_id: int, slots: SlotsView) -> None:
+        self._record("publishing", as_id, slots)
+
+    def published(self, as_id: int, slots: SlotsView) -> None:
+        self._record("published", as_id, slots)
+
+
+def test_publish_observer_sees_every_swap_with_the_set_being_published(
+    make_vm: Callable[..., AnyVm],
+) -> None:
+    vm = make_vm()
+    rec = _Recorder(vm)
+    vm.publish_observer = rec
+    vm.set_user_memory_region(1 << 16 | 3, 0, 0, MB, HVA)  # CREATE in address space 1
+    vm.set_user_memory_region(1 << 16 | 3, 0, 4 * MB, MB, HVA)  # MOVE: INVALID, then new
+    vm.faults.inject("arch_prepare")
+    with pytest.raises(MemslotError):  # a MOVE failing in prepare: INVALID in and out
+        vm.set_user_memory_region(1 << 16 | 3, 0, 8 * MB, MB, HVA)
+    vm.set_user_memory_region(1 << 16 | 3, 0, 0, 0, 0)  # DELETE: INVALID, then gone
+    old, new = (3, 0, False), (3, 1024, False)
+    bad_old, bad_new = (3, 0, True), (3, 1024, True)
+    swaps = [((), (old,)), ((old,), (bad_old,)), ((bad_old,), (new,)),
+             ((new,), (bad_new,)), ((bad_new,), (new,)),
+             ((new,), (bad_new,)), ((bad_new,), ())]  # fmt: skip
+    expected = []
+    for _before, after in swaps:
+        expected.append(("publishing", 1, after, False))  # not yet published
+        expected.append(("published", 1, after, True))
+    assert rec.events == expected
+    assert vm.memslots(1).generation == 1 + 7 * 2
+
+
+def test_published_set_is_the_active_one_and_complete() -> None:
+    """The set handed to ``published`` is the one readers now use, with the new slot."""
+    vm = Vm(nr_address_spaces=1)
+    seen: list[MemslotSet] = []
+
+    class Keep:
+        def publishing(self, as_id: int, slots: MemslotSet) -> None:
+            pass
+
+        def published(self, as_id: int, slots: MemslotSet) -> None:
+            seen.append(slots)
+
+    vm.publish_observer = Keep()
+    vm.set_user_memory_region(0, 0, 0, MB, HVA)
+    assert seen == [vm.memslots(0)] and [s.id for s in seen[0]] == [0]
+    vm.check_invariants()
+
+
+def test_an_update_inside_a_read_section_is_refused_and_changes_nothing(
+    make_vm: Callable[..., AnyVm],
+) -> None:
+    """The grace period of such an update would wait for its own caller; it used to
+    publish the new set, then raise from the grace period, leaving the VM half-updated
+    (every later update failed)."""
+    vm = make_vm(nr_address_spaces=1)
+    vm.set_user_memory_region(0, 0, 0, MB, HVA)
+    before = _snapshot(vm)
+    with vm.read_section():
+        with pytest.raises(RuntimeError, match="inside a read section"):
+            vm.set_user_memory_region(1, 0, 4 * MB, MB, HVA)
+        with pytest.raises(RuntimeError):
+            vm.set_user_memory_region(0, 0, 0, 0, 0)
+        vm.set_user_memory_region(0, 0, 0, MB, HVA)  # no change: no grace period needed
+    assert _snapshot(vm) == before
+    vm.check_invariants()
+    vm.set_user_memory_region(1, 0, 4 * MB, MB, HVA)
+    assert [s.id for s in vm.slots()] == [0, 1]
+    vm.check_invariants()
+
+
+@pytest.mark.parametrize("change", ["delete", "move", "flags"])
+def test_a_vcpu_cache_never_answers_with_a_slot_no_longer_published(
+    make_vm: Callable[..., AnyVm], change: str
+) -> None:
+    """Deterministic: a vCPU caches slot S; an update replaces S and, while its grace
+    period waits for a reader that holds the old set, the vCPU looks the gfn up again. It
+    must answer with what is published now (the INVALID copy, or the new slot), never the
+    cached S: the swap marks the published generation in flight, so no cache tag (a
+    settled generation) matches it. After the update, the final state."""
+    vm = make_vm(nr_address_spaces=1)
+    vm.set_user_memory_region(0, 0, 0, MB, HVA)
+    vcpu = vm.create_vcpu(0)
+    cached = vcpu.gfn_to_memslot(5)
+    assert cached is not None and vcpu.gfn_to_memslot(5) is cached  # a cache hit
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_old_set() -> None:
+        with vm.read_section():
+            entered.set()
+            release.wait(WAIT)
+
+    request = {
+        "delete": (0, 0, 0, 0, 0),
+        "move": (0, 0, 8 * MB, MB, HVA),
+        "flags": (0, KVM_MEM_LOG_DIRTY_PAGES, 0, MB, HVA),
+    }[change]
+    errors: list[BaseException] = []
+
+    def update() -> None:
+        try:
+            vm.set_user_memory_region(*request)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    reader = threading.Thread(target=hold_old_set, daemon=True)
+    reader.start()
+    assert entered.wait(WAIT)
+    writer = threading.Thread(target=update, daemon=True)
+    writer.start()
+    try:
+        for _ in range(int(WAIT / 0.001)):  # until the first new set is published
+            if vm.memslots(0).id_to_memslot(0) is not cached:
+                break
+            threading.Event().wait(0.001)
+        published = vm.memslots(0)
+        assert published.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS  # in its grace period
+        now = published.id_to_memslot(0)
+        assert now is not cached
+        assert vcpu.gfn_to_memslot(5) is now  # not the cached, unpublished slot
+        assert vcpu.last_used_slot_gen == published.generation
+    finally:
+        release.set()
+        writer.join(WAIT)
+        reader.join(WAIT)
+    assert not writer.is_alive() and not reader.is_alive() and errors == []
+    final = vm.id_to_memslot(0)
+    assert vcpu.gfn_to_memslot(5) is (None if change in ("delete", "move") else final)
+    if change == "move":
+        assert vcpu.gfn_to_memslot(8 * MB // 4096 + 5) is final
+    vm.check_invariants()

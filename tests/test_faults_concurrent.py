@@ -1,6 +1,6 @@
 """Fault injection at every step of the update protocol while reader threads run.
 
-After each injected failure the VM must be as the kernel leaves it (reference 3.6, 3.7):
+After each injected failure the VM must be as the kernel's ``kvm_set_memslot`` leaves it:
 the same slot objects in both sets, the generation advanced by ``2 * nr_address_spaces``
 for a DELETE/MOVE that failed in prepare and unchanged otherwise, page and dirty-bitmap
 accounting unchanged (no leaked bitmap), pending dirty bits kept; the request succeeds

@@ -1,7 +1,7 @@
 """Guest memory: HostMemory and its registry, and read_guest/write_guest/clear_guest with
-the kernel's page-by-page semantics (reference section 6): EFAULT for holes, INVALID
-slots, writes to read-only slots and hvas outside a live HostMemory; earlier pages stay
-written and dirty; nothing outside a live mapping is ever touched."""
+the kernel's page-by-page semantics (``kvm_read_guest``, ``kvm_write_guest``): EFAULT for
+holes, INVALID slots, writes to read-only slots and hvas outside a live HostMemory;
+earlier pages stay written and dirty; nothing outside a live mapping is ever touched."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import AnyVm
 from memslots import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
@@ -34,7 +35,8 @@ from memslots.guest_memory import live_mappings, read_guest_into, resolve_hva
 EFAULT, EINVAL = errno.EFAULT, errno.EINVAL
 LOG, RO = KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 P = PAGE_SIZE
-MakeVm = Callable[..., Vm]
+WAIT = 30.0  # seconds: bound on every thread join
+MakeVm = Callable[..., AnyVm]
 
 
 def errno_of(fn: Callable[[], object]) -> int:
@@ -106,7 +108,8 @@ def test_close_is_idempotent_and_detaches(mems: list[HostMemory]) -> None:
         assert not m.closed
     assert m.closed
     m.close()
-    assert resolve_hva(addr) is None or resolve_hva(addr)[0] is not m  # type: ignore[index]
+    found = resolve_hva(addr)
+    assert found is None or found[0] is not m
     assert m not in live_mappings()
     with pytest.raises(ValueError):
         m.read(0, 1)
@@ -359,6 +362,29 @@ def test_other_address_space(mems: list[HostMemory]) -> None:
     assert vm.read_guest(0, 3) == bytes(3)
 
 
+def test_vm_methods_take_the_address_space_and_any_buffer(
+    make_vm: MakeVm, mems: list[HostMemory]
+) -> None:
+    """The VM's guest-memory methods have the module functions' signatures: ``as_id``
+    keyword, any bytes-like data; address space 1 is reached only when asked for."""
+    a, b = mem(mems, 2 * P), mem(mems, 2 * P)
+    vm = make_vm()
+    vm.set_user_memory_region(0, 0, 0, 2 * P, a.addr)
+    vm.set_user_memory_region(1 << 16, LOG, 0, 2 * P, b.addr)
+    vm.write_guest(P - 4, array("I", [0x11223344, 0x55667788]), as_id=1)
+    assert b.read(P - 4, 8) == bytes.fromhex("4433221188776655")
+    assert a.read(0, 2 * P) == bytes(2 * P)
+    assert vm.read_guest(P - 4, 8, as_id=1) == b.read(P - 4, 8)
+    buf = bytearray(8)
+    vm.read_guest_into(P - 4, memoryview(buf), as_id=1)
+    assert bytes(buf) == b.read(P - 4, 8)
+    vm.clear_guest(P - 2, 4, as_id=1)
+    assert vm.read_guest(P - 4, 8, as_id=1) == bytes.fromhex("4433000000006655")
+    assert vm.read_guest(P - 4, 8) == bytes(8)  # address space 0 is another memory
+    assert dirty_pages(vm.get_dirty_log(1 << 16)) == [0, 1]
+    assert errno_of(lambda: vm.read_guest(0, 1, as_id=2)) == EINVAL
+
+
 def test_large_clear(make_vm: MakeVm, mems: list[HostMemory]) -> None:
     m = mem(mems, 3 << 20)
     with m.view() as v:
@@ -506,7 +532,8 @@ def test_close_racing_copies_only_ever_gives_efault() -> None:
         time.sleep(rng.random() * 0.003)
         m.close()
         for t in threads:
-            t.join()
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
         assert errors == []
         assert errno_of(lambda: vm.write_guest(0, b"x")) == EFAULT  # noqa: B023
         assert errno_of(lambda: vm.read_guest(0, 1)) == EFAULT  # noqa: B023
@@ -555,7 +582,8 @@ def test_slot_changes_racing_copies(mems: list[HostMemory]) -> None:
                 vm.set_user_memory_region(1, LOG, 32 * P, 32 * P, m.addr + 32 * P)
     finally:
         stop.set()
-        t.join()
+        t.join(WAIT)
+    assert not t.is_alive()
     assert errors == []
     vm.check_invariants()
     assert m.read(24 * P, 8 * P) == b"r" * (8 * P)

@@ -17,10 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import kvm_usable
 from memslots.constants import X86_TASK_SIZE_MAX
 from memslots.errors import MemslotError
-from memslots.kvm import KvmVm
+from memslots.kvm import KvmVm, kvm_available
 from memslots.tools.cli import main
 from memslots.tools.conform import (
     CLOSED_FD,
@@ -313,7 +312,7 @@ def test_cli_replay_reports_each_disagreement(
 def test_cli_errors_are_one_line(
     capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
-    if "--replay" in argv and not kvm_usable():
+    if "--replay" in argv and not kvm_available():
         pytest.skip("without KVM the device check fails first")
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""set_memory_region_test-style checks on the real kernel (reference section 7.1), through
+"""set_memory_region_test-style checks on the real kernel (the kernel selftest
+``tools/testing/selftests/kvm/set_memory_region_test.c``), through
 KvmVm in strict mode:
 
 - a vCPU thread spins reading a gpa inside a slot while the main thread moves the slot

@@ -461,3 +461,16 @@ def test_the_pattern_guest_example_runs() -> None:
     assert "slot 1: pages [12, 13, 14, 15] dirty" in out
     assert "slot 3: pages [0, 1, 2, 3] dirty" in out
     assert "verified" in out
+
+
+def test_an_update_inside_a_read_section_reaches_neither_kernel_nor_engine(vm: KvmVm) -> None:
+    mem = vm.host_memory(0x10000)
+    vm.set_user_memory_region(0, 0, 0, mem.size, mem.addr)
+    calls = vm.kernel_calls
+    with vm.read_section(), pytest.raises(RuntimeError, match="inside a read section"):
+        vm.set_user_memory_region(1, 0, 0x100000, mem.size, mem.addr)
+    assert vm.kernel_calls == calls and vm.id_to_memslot(1) is None
+    with pytest.raises(MemslotError) as info:  # the kernel has no slot 1 either
+        vm.set_user_memory_region(1, 0, 0, 0, 0)
+    assert info.value.errno == EINVAL and vm.disagreements == []
+    vm.check_invariants()

@@ -119,3 +119,17 @@ def test_baseline_and_kvm_are_independent_of_each_other() -> None:
             assert "memslots.baseline" not in deps, m
         if m == "memslots.baseline":
             assert not any(d.startswith("memslots.kvm") for d in deps)
+
+
+def test_the_baseline_shares_no_update_protocol_code_with_the_engine() -> None:
+    """ArrayVm is a second implementation: it imports neither the engine's protocol
+    (memslots.vm) nor its sets and indexes, and is not a Vm; both build on
+    memslots.vm_api, which holds no protocol code and imports neither design."""
+    from memslots import Vm
+    from memslots.baseline import ArrayVm
+
+    g = import_graph()
+    engine_only = {"memslots.vm", "memslots.memslot_set", "memslots.gfn_index", "memslots.hva_tree"}
+    assert not engine_only & g["memslots.baseline"]
+    assert not (engine_only | {"memslots.baseline"}) & g["memslots.vm_api"]
+    assert not issubclass(ArrayVm, Vm)

@@ -192,7 +192,12 @@ def test_a_stream_of_new_readers_does_not_starve_the_writer(srcu: Srcu) -> None:
 
     readers = [start(churn) for _ in range(3)]
     try:
-        w = start(lambda: [srcu.synchronize() for _ in range(10)])
+
+        def ten_grace_periods() -> None:
+            for _ in range(10):
+                srcu.synchronize()
+
+        w = start(ten_grace_periods)
         w.join(WAIT * 3)
         assert not w.is_alive(), "synchronize starved by new readers"
         assert srcu.grace_periods == 10

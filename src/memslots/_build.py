@@ -24,6 +24,7 @@ COMPILED_MODULES = (
     "faults",
     "guest_memfd",
     "dirty_log",
+    "vm_api",
     "vm",
 )
 

@@ -1,5 +1,5 @@
-"""The array design that commit a54d806688fe replaced, kept for comparison and as a
-second oracle: :class:`ArrayVm`.
+"""The array design that commit a54d806688fe replaced, written out on its own as a second
+oracle: :class:`ArrayVm`.
 
 Before Linux 5.17 a memslot set (``struct kvm_memslots``) was one array of slots sorted by
 ``base_gfn`` plus an ``id_to_index`` map, and ``kvm_set_memslot`` (v5.15,
@@ -21,16 +21,21 @@ Lookups: ``__gfn_to_memslot`` tries the set's ``lru_slot`` (an array index) and 
 ``search_memslots``, a binary search over the sorted array; hva-range walks
 (``kvm_handle_hva_range``) looked at every slot.
 
-What is the same as the engine (:class:`memslots.vm.Vm`), by construction: validation
-and classification (``Vm.check_region``, shared code in :mod:`memslots.validate`),
-``kvm_prepare_memory_region`` and ``kvm_commit_memory_region`` (dirty bitmaps, page
-accounting, fault points), the invalidation callbacks, dirty logging, guest memory and
-vCPUs, and the generation arithmetic (``Vm._swap_active_memslots``; the number of swaps
-per request did not change with the commit). So every ioctl-visible result, the slot
-table and every generation agree with the engine; only the data structure and its costs
-differ.
+Independence from the engine. :class:`ArrayVm` shares no update-protocol code with
+:class:`memslots.vm.Vm`: it has its own sets, copies, INVALID install, swap
+(``install_new_memslots`` with its own generation arithmetic), its own dirty-bitmap
+prepare and commit, page accounting, interrupt handling, invalidation flush, vCPUs
+(:class:`ArrayVcpu`) and ioctl entry points. What both designs share is only what is
+not protocol: validation (:mod:`memslots.validate`), the data classes (``Memslot``,
+``VmLimits``, ``Change``, ``Decision``), the dirty-log, guest-memory, grace-period,
+fault-point and guest_memfd helpers, and :class:`memslots.vm_api.VmApi` (lookups on the
+published sets and the forwarders to those helpers). So every ioctl-visible result, the
+slot table and every generation agreeing with the engine (``tests/test_baseline.py``,
+``tests/test_engine_model.py``) is a real differential test: a bug in either protocol
+shows up as a difference.
 
-Deliberate differences from v5.15, none visible through the API:
+Deliberate differences from v5.15, none visible through the API (they keep the results
+the engine's, which follow mainline):
 
 - The array is sorted by *ascending* ``base_gfn`` (the kernel sorted it descending so that
   the common case, memory at low gfns, sat at the end). Ascending order makes
@@ -42,9 +47,16 @@ Deliberate differences from v5.15, none visible through the API:
   The kernel copied ``sizeof(struct kvm_memory_slot)`` bytes per slot. A parallel list of
   ``base_gfn`` keys stands in for the keys stored inline in the kernel's array, so the
   binary search is one C-level ``bisect``.
-- ``kvm_prepare_memory_region`` (dirty bitmap allocation) runs after the INVALID copy is
-  installed, as in 5.17+, not before ``kvm_set_memslot`` as in 5.15: that keeps the
-  generation of a failed DELETE/MOVE identical to the engine's.
+- The dirty bitmap is allocated (and the ``dirty_bitmap`` fault point checked) after the
+  INVALID copy is installed, as in 5.17+, not in ``__kvm_set_memory_region`` before
+  ``kvm_set_memslot`` as in 5.15: that keeps the generation of a failed DELETE/MOVE
+  identical to the engine's. The x86 max-gfn check of mainline's
+  ``kvm_arch_prepare_memory_region`` and the page and dirty-logging counters of
+  mainline's ``kvm_commit_memory_region`` are kept for the same reason.
+- vCPUs cache their last slot tagged with the generation (5.17's per-vCPU
+  ``last_used_slot``; 5.15 used the set-wide ``lru_slot`` for vCPUs too), so that both
+  designs expose the same vCPU state. Unlike the engine's, an :class:`ArrayVcpu` takes
+  the read section on cache hits too.
 - The two sets of an address space are two :class:`ArrayMemslotSet` objects that take
   turns: the inactive one receives the duplicate, is published, and the one it replaced
   is freed (emptied). Outside an update the inactive set is empty.
@@ -58,21 +70,29 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
+from errno import EEXIST, EINVAL
 from itertools import pairwise
-from typing import Any, cast
 
 from memslots.constants import (
+    KVM_ADDRESS_SPACE_NUM_X86,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MEMSLOT_INVALID,
+    KVM_USER_MEM_SLOTS_X86,
     PAGE_SHIFT,
+    X86_MAX_GFN,
+    X86_TASK_SIZE_MAX,
 )
+from memslots.dirty_log import alloc_dirty_bitmap
 from memslots.errors import MemslotError, require
-from memslots.memslot_set import MemslotSet
 from memslots.slot import Memslot
-from memslots.validate import Change
-from memslots.vm import Vm
+from memslots.sync import lockdep_assert_held
+from memslots.validate import Change, Decision, VmLimits
+from memslots.vm_api import VmApi
 
 
-class ArrayMemslotSet(MemslotSet):
+class ArrayMemslotSet:
     """``struct kvm_memslots`` before 5.17: one array of slots sorted by ``base_gfn``, an
     id -> index map and an ``lru_slot`` index. Offers the read interface of
     :class:`~memslots.memslot_set.MemslotSet`.
@@ -84,9 +104,7 @@ class ArrayMemslotSet(MemslotSet):
     ``update_memslots`` O(n) in the worst case (O(distance moved)).
     """
 
-    # a MemslotSet only so that the compiled engine's Vm, whose protocol code ArrayVm
-    # reuses, accepts it (as_id, node_idx and generation are MemslotSet's fields)
-    __slots__ = ("_gfns", "_id_to_index", "_slots", "lru_slot")
+    __slots__ = ("_gfns", "_id_to_index", "_slots", "as_id", "generation", "lru_slot", "node_idx")
 
     def __init__(self, as_id: int, node_idx: int) -> None:
         self.as_id = as_id
@@ -113,7 +131,7 @@ class ArrayMemslotSet(MemslotSet):
         return bool(self._slots)
 
     @property
-    def last_used_slot(self) -> Memslot | None:  # type: ignore[override]
+    def last_used_slot(self) -> Memslot | None:
         """The slot ``lru_slot`` points at (None for an empty set), O(1)."""
         i = self.lru_slot
         slots = self._slots
@@ -216,7 +234,7 @@ class ArrayMemslotSet(MemslotSet):
         """Put ``slot`` at the index of the slot with the same id, which must have the
         same base_gfn (flagging a slot INVALID or clearing the flag again). O(1)."""
         i = self._id_to_index[slot.id]
-        assert self._gfns[i] == slot.base_gfn
+        require(self._gfns[i] == slot.base_gfn, f"set_slot would move {slot}")
         self._slots[i] = slot
 
     def update_memslots(self, id: int, new: Memslot | None) -> None:
@@ -307,57 +325,196 @@ def _hva_key(s: Memslot) -> tuple[int, int]:
     return (s.userspace_addr, s.id)
 
 
-class ArrayVm(Vm):
-    """The VM with the array-based memslots of Linux 5.16 and before (see the module
-    docstring). Same constructor, API and results as :class:`memslots.vm.Vm`.
+class ArrayVcpu:
+    """A vCPU of an :class:`ArrayVm`: ``kvm_vcpu_gfn_to_memslot`` with the vCPU's own
+    cache of the last slot it found, tagged with the generation it was found under (the
+    same attributes as :class:`memslots.vm.Vcpu`: ``as_id``, ``id``, ``last_used_slot``,
+    ``last_used_slot_gen``, ``vm``). Every lookup takes a read section. O(1) on a cache
+    hit, O(log n) else."""
+
+    __slots__ = ("as_id", "id", "last_used_slot", "last_used_slot_gen", "vm")
+
+    def __init__(self, vm: ArrayVm, id: int) -> None:
+        self.vm = vm
+        self.id = id
+        self.as_id = 0
+        self.last_used_slot: Memslot | None = None
+        self.last_used_slot_gen = -1
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """The slot holding ``gfn`` in this vCPU's address space, or None."""
+        srcu = self.vm.srcu
+        token = srcu.read_lock()
+        try:
+            slots = self.vm._memslots[self.as_id]
+            if slots.generation != self.last_used_slot_gen:  # another set: forget
+                self.last_used_slot = None
+                self.last_used_slot_gen = slots.generation
+            cached = self.last_used_slot
+            if cached is not None and cached.base_gfn <= gfn < cached.base_gfn + cached.npages:
+                return cached
+            found = slots.search(gfn)
+            if found is not None:
+                self.last_used_slot = found
+            return found
+        finally:
+            srcu.read_unlock(token)
+
+    def memslots(self) -> ArrayMemslotSet:
+        """The active set of this vCPU's address space (hold a read section to use it)."""
+        return self.vm._memslots[self.as_id]
+
+    def __repr__(self) -> str:
+        return f"ArrayVcpu(id={self.id}, as_id={self.as_id})"
+
+
+class ArrayVm(VmApi[ArrayMemslotSet]):
+    """The VM with the array-based memslots of Linux 5.16 and before, an implementation of
+    its own (see the module docstring). Same constructor, API and results as
+    :class:`memslots.vm.Vm`.
 
     Every change costs O(n): the whole array is duplicated (twice for DELETE and MOVE) and
     slots are shifted to keep it sorted. Lookups: O(1) on an ``lru_slot`` hit, O(log n)
     binary search otherwise; hva-range walks O(n).
+
+    >>> vm = ArrayVm()
+    >>> vm.set_user_memory_region(0, 0, 0x100000, 0x2000, 0x7F0000000000)
+    >>> vm.set_user_memory_region(1, 0, 0x000000, 0x2000, 0x7F0000100000)
+    >>> [s.id for s in vm.memslots(0)], vm.memslots(0).generation
+    ([1, 0], 4)
+    >>> vm.gfn_to_memslot(0x101).id
+    0
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # Vm builds tree sets; swap in array sets (see the report of issue 6 for the hook
-        # that would make this a class attribute of Vm).
-        sets = [
-            (ArrayMemslotSet(a, 0), ArrayMemslotSet(a, 1)) for a in range(self.nr_address_spaces)
+    def __init__(
+        self,
+        *,
+        nr_address_spaces: int = KVM_ADDRESS_SPACE_NUM_X86,
+        max_user_slots: int = KVM_USER_MEM_SLOTS_X86,
+        max_gfn: int = X86_MAX_GFN,
+        readonly_mem: bool = True,
+        private_mem: bool = False,
+        task_size_max: int = X86_TASK_SIZE_MAX,
+    ) -> None:
+        super().__init__(
+            VmLimits(
+                nr_address_spaces=nr_address_spaces,
+                max_user_slots=max_user_slots,
+                max_gfn=max_gfn,
+                readonly_mem=readonly_mem,
+                private_mem=private_mem,
+                task_size_max=task_size_max,
+            )
+        )
+        #: ``kvm->__memslots``: the two arrays of each address space, taking turns
+        self._sets = [
+            (ArrayMemslotSet(a, 0), ArrayMemslotSet(a, 1)) for a in range(nr_address_spaces)
         ]
-        self._sets = cast("list[tuple[MemslotSet, MemslotSet]]", sets)
         self._memslots = [pair[0] for pair in self._sets]
-
-    def _array(self, as_id: int) -> ArrayMemslotSet:
-        return cast(ArrayMemslotSet, self._memslots[as_id])
+        self._vcpus: dict[int, ArrayVcpu] = {}
+        #: an interrupt that arrived during an update, raised once the update is done
+        self._pending_interrupt: BaseException | None = None
 
     def _inactive_array(self, as_id: int) -> ArrayMemslotSet:
-        return cast(ArrayMemslotSet, self._inactive_memslots(as_id))
+        """The array of ``as_id`` that is not published: the writer's to fill (empty
+        outside an update). Only under ``slots_lock``."""
+        if __debug__:
+            lockdep_assert_held(self.slots_lock, "the inactive array")
+        pair = self._sets[as_id]
+        return pair[1] if self._memslots[as_id] is pair[0] else pair[0]
+
+    # ==================================================================================
+    # The ioctls: kvm_vm_ioctl_set_memory_region, then __kvm_set_memory_region (v5.15)
+    # ==================================================================================
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` (see :meth:`memslots.vm.Vm.set_user_memory_region`;
+        same results). O(n)."""
+        with self.slots_lock:
+            d = self.check_region(False, slot, flags, guest_phys_addr, memory_size, userspace_addr)
+            self.apply(d)
+
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd_offset: int = 0,
+        guest_memfd: int = 0,
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` (see
+        :meth:`memslots.vm.Vm.set_user_memory_region2`; same results). O(n)."""
+        with self.slots_lock:
+            d = self.check_region(
+                True, slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                guest_memfd_offset, guest_memfd,
+            )  # fmt: skip
+            self.apply(d)
+
+    def apply(self, d: Decision) -> None:
+        """Carry out a validated request (:meth:`check_region`): the part of
+        ``__kvm_set_memory_region`` after validation. Builds the new slot (binding its
+        guest_memfd), runs ``kvm_set_memslot``, undoes the binding if it fails; an
+        interrupt that arrived meanwhile is raised at the end. ``RuntimeError`` (and
+        nothing changed) inside a read section of this VM."""
+        with self.slots_lock:
+            self._apply(d)
+
+    def _apply(self, d: Decision) -> None:
+        if d.change is Change.NONE:
+            self.last_change = Change.NONE
+            return
+        if self.srcu.in_read_section():  # install_new_memslots would wait for us forever
+            raise RuntimeError("a memslot update inside a read section of the same VM")
+        new: Memslot | None = None
+        if d.change is not Change.DELETE:
+            self.faults.check("kzalloc_new")
+            new = Memslot(d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr)
+            if d.flags & KVM_MEM_GUEST_MEMFD:
+                self.guest_memfds.bind(new, d.guest_memfd, d.guest_memfd_offset)
+        try:
+            self._set_memslot(d.as_id, d.id, d.old, new, d.change)
+        except MemslotError:
+            if new is not None:
+                self.guest_memfds.unbind(new)
+            raise
+        finally:
+            pending, self._pending_interrupt = self._pending_interrupt, None
+            if pending is not None:
+                raise pending
+        self.last_change = d.change
 
     # ==================================================================================
     # The update protocol of v5.15: kvm_set_memslot with kvm_dup_memslots
     # ==================================================================================
-    def _set_memslot(self, old: Memslot | None, new: Memslot | None, change: Change) -> None:
-        """``kvm_set_memslot`` (v5.15): duplicate, (invalidate,) prepare, update, install.
-        O(n) for every change."""
-        s = old if old is not None else new
-        assert s is not None
-        as_id = s.as_id
-        if change in (Change.DELETE, Change.MOVE):
-            # The array that will carry the INVALID copy must exist first (the engine's
-            # "kzalloc_invalid" point; here it is the kvm_dup_memslots allocation).
+    def _set_memslot(
+        self, as_id: int, id: int, old: Memslot | None, new: Memslot | None, change: Change
+    ) -> None:
+        """``kvm_set_memslot`` (v5.15): duplicate, (invalidate,) prepare, update, install,
+        commit. O(n) for every change."""
+        if __debug__:
+            lockdep_assert_held(self.slots_lock, "kvm_set_memslot")
+        moving = change in (Change.DELETE, Change.MOVE)
+        if moving:
+            # kvm_dup_memslots' allocation, which must succeed before the INVALID step
+            # (the engine's "kzalloc_invalid" point)
             self.faults.check("kzalloc_invalid")
         slots = self._dup_memslots(as_id)
 
         invalid: Memslot | None = None
-        if change in (Change.DELETE, Change.MOVE):
+        if moving:
             assert old is not None
             invalid = old.copy()
-            invalid.flags |= KVM_MEMSLOT_INVALID
+            invalid.flags |= KVM_MEMSLOT_INVALID  # in the fresh copy, not in `old`
             slots.set_slot(invalid)
-            # Swap #1: readers find the INVALID copy. The old array is not freed: it is
-            # re-used for a fresh copy of the installed one (kvm_copy_memslots).
-            self._install_new_memslots(as_id)
+            self._install_new_memslots(as_id)  # readers now find the INVALID copy
             self._arch_flush_shadow_memslot(old)
             old.arch = invalid.arch
+            # The array that was active is free to reuse: a fresh copy of the installed
+            # one (kvm_copy_memslots), to work on.
             slots = self._dup_memslots(as_id)
 
         try:
@@ -367,37 +524,146 @@ class ArrayVm(Vm):
                 assert old is not None
                 slots.set_slot(old)  # slot->flags &= ~KVM_MEMSLOT_INVALID
                 self._install_new_memslots(as_id)
-                self._inactive_array(as_id).free()
-            else:
-                slots.free()
+            self._inactive_array(as_id).free()  # kvfree(slots)
             raise
 
-        slots.update_memslots(s.id, new)
+        slots.update_memslots(id, new)
         self._install_new_memslots(as_id)
-        self._inactive_array(as_id).free()
+        self._inactive_array(as_id).free()  # kvfree(old memslots)
         self._commit_memory_region(old, new, change)
 
     def _dup_memslots(self, as_id: int) -> ArrayMemslotSet:
-        """``kvm_dup_memslots``: the inactive set becomes a copy of the active one. O(n)."""
+        """``kvm_dup_memslots`` / ``kvm_copy_memslots``: the unpublished array becomes a
+        copy of the active one. O(n)."""
         slots = self._inactive_array(as_id)
-        slots.copy_from(self._array(as_id))
+        slots.copy_from(self._memslots[as_id])
         return slots
 
     def _install_new_memslots(self, as_id: int) -> None:
-        """``install_new_memslots``: publish the inactive set, wait for readers of the old
-        one, settle the generation (the same arithmetic as the engine's swap)."""
-        self._swap_active_memslots(as_id)
+        """``install_new_memslots``: mark the new array's generation in flight, publish
+        it, wait until no reader uses the old one, then give it the next generation of
+        this address space (``old + nr_address_spaces``). The ``publish_observer``, if
+        any, is told before the publish and after the generation is settled."""
+        slots = self._inactive_array(as_id)
+        gen = self._memslots[as_id].generation
+        if __debug__:
+            require(not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, "install already in flight")
+        observer = self.publish_observer
+        if observer is not None:
+            observer.publishing(as_id, slots)
+        slots.generation = gen | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+        self._memslots[as_id] = slots  # rcu_assign_pointer
+        try:
+            self.srcu.synchronize()
+        except BaseException as exc:  # never cut the grace period short: finish, then raise
+            self._hold_interrupt(exc)
+            self.srcu.synchronize()
+        slots.generation = (gen & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.nr_address_spaces
+        if observer is not None:
+            observer.published(as_id, slots)
+
+    def _hold_interrupt(self, exc: BaseException) -> None:
+        """Keep the first interrupt of an update for :meth:`_set_memory_region` to raise
+        once the update is complete (a signal taken when the ioctl returns)."""
+        if self._pending_interrupt is None:
+            self._pending_interrupt = exc
+
+    def _arch_flush_shadow_memslot(self, old: Memslot) -> None:
+        """``kvm_arch_flush_shadow_memslot``: the fault point, then every invalidation
+        callback; what they raise is recorded in ``callback_errors`` (an interrupt is
+        also raised after the update) and the update goes on."""
+        try:
+            self.faults.check("invalidate_callback")
+        except MemslotError as exc:
+            self.callback_errors.append((old.slot, exc))
+        for cb in list(self._invalidate_callbacks):
+            try:
+                cb(old)
+            except BaseException as exc:
+                self.callback_errors.append((old.slot, exc))
+                if not isinstance(exc, Exception):
+                    self._hold_interrupt(exc)
+
+    def _prepare_memory_region(
+        self, old: Memslot | None, new: Memslot | None, change: Change
+    ) -> None:
+        """The dirty bitmap (``__kvm_set_memory_region``: allocated when logging starts,
+        kept when it stays on, dropped when it stops), then
+        ``kvm_arch_prepare_memory_region``; on failure the bitmap allocated here is freed
+        again (``out_bitmap``)."""
+        if new is not None:
+            if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                new.dirty_bitmap = None
+            elif old is not None and old.dirty_bitmap is not None:
+                new.dirty_bitmap = old.dirty_bitmap
+            else:
+                self.faults.check("dirty_bitmap")
+                new.dirty_bitmap = alloc_dirty_bitmap(new.npages, self.manual_dirty_log_protect)
+                self.dirty_bitmap_bytes += len(new.dirty_bitmap)
+        try:
+            self._arch_prepare_memory_region(old, new, change)
+        except MemslotError:
+            if (
+                new is not None
+                and new.dirty_bitmap is not None
+                and (old is None or old.dirty_bitmap is None)
+            ):
+                self.dirty_bitmap_bytes -= len(new.dirty_bitmap)
+                new.dirty_bitmap = None
+            raise
+
+    def _arch_prepare_memory_region(
+        self, old: Memslot | None, new: Memslot | None, change: Change
+    ) -> None:
+        """``kvm_arch_prepare_memory_region`` (x86): metadata for CREATE and MOVE (the
+        highest gfn is checked, as mainline does), arch data carried over by FLAGS_ONLY."""
+        if new is not None and change is not Change.FLAGS_ONLY:
+            last_gfn = new.base_gfn + new.npages - 1
+            if last_gfn > self.limits.max_gfn:
+                raise MemslotError(EINVAL, f"gfn {last_gfn:#x} beyond the maximum gfn")
+        self.faults.check("arch_prepare")
+        if change is Change.FLAGS_ONLY:
+            assert old is not None and new is not None
+            new.arch = old.arch
+
+    def _commit_memory_region(
+        self, old: Memslot | None, new: Memslot | None, change: Change
+    ) -> None:
+        """``kvm_arch_commit_memory_region`` and the end of ``__kvm_set_memory_region``:
+        page and dirty-logging counters, the guest_memfd binding of a deleted slot, and
+        ``kvm_destroy_dirty_bitmap`` of a bitmap the new slot does not keep."""
+        if new is not None and old is None:
+            self.nr_memslot_pages += new.npages
+        elif old is not None and new is None:
+            self.nr_memslot_pages -= old.npages
+        was = old is not None and bool(old.flags & KVM_MEM_LOG_DIRTY_PAGES)
+        now = new is not None and bool(new.flags & KVM_MEM_LOG_DIRTY_PAGES)
+        self.nr_memslots_dirty_logging += int(now) - int(was)
+        if old is None:
+            return
+        if change is Change.DELETE:
+            self.guest_memfds.unbind(old)
+        if old.dirty_bitmap is not None and (new is None or new.dirty_bitmap is None):
+            self.dirty_bitmap_bytes -= len(old.dirty_bitmap)
+            old.dirty_bitmap = None
 
     # ==================================================================================
-    # Checks
+    # vCPUs and checks
     # ==================================================================================
+    def create_vcpu(self, id: int) -> ArrayVcpu:
+        """A vCPU with its own last-used-slot cache (address space 0 to start with)."""
+        if id in self._vcpus:
+            raise MemslotError(EEXIST, f"vCPU {id} exists")
+        vcpu = self._vcpus[id] = ArrayVcpu(self, id)
+        self.created_vcpus += 1
+        return vcpu
+
     def _check_address_space(self, as_id: int) -> None:
-        """The array part of :meth:`check_invariants`: the active array is sorted and
-        indexed correctly and the inactive one has been freed (the accounting checks are
-        the engine's)."""
+        """The array part of :meth:`check_invariants`: the active array is one of the
+        two, sorted and indexed correctly, and the inactive one has been freed."""
         pair = self._sets[as_id]
-        active = self._array(as_id)
-        require(id(active) in (id(pair[0]), id(pair[1])), "active set is not one of two")
+        active = self._memslots[as_id]
+        require(active is pair[0] or active is pair[1], "active set is not one of the two")
         require(not len(self._inactive_array(as_id)), "the old array was not freed")
         active.check_invariants()
 
@@ -406,4 +672,4 @@ class ArrayVm(Vm):
         return f"ArrayVm(address_spaces={self.nr_address_spaces}, slots={n})"
 
 
-__all__ = ["ArrayMemslotSet", "ArrayVm"]
+__all__ = ["ArrayMemslotSet", "ArrayVcpu", "ArrayVm"]

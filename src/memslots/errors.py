@@ -12,6 +12,13 @@ class MemslotError(OSError):
 
     It is an :class:`OSError`, so ``except OSError`` catches it as it catches a failed
     ioctl, and ``.strerror`` is the C library's text for the errno.
+
+    >>> from errno import EEXIST
+    >>> e = MemslotError(EEXIST, "gfn range overlaps slot 3")
+    >>> e.errno, e.errno_name, isinstance(e, OSError)
+    (17, 'EEXIST', True)
+    >>> str(e)
+    '[Errno 17] File exists: gfn range overlaps slot 3'
     """
 
     def __init__(self, err: int, detail: str = "") -> None:
@@ -26,7 +33,11 @@ class MemslotError(OSError):
 
 
 def errno_name(err: int | None) -> str:
-    """``errno_name(22) == "EINVAL"``; 0 or None gives ``"OK"``."""
+    """The symbolic name of an errno; 0 or None gives ``"OK"``.
+
+    >>> errno_name(22), errno_name(0), errno_name(None)
+    ('EINVAL', 'OK', 'OK')
+    """
     if not err:
         return "OK"
     return _errno.errorcode.get(err, str(err))
@@ -40,6 +51,13 @@ class InvariantError(AssertionError):
 
 def require(condition: object, message: str) -> None:
     """Raise :class:`InvariantError` with ``message`` unless ``condition`` is true (the
-    checks' ``assert`` that ``-O`` cannot remove)."""
+    checks' ``assert`` that ``-O`` cannot remove).
+
+    >>> require(1 + 1 == 2, "arithmetic")
+    >>> require([], "the list is empty")
+    Traceback (most recent call last):
+    ...
+    memslots.errors.InvariantError: the list is empty
+    """
     if not condition:
         raise InvariantError(message)

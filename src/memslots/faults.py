@@ -2,7 +2,8 @@
 
 Every step of ``kvm_set_memslot`` that can fail in the kernel is a named point. Tests arm
 a point to make the next pass through it fail with an errno, then check that the VM is
-left exactly as the kernel leaves it (reference section 3.7).
+left exactly as the kernel leaves it (the error paths of ``kvm_set_memslot`` and
+``kvm_set_memory_region``, ``virt/kvm/kvm_main.c``).
 
 Points (in the order an update reaches them):
 

@@ -1,5 +1,6 @@
 """Guest memory: host mappings (:class:`HostMemory`) and guest-physical access
-(:func:`read_guest`, :func:`write_guest`, :func:`clear_guest`).
+(:func:`read_guest`, :func:`write_guest`, :func:`clear_guest`), as the kernel's
+``kvm_read_guest`` family (``virt/kvm/kvm_main.c``).
 
 Host memory is only ever reached through a live :class:`HostMemory`: an anonymous shared,
 page-aligned ``mmap``. Every live mapping is in a process-wide registry sorted by address,
@@ -121,6 +122,18 @@ class HostMemory:
 
     Creation and :meth:`close` cost O(number of live mappings) (the registry snapshot is
     rebuilt); lookups by address cost O(log mappings).
+
+    >>> from memslots import Vm
+    >>> vm = Vm()
+    >>> with HostMemory(0x4000) as mem:
+    ...     vm.set_user_memory_region(0, 0, 0x100000, mem.size, mem.addr)
+    ...     vm.write_guest(0x100ffe, b"spans two pages")
+    ...     mem.read(0xFFE, 5), vm.read_guest(0x100FFE, 15)
+    (b'spans', b'spans two pages')
+    >>> vm.read_guest(0x100000, 1)   # the mapping is closed: the slot's memory is gone
+    Traceback (most recent call last):
+    ...
+    memslots.errors.MemslotError: [Errno 14] Bad address: gpa 0x100000: hva ... HostMemory
     """
 
     __slots__ = ("__weakref__", "_closed", "_lock", "_mmap", "_view", "addr", "size")

@@ -33,6 +33,15 @@ class MemslotSet:
     Attributes: ``as_id``; ``node_idx`` (0 or 1, which of the two sets this is);
     ``generation`` (the kernel's generation number, see :mod:`memslots.vm`);
     ``last_used_slot`` (the set-wide cache of the last slot found by gfn, or None).
+
+    >>> from memslots import Memslot
+    >>> s = MemslotSet(as_id=0, node_idx=0)
+    >>> a = Memslot(0, 0, 0x100, 0x10, 0, 0x7F0000000000)
+    >>> s.replace(None, a)   # the writer's side: only on a set that is not published
+    >>> s.gfn_to_memslot(0x10F) is a, s.gfn_to_memslot(0x110), len(s)
+    (True, None, 1)
+    >>> [x.id for x in s.iter_hva_range(0x7F0000000000, 0x7F0000000FFF)]
+    [0]
     """
 
     __slots__ = ("_gfn", "_hva", "_ids", "as_id", "generation", "last_used_slot", "node_idx")

@@ -29,6 +29,16 @@ class Memslot:
     holds :data:`memslots.dirty_log.bitmap_lock`.
     ``arch`` is an opaque per-architecture value, carried over on FLAGS_ONLY changes like
     the kernel's ``slot->arch``.
+
+    >>> from memslots import KVM_MEM_READONLY
+    >>> s = Memslot(1, 0, 0x100, 16, KVM_MEM_READONLY, 0x7F0000000000)
+    >>> s.slot, hex(s.guest_phys_addr), s.memory_size, s.readonly, s.invalid
+    (1, '0x100000', 65536, True, False)
+    >>> c = s.copy()
+    >>> c is s, c.same_fields(s), c.as_tuple()
+    (False, True, (0, 1, 256, 16, 2, 139637976727552))
+    >>> Memslot(2, 1, 0, 1, 0, 0).slot   # the ABI number: as_id << 16 | id
+    65538
     """
 
     __slots__ = (
@@ -147,6 +157,12 @@ def gfn_to_hva_memslot_prot(slot: Memslot | None, gfn: int, write: bool) -> int:
 
     ``KVM_HVA_ERR_BAD`` for no slot, an INVALID slot or a gfn outside the slot;
     ``KVM_HVA_ERR_RO_BAD`` when ``write`` and the slot is read-only. O(1).
+
+    >>> s = Memslot(0, 0, 0x100, 16, 0, 0x7F0000000000)
+    >>> hex(gfn_to_hva_memslot_prot(s, 0x101, True))
+    '0x7f0000001000'
+    >>> kvm_is_error_hva(gfn_to_hva_memslot_prot(s, 0x110, True))   # one past the end
+    True
     """
     if slot is None or slot.flags & KVM_MEMSLOT_INVALID:
         return KVM_HVA_ERR_BAD

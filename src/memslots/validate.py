@@ -2,7 +2,7 @@
 
 This is the kernel's ``kvm_vm_ioctl`` / ``kvm_vm_ioctl_set_memory_region`` /
 ``kvm_set_memory_region`` up to the call of ``kvm_set_memslot``, check by check in the
-kernel's order (reference sections 2.1 and 2.3, mainline). Every check that fails raises
+kernel's order (mainline ``virt/kvm/kvm_main.c``). Every check that fails raises
 :class:`~memslots.errors.MemslotError` with the kernel's errno and changes nothing.
 
 It is shared by every implementation (the tree engine :class:`memslots.vm.Vm`, the array

@@ -21,7 +21,7 @@ from memslots.slot import Memslot
 from memslots.sync import Srcu
 from memslots.validate import VmLimits
 
-__all__ = ["MemslotTarget", "SlotsView", "VmView"]
+__all__ = ["MemslotTarget", "RegionTarget", "SlotsView", "VmView"]
 
 
 class SlotsView(Protocol):
@@ -74,13 +74,18 @@ class VmView(Protocol):
         ...
 
 
-class MemslotTarget(Protocol):
-    """Anything that takes the two memslot ioctls: ``Vm``, ``ArrayVm``, ``KvmVm``, a raw
-    ``memslots.kvm.abi.VmFd`` or a recorder wrapping one of them."""
+class RegionTarget(Protocol):
+    """Anything that takes ``KVM_SET_USER_MEMORY_REGION``: every :class:`MemslotTarget`
+    and the peers ``memslots bench`` measures (Unicorn, a model of rust-vmm vm-memory)."""
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
     ) -> None: ...
+
+
+class MemslotTarget(RegionTarget, Protocol):
+    """Anything that takes the two memslot ioctls: ``Vm``, ``ArrayVm``, ``KvmVm``, a raw
+    ``memslots.kvm.abi.VmFd`` or a recorder wrapping one of them."""
 
     def set_user_memory_region2(
         self,

@@ -26,10 +26,7 @@ they use :class:`~memslots.sync.Srcu` read sections, which never block.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
-from errno import EEXIST, EINVAL, ENXIO
+from errno import EEXIST, EINVAL
 from typing import TYPE_CHECKING
 
 from mypy_extensions import mypyc_attr
@@ -50,20 +47,14 @@ from memslots.constants import (
     X86_TASK_SIZE_MAX,
 )
 from memslots.errors import MemslotError, require
-from memslots.faults import FaultInjector
-from memslots.guest_memfd import GuestMemfdTable
 from memslots.memslot_set import MemslotSet
-from memslots.slot import (
-    Memslot,
-    gfn_to_hva_memslot_prot,
-)
-from memslots.sync import FREE_THREADED_BUILD, Srcu
-from memslots.validate import Change, Decision, VmLimits, check_set_user_memory_region
+from memslots.slot import Memslot
+from memslots.sync import FREE_THREADED_BUILD, lockdep_assert_held
+from memslots.validate import Change, Decision, VmLimits
+from memslots.vm_api import VmApi
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
-
-InvalidateCallback = Callable[[Memslot], None]
 
 #: the vCPU cache hit path may skip the read section (see Vcpu.gfn_to_memslot)
 _LOCK_FREE_HIT = not FREE_THREADED_BUILD
@@ -80,6 +71,15 @@ class Vcpu:
     filled under (``kvm_vcpu_gfn_to_memslot``). :meth:`mark_page_dirty` and
     :meth:`write_guest` are writes made by this vCPU: with a ring on they push into its
     ring, otherwise they mark dirty bitmaps.
+
+    >>> vm = Vm()
+    >>> vm.set_user_memory_region(0, 0, 0, 0x10000, 0x7F0000000000)
+    >>> vcpu = vm.create_vcpu(0)
+    >>> vcpu.gfn_to_memslot(3) is vcpu.last_used_slot is vm.id_to_memslot(0)
+    True
+    >>> vcpu.as_id = 1          # SMM: address space 1 has no slots
+    >>> vcpu.gfn_to_memslot(3) is None
+    True
     """
 
     __slots__ = ("as_id", "dirty_ring", "id", "last_used_slot", "last_used_slot_gen", "vm")
@@ -91,9 +91,7 @@ class Vcpu:
         self.last_used_slot: Memslot | None = None
         self.last_used_slot_gen = -1
         #: the vCPU's dirty ring (``kvm_dirty_ring_alloc`` at creation), None while off
-        #: (and for VMs without dirty-ring support)
-        rings: _dirty_ring.DirtyRings | None = getattr(vm, "dirty_rings", None)
-        self.dirty_ring = rings.new_ring() if rings is not None else None
+        self.dirty_ring = vm.dirty_rings.new_ring()
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         """The slot holding ``gfn`` in this vCPU's address space, or None.
@@ -145,7 +143,7 @@ class Vcpu:
         finally:
             srcu.read_unlock(idx)
 
-    def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+    def write_guest(self, gpa: int, data: Buffer) -> None:
         """``kvm_vcpu_write_guest``: as :meth:`Vm.write_guest` in this vCPU's address
         space, each written page marked as by :meth:`mark_page_dirty` (in page order).
         O(len(data))."""
@@ -168,7 +166,7 @@ class Vcpu:
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
-class Vm:
+class Vm(VmApi[MemslotSet]):
     """A virtual machine's memslots: the tree-based engine with the kernel's semantics.
 
     ``Vm()`` has x86-64 defaults (2 address spaces, 32764 user slots, max gfn 2^40-1,
@@ -177,7 +175,20 @@ class Vm:
 
     Writers: :meth:`set_user_memory_region` and :meth:`set_user_memory_region2` (O(log n)
     each; one at a time, under ``slots_lock``). Readers: :meth:`gfn_to_memslot`,
-    :meth:`memslots`, vCPUs; they never block.
+    :meth:`memslots`, vCPUs; they never block. Lookups, dirty logging and guest memory
+    are :class:`memslots.vm_api.VmApi`'s. ``publish_observer`` (None by default, see
+    :class:`memslots.vm_api.PublishObserver`) watches every swap.
+
+    >>> vm = Vm()
+    >>> vm.set_user_memory_region(1, 0, 0x200000, 0x2000, 0x7F0000000000)
+    >>> vm.last_change, vm.nr_memslot_pages, vm.memslots(0).generation
+    (<Change.CREATE: 'create'>, 2, 2)
+    >>> vm.set_user_memory_region(1, 0, 0x400000, 0x2000, 0x7F0000000000)   # a MOVE
+    >>> vm.last_change, vm.id_to_memslot(1).base_gfn, vm.memslots(0).generation
+    (<Change.MOVE: 'move'>, 1024, 6)
+    >>> vm.set_user_memory_region(1, 0, 0, 0, 0)                            # a DELETE
+    >>> len(vm.memslots(0)), vm.nr_memslot_pages
+    (0, 0)
     """
 
     def __init__(
@@ -190,45 +201,23 @@ class Vm:
         private_mem: bool = False,
         task_size_max: int = X86_TASK_SIZE_MAX,
     ) -> None:
-        self.limits = VmLimits(
-            nr_address_spaces=nr_address_spaces,
-            max_user_slots=max_user_slots,
-            max_gfn=max_gfn,
-            readonly_mem=readonly_mem,
-            private_mem=private_mem,
-            task_size_max=task_size_max,
+        super().__init__(
+            VmLimits(
+                nr_address_spaces=nr_address_spaces,
+                max_user_slots=max_user_slots,
+                max_gfn=max_gfn,
+                readonly_mem=readonly_mem,
+                private_mem=private_mem,
+                task_size_max=task_size_max,
+            )
         )
-        self.nr_address_spaces = nr_address_spaces
         #: both sets of each address space: ``_sets[as_id][node_idx]``
         self._sets = [(MemslotSet(a, 0), MemslotSet(a, 1)) for a in range(nr_address_spaces)]
         #: the published (active) set of each address space
-        self._memslots: list[MemslotSet] = [pair[0] for pair in self._sets]
-        self.srcu = Srcu()
-        #: serialises updates (the kernel's kvm->slots_lock)
-        self.slots_lock = threading.RLock()
-        #: sum of npages over all slots of all address spaces
-        self.nr_memslot_pages = 0
-        #: number of slots with dirty logging on (mainline's nr_memslots_dirty_logging)
-        self.nr_memslots_dirty_logging = 0
-        #: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 value
-        self.manual_dirty_log_protect = 0
-        #: bytes of dirty bitmap currently allocated (leak accounting for tests)
-        self.dirty_bitmap_bytes = 0
-        self.faults = FaultInjector()
-        #: what the last successful set_user_memory_region call did
-        self.last_change: Change | None = None
+        self._memslots = [pair[0] for pair in self._sets]
         self._vcpus: dict[int, Vcpu] = {}
-        self._invalidate_callbacks: list[InvalidateCallback] = []
-        #: exceptions raised by invalidation callbacks: ``(slot, exception)``
-        self.callback_errors: list[tuple[int, BaseException]] = []
         #: an interrupt that arrived during an update, raised when the update completes
         self._deferred: BaseException | None = None
-        #: guest_memfd files of this VM and their bindings to slots
-        self.guest_memfds = GuestMemfdTable()
-        #: the dirty ring's VM-wide state (size, push mode): memslots.dirty_ring
-        self.dirty_rings = _dirty_ring.DirtyRings()
-        #: vCPUs ever created (``kvm->created_vcpus``; never drops)
-        self.created_vcpus = 0
 
     # ==================================================================================
     # The ioctls
@@ -272,39 +261,17 @@ class Vm:
             )
             self.apply(d)
 
-    def check_region(
-        self,
-        v2: bool,
-        slot: int,
-        flags: int,
-        guest_phys_addr: int,
-        memory_size: int,
-        userspace_addr: int,
-        guest_memfd_offset: int = 0,
-        guest_memfd: int = 0,
-    ) -> Decision:
-        """Validate and classify a request without changing anything (what the kernel
-        would decide before ``kvm_set_memslot``); raises :class:`MemslotError`."""
-        return check_set_user_memory_region(
-            self.limits,
-            self._memslots,
-            self.nr_memslot_pages,
-            v2=v2,
-            slot=slot,
-            flags=flags,
-            guest_phys_addr=guest_phys_addr,
-            memory_size=memory_size,
-            userspace_addr=userspace_addr,
-            guest_memfd_offset=guest_memfd_offset,
-            guest_memfd=guest_memfd,
-        )
-
     def apply(self, d: Decision) -> None:
-        """Carry out a validated request (the end of ``kvm_set_memory_region``)."""
+        """Carry out a validated request (the end of ``kvm_set_memory_region``).
+        ``RuntimeError`` (and nothing changed) when the calling thread is inside a read
+        section of this VM, whose grace period the update would wait for forever (the
+        kernel's lockdep reports the same as an illegal ``synchronize_srcu``)."""
         with self.slots_lock:
             if d.change is Change.NONE:
                 self.last_change = Change.NONE
                 return
+            if self.srcu.in_read_section():  # the grace period would wait for us forever
+                raise RuntimeError("a memslot update inside a read section of the same VM")
             new: Memslot | None = None
             if d.change is not Change.DELETE:
                 self.faults.check("kzalloc_new")
@@ -328,6 +295,8 @@ class Vm:
     # ==================================================================================
     def _set_memslot(self, old: Memslot | None, new: Memslot | None, change: Change) -> None:
         """``kvm_set_memslot``: the whole update, with rollback on failure."""
+        if __debug__:
+            lockdep_assert_held(self.slots_lock, "kvm_set_memslot")
         invalid: Memslot | None = None
         if change in (Change.DELETE, Change.MOVE):
             assert old is not None
@@ -386,7 +355,11 @@ class Vm:
         self._activate_memslot(old, new)
 
     def _inactive_memslots(self, as_id: int) -> MemslotSet:
-        """``kvm_get_inactive_memslots``: the set of ``as_id`` that is not published."""
+        """``kvm_get_inactive_memslots``: the set of ``as_id`` that is not published
+        (only writers may touch it: the kernel's ``__kvm_memslots`` checks that they hold
+        ``slots_lock``)."""
+        if __debug__:
+            lockdep_assert_held(self.slots_lock, "kvm_get_inactive_memslots")
         return self._sets[as_id][self._memslots[as_id].node_idx ^ 1]
 
     def _replace_memslot(self, old: Memslot | None, new: Memslot | None) -> None:
@@ -397,11 +370,17 @@ class Vm:
 
     def _swap_active_memslots(self, as_id: int) -> None:
         """``kvm_swap_active_memslots``: publish the inactive set, wait for every reader of
-        the previously active set to leave, then settle the generation."""
+        the previously active set to leave, then settle the generation. The
+        ``publish_observer``, if any, is told just before the publish and after the
+        generation is settled."""
         active = self._memslots[as_id]
         inactive = self._inactive_memslots(as_id)
         gen = active.generation
-        assert not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, "swap already in progress"
+        if __debug__:
+            require(not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, "swap already in progress")
+        observer = self.publish_observer
+        if observer is not None:
+            observer.publishing(as_id, inactive)
         # Caches tagged with any final generation miss while the swap is in flight.
         inactive.generation = gen | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
         self._memslots[as_id] = inactive  # publish: new readers see this set
@@ -412,6 +391,8 @@ class Vm:
             self.srcu.synchronize()
         gen = (inactive.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.nr_address_spaces
         inactive.generation = gen
+        if observer is not None:
+            observer.published(as_id, inactive)
 
     def _activate_memslot(self, old: Memslot | None, new: Memslot | None) -> None:
         """``kvm_activate_memslot``: swap, then repeat the replacement on the set that was
@@ -525,68 +506,8 @@ class Vm:
             old.dirty_bitmap = None  # kvm_destroy_dirty_bitmap
 
     # ==================================================================================
-    # Lookups (readers)
+    # vCPUs
     # ==================================================================================
-    def memslots(self, as_id: int = 0) -> MemslotSet:
-        """The active set of ``as_id`` (``__kvm_memslots``). O(1).
-
-        The set stays valid only inside a read section: ``with vm.read_section(): ...``.
-        """
-        if not 0 <= as_id < self.nr_address_spaces:
-            raise MemslotError(EINVAL, f"address space {as_id} does not exist")
-        return self._memslots[as_id]
-
-    def read_section(self) -> AbstractContextManager[None]:
-        """``with vm.read_section():`` a read section (``srcu_read_lock``): sets obtained
-        inside it are not changed by writers until it ends. Never blocks."""
-        return self.srcu.read()
-
-    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
-        """``gfn_to_memslot(kvm, gfn)``: the slot of address space 0 holding ``gfn``, or
-        None; uses and fills the set's last-used cache. O(1) on a hit, O(log n) else."""
-        srcu = self.srcu
-        idx = srcu.read_lock()
-        try:
-            return self._memslots[0].gfn_to_memslot(gfn)
-        finally:
-            srcu.read_unlock(idx)
-
-    def id_to_memslot(self, slot: int) -> Memslot | None:
-        """The slot with ABI number ``slot`` (``as_id << 16 | id``) in the active set, or
-        None. O(1)."""
-        as_id = slot >> 16
-        if as_id >= self.nr_address_spaces:
-            return None
-        srcu = self.srcu
-        idx = srcu.read_lock()
-        try:
-            return self._memslots[as_id].id_to_memslot(slot & 0xFFFF)
-        finally:
-            srcu.read_unlock(idx)
-
-    def gfn_to_hva(self, gfn: int, write: bool = True) -> int:
-        """``gfn_to_hva`` (write semantics by default, so a read-only slot gives
-        ``KVM_HVA_ERR_RO_BAD``) or ``gfn_to_hva_prot`` with ``write=False``. Returns an
-        error hva (see :func:`kvm_is_error_hva`) for holes and INVALID slots. O(log n)."""
-        srcu = self.srcu
-        idx = srcu.read_lock()
-        try:
-            slot = self._memslots[0].gfn_to_memslot(gfn)
-            return gfn_to_hva_memslot_prot(slot, gfn, write)
-        finally:
-            srcu.read_unlock(idx)
-
-    def is_visible_gfn(self, gfn: int) -> bool:
-        """``kvm_is_visible_gfn``: a user slot that is not INVALID holds ``gfn``."""
-        s = self.gfn_to_memslot(gfn)
-        return s is not None and s.id < self.limits.max_user_slots and not s.invalid
-
-    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
-        """``KVM_CREATE_GUEST_MEMFD``: a guest_memfd of ``size`` bytes for this VM's
-        ``KVM_MEM_GUEST_MEMFD`` slots. The engine alone stands in a memfd for it; the
-        caller owns the returned fd."""
-        return self.guest_memfds.create(size, flags)
-
     def create_vcpu(self, id: int) -> Vcpu:
         """``KVM_CREATE_VCPU``: a vCPU with its own last-used-slot cache (address space 0
         to start with) and, if the VM has a dirty ring, its ring. EINVAL for an id at or
@@ -608,54 +529,9 @@ class Vm:
         if id in self._vcpus:
             raise MemslotError(EEXIST, f"vCPU {id} exists")
 
-    def slots(self) -> list[Memslot]:
-        """A snapshot of every slot of every address space (as_id, then base_gfn order)."""
-        with self.read_section():
-            return [s for a in range(self.nr_address_spaces) for s in self._memslots[a]]
-
-    def __iter__(self) -> Iterator[Memslot]:
-        return iter(self.slots())
-
-    # ==================================================================================
-    # Invalidation callbacks (the MMU-notifier side)
-    # ==================================================================================
-    def register_invalidate_callback(self, cb: InvalidateCallback) -> None:
-        """Call ``cb(old_slot)`` whenever a slot is invalidated (DELETE and MOVE, right
-        after the INVALID copy is published), like ``kvm_arch_flush_shadow_memslot``."""
-        self._invalidate_callbacks.append(cb)
-
-    # ==================================================================================
-    # Dirty logging (memslots.dirty_log) and guest memory (memslots.guest_memory)
-    # ==================================================================================
-    def enable_manual_dirty_log_protect(self, flags: int) -> None:
-        """``KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)``: 0, 1 or 3; 2 alone is
-        EINVAL. INITIALLY_SET applies to bitmaps allocated afterwards."""
-        _dirty_log.enable_manual_dirty_log_protect(self, flags)
-
-    def get_dirty_log(self, slot: int) -> bytes:
-        """``KVM_GET_DIRTY_LOG``: the slot's bitmap as little-endian u64 words
-        (``ALIGN(npages, 64) / 8`` bytes); clears it unless manual protect is on. ENXIO,
-        before any other check, while the dirty ring is on."""
-        if not _dirty_ring.kvm_use_dirty_bitmap(self):
-            raise MemslotError(ENXIO, "the dirty ring is on: there are no dirty bitmaps")
-        return _dirty_log.get_dirty_log(self, slot)
-
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Buffer) -> None:
-        """``KVM_CLEAR_DIRTY_LOG``: clear the pages set in ``bitmap`` (bit 0 is
-        ``first_page``), with the kernel's alignment rules and errnos; ENXIO first while
-        the dirty ring is on."""
-        if not _dirty_ring.kvm_use_dirty_bitmap(self):
-            raise MemslotError(ENXIO, "the dirty ring is on: there are no dirty bitmaps")
-        _dirty_log.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
-
     # ==================================================================================
     # The dirty ring (memslots.dirty_ring)
     # ==================================================================================
-    @property
-    def dirty_ring_size(self) -> int:
-        """Bytes of each vCPU's dirty ring (``kvm->dirty_ring_size``); 0 while off."""
-        return self.dirty_rings.size
-
     def enable_dirty_ring(self, size: int, acq_rel: bool = False) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING, size)`` (``..._ACQ_REL`` with
         ``acq_rel``): a ring of ``size`` bytes for each vCPU created afterwards. The
@@ -670,75 +546,19 @@ class Vm:
         without a ring. O(entries reset)."""
         return _dirty_ring.reset_dirty_rings(self, [v.dirty_ring for v in self._vcpus.values()])
 
-    def mark_page_dirty(self, gfn: int) -> None:
-        """``mark_page_dirty``: set ``gfn``'s bit if its slot (address space 0) logs."""
-        _dirty_log.mark_page_dirty(self, gfn)
-
-    def read_guest(self, gpa: int, length: int) -> bytes:
-        """``kvm_read_guest``: ``length`` bytes at guest physical ``gpa`` of address
-        space 0, page by page across slots; EFAULT for holes and INVALID slots."""
-        return _guest_memory.read_guest(self, gpa, length)
-
-    def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """``kvm_write_guest``: write ``data`` at ``gpa``; EFAULT for holes, INVALID or
-        read-only slots (earlier pages stay written, as in the kernel); marks pages dirty
-        in their bitmaps. No vCPU makes this write, so it never reaches a dirty ring (use
-        :meth:`Vcpu.write_guest` for a vCPU's write)."""
-        _guest_memory.write_guest(self, gpa, data)
-
-    def clear_guest(self, gpa: int, length: int) -> None:
-        """``kvm_clear_guest``: write zeros, as :meth:`write_guest`."""
-        _guest_memory.clear_guest(self, gpa, length)
-
     # ==================================================================================
     # Checks
     # ==================================================================================
     def check_invariants(self) -> None:
-        """Assert the VM is consistent (for tests; O(n)): outside an update both sets of
-        every address space hold the same objects; each set's indexes agree; no gfn
-        overlap; caches point into their set; generations are settled; page, dirty
-        bitmap and guest_memfd accounting add up; vCPU dirty rings match the VM's."""
+        """As :meth:`memslots.vm_api.VmApi.check_invariants`, and the vCPUs' dirty rings
+        match the VM's (size, indexes in range)."""
         with self.slots_lock:
-            pages = bitmap_bytes = logging = gmem_pages = 0
-            for a in range(self.nr_address_spaces):
-                self._check_address_space(a)
-                active = self._memslots[a]
-                require(
-                    not active.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
-                    "not active.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS",
-                )
-                require(
-                    active.generation % self.nr_address_spaces == a,
-                    "active.generation % self.nr_address_spaces == a",
-                )
-                for x in active:
-                    require(not x.invalid, "INVALID slot left behind")
-                    pages += x.npages
-                    if x.flags & KVM_MEM_LOG_DIRTY_PAGES:
-                        logging += 1
-                    if x.flags & KVM_MEM_GUEST_MEMFD:
-                        gmem_pages += x.npages
-                    if x.dirty_bitmap is not None:
-                        require(
-                            x.flags & KVM_MEM_LOG_DIRTY_PAGES, "x.flags & KVM_MEM_LOG_DIRTY_PAGES"
-                        )
-                        require(
-                            len(x.dirty_bitmap) == _dirty_log.dirty_bitmap_bytes(x.npages),
-                            "len(x.dirty_bitmap) == _dirty_log.dirty_bitmap_bytes(x.npages)",
-                        )
-                        bitmap_bytes += len(x.dirty_bitmap)
-            require(pages == self.nr_memslot_pages, "nr_memslot_pages is off")
-            require(
-                logging == self.nr_memslots_dirty_logging,
-                "logging == self.nr_memslots_dirty_logging",
-            )
-            require(bitmap_bytes == self.dirty_bitmap_bytes, "dirty bitmap leaked")
-            require(gmem_pages == self.guest_memfds.bound_pages(), "guest_memfd binding leaked")
+            super().check_invariants()
             _dirty_ring.check_invariants(self, [v.dirty_ring for v in self._vcpus.values()])
 
     def _check_address_space(self, as_id: int) -> None:
         """The set-structure part of :meth:`check_invariants` for one address space: both
-        sets are consistent and share the very same slot objects."""
+        sets are consistent and share the very same slot objects (outside an update)."""
         s0, s1 = self._sets[as_id]
         s0.check_invariants()
         s1.check_invariants()

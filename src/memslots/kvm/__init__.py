@@ -1,6 +1,6 @@
 """The ``/dev/kvm`` backend.
 
-- :class:`KvmVm`: the memslots API (SPEC section 3) on a real VM; every memslot call goes
+- :class:`KvmVm`: the memslots API of :class:`memslots.Vm` on a real VM; every memslot call goes
   to the kernel and is checked against the engine (:class:`ConformanceError` in strict
   mode).
 - :mod:`memslots.kvm.abi`: the raw ABI (uapi structures, ioctls, :class:`KvmSystem`,

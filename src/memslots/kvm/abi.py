@@ -25,11 +25,12 @@ Classes:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 from types import TracebackType
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
 from memslots.constants import (
     KVM_DIRTY_GFN_F_DIRTY,
@@ -38,6 +39,9 @@ from memslots.constants import (
     KVM_DIRTY_LOG_PAGE_OFFSET,
 )
 from memslots.errors import MemslotError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "KVM_API_VERSION",
@@ -628,9 +632,11 @@ class _Fd:
         self.close()
 
     def __del__(self) -> None:
-        # Last resort only; callers close explicitly or use ``with``.
+        # Last resort only; callers close explicitly or use ``with``. BufferError: a
+        # subclass's mapping is still exported (a caller holds a view); the GC frees it.
         if getattr(self, "_fd", -1) >= 0:
-            self.close()
+            with contextlib.suppress(BufferError):
+                self.close()
 
 
 class KvmSystem(_Fd):
@@ -769,9 +775,9 @@ class VmFd(_Fd):
         finally:
             buf.close()
 
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
-        """``KVM_CLEAR_DIRTY_LOG``: clear the dirty bits set in ``bitmap`` (bit i for page
-        ``first_page + i``) among ``num_pages`` pages.
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Buffer) -> None:
+        """``KVM_CLEAR_DIRTY_LOG``: clear the dirty bits set in ``bitmap`` (any bytes-like
+        object; bit i for page ``first_page + i``) among ``num_pages`` pages.
 
         The kernel reads ``ALIGN(num_pages, 64) / 8`` bytes of bitmap; a shorter
         ``bitmap`` is handed over as a short user buffer (EFAULT, like C). O(num_pages).
@@ -780,9 +786,10 @@ class VmFd(_Fd):
         _check_range("first_page", first_page, _U64)
         _check_range("num_pages", num_pages, _U32)
         need = (num_pages + 63) // 64 * 8
-        buf = _GuardedBuffer(min(need, len(bitmap)))
+        data = memoryview(bitmap).cast("B")
+        buf = _GuardedBuffer(min(need, len(data)))
         try:
-            buf.write(bytes(bitmap[: buf.size]))
+            buf.write(data[: buf.size].tobytes())
             clear = kvm_clear_dirty_log(slot, num_pages, first_page, buf.addr)
             _ioctl_checked(
                 self.fd, KVM_CLEAR_DIRTY_LOG, ctypes.addressof(clear), "KVM_CLEAR_DIRTY_LOG"

@@ -25,14 +25,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Final, Protocol, Self
+from typing import Final, Protocol
 
 from memslots.constants import PAGE_SIZE
 from memslots.errors import MemslotError
@@ -52,6 +50,7 @@ from memslots.kvm.abi import (
     KVM_SET_REGS,
     KVM_SET_SREGS,
     VmFd,
+    _Fd,
     _ioctl,
     _ioctl_checked,
     exit_reason_name,
@@ -253,7 +252,7 @@ def _ensure_kick_handler() -> bool:
     return True
 
 
-class KvmVcpu:
+class KvmVcpu(_Fd):
     """A vCPU of a :class:`~memslots.kvm.abi.VmFd`: owns its fd and ``kvm_run`` mapping.
 
     ``KvmVcpu(vm, vcpu_id)`` gives the VM a real-mode TSS address first if it has none
@@ -270,13 +269,13 @@ class KvmVcpu:
         self.vm = vm
         self.vcpu_id = vcpu_id
         self._kick_ok = _ensure_kick_handler()
-        self._fd = vm.create_vcpu(vcpu_id)
+        super().__init__(vm.create_vcpu(vcpu_id))
         try:
             self._map = mmap.mmap(
                 self._fd, vm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
             )
         except BaseException:
-            os.close(self._fd)
+            super().close()
             raise
         self._run: kvm_run | None = kvm_run.from_buffer(self._map)
         self._view: memoryview | None = None  # the last IoExit.data, released on next run
@@ -287,19 +286,7 @@ class KvmVcpu:
         #: told about every KVM_RUN (see :class:`RunObserver`), or None
         self.run_observer: RunObserver | None = None
 
-    # -- plumbing -------------------------------------------------------------------
-
-    @property
-    def fd(self) -> int:
-        """The vCPU's file descriptor; ``ValueError`` once closed."""
-        if self._fd < 0:
-            raise ValueError("KvmVcpu is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` has run."""
-        return self._fd < 0
+    # -- plumbing (``fd``, ``closed`` and the context manager are :class:`_Fd`'s) ------
 
     @property
     def kvm_run(self) -> kvm_run:
@@ -326,7 +313,7 @@ class KvmVcpu:
 
     def close(self) -> None:
         """Unmap ``kvm_run`` and the dirty ring and close the vCPU fd (idempotent)."""
-        if self._fd < 0:
+        if self.closed:
             return
         self._release_view()
         self._run = None
@@ -335,25 +322,7 @@ class KvmVcpu:
             with contextlib.suppress(BufferError):  # a view is alive: the GC unmaps it
                 self._ring_map.close()
             self._ring_map = None
-        fd, self._fd = self._fd, -1
-        os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            # BufferError: a caller still holds a view; leave the mapping to the GC
-            with contextlib.suppress(BufferError):
-                self.close()
+        super().close()
 
     # -- registers ------------------------------------------------------------------
 

@@ -226,7 +226,7 @@ class KvmVcpuHandle(Vcpu):
         vm._no_host_writes = False
         super().mark_page_dirty(gfn)
 
-    def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+    def write_guest(self, gpa: int, data: Buffer) -> None:
         """``kvm_vcpu_write_guest`` from Python, through the engine's slots and
         :class:`HostMemory` (the kernel's memory is the same memory): pages are recorded
         in the engine's ring or bitmap, never in the kernel's. O(len(data))."""
@@ -249,7 +249,7 @@ class KvmVcpuHandle(Vcpu):
 
 
 class KvmVm(Vm):
-    """A real VM on ``/dev/kvm`` behind the memslots API (that of :class:`memslots.Vm`).
+    """A real VM on ``/dev/kvm`` behind the memslots API of :class:`memslots.Vm`.
 
     ``KvmVm(strict=True, path="/dev/kvm")``: opens the device and creates a VM. The engine
     limits come from the kernel: ``KVM_CAP_MULTI_ADDRESS_SPACE`` (address spaces),
@@ -348,6 +348,7 @@ class KvmVm(Vm):
         args = (slot, flags, guest_phys_addr, memory_size, userspace_addr)
         with self.slots_lock:
             self._check_open()
+            self._check_not_in_read_section()
             k, _, _ = self._mirror(
                 lambda: _fmt_call("set_user_memory_region", args),
                 lambda: self.fd.set_user_memory_region(*args),
@@ -376,6 +377,7 @@ class KvmVm(Vm):
         args = (slot, flags, guest_phys_addr, memory_size, userspace_addr)
         with self.slots_lock:
             self._check_open()
+            self._check_not_in_read_section()
             k, _, _ = self._mirror(
                 lambda: (
                     _fmt_call("set_user_memory_region2", args)[:-1]
@@ -546,17 +548,17 @@ class KvmVm(Vm):
         self._no_host_writes = False
         super().mark_page_dirty(gfn)
 
-    def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+    def write_guest(self, gpa: int, data: Buffer, *, as_id: int = 0) -> None:
         """``kvm_write_guest`` through the engine's slots and :class:`HostMemory` (the
         kernel's memory is the same memory); pages are marked in the engine's bitmap.
         O(len(data))."""
         self._no_host_writes = False
-        super().write_guest(gpa, data)
+        super().write_guest(gpa, data, as_id=as_id)
 
-    def clear_guest(self, gpa: int, length: int) -> None:
+    def clear_guest(self, gpa: int, length: int, *, as_id: int = 0) -> None:
         """``kvm_clear_guest``, as :meth:`write_guest`. O(length)."""
         self._no_host_writes = False
-        super().clear_guest(gpa, length)
+        super().clear_guest(gpa, length, as_id=as_id)
 
     # -- memory and vCPUs ------------------------------------------------------------
     def host_memory(self, size: int) -> HostMemory:
@@ -617,6 +619,13 @@ class KvmVm(Vm):
     def _check_open(self) -> None:
         if self._closed:
             raise MemslotError(EBADF, "the VM is closed")
+
+    def _check_not_in_read_section(self) -> None:
+        """The engine refuses an update from inside one of its read sections (its grace
+        period would wait for itself); refuse it before the kernel sees it, so that the
+        two stay in step."""
+        if self.srcu.in_read_section():
+            raise RuntimeError("a memslot update inside a read section of the same VM")
 
     @property
     def closed(self) -> bool:

@@ -77,8 +77,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Protocol
 
 import memslots
+from memslots.baseline import ArrayVcpu, ArrayVm
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_USER_MEM_SLOTS_X86, PAGE_SHIFT
 from memslots.guest_memory import HostMemory
+from memslots.kvm.abi import kvm_available
 from memslots.slot import gfn_to_hva_memslot_prot, kvm_is_error_hva
 from memslots.tools.bench_peers import (
     PureEngine,
@@ -86,7 +88,11 @@ from memslots.tools.bench_peers import (
     VmMemoryModel,
     unicorn_available,
 )
+from memslots.view import RegionTarget
 from memslots.vm import Vcpu, Vm
+
+#: the implementations that answer lookups and guest memory (not a bare VM fd)
+EngineVm = Vm | ArrayVm
 
 KiB: Final = 1 << 10
 MiB: Final = 1 << 20
@@ -357,24 +363,7 @@ class _NoProgress:
 # ======================================================================================
 # Implementations under test
 # ======================================================================================
-class Target(Protocol):
-    """What every implementation offers: the memslot ioctl."""
-
-    def set_user_memory_region(
-        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
-    ) -> None: ...
-
-
-def kvm_usable() -> bool:
-    """True when ``/dev/kvm`` opens and answers API version 12."""
-    try:
-        from memslots.kvm.abi import kvm_available
-    except ImportError:  # pragma: no cover - the package ships it
-        return False
-    return kvm_available()
-
-
-def make_target(impl: str) -> Target:
+def make_target(impl: str) -> RegionTarget:
     """A new, empty VM of implementation ``impl`` (one address space, as the kernel on
     this machine has). Close it with :func:`close_target`."""
     if impl == "tree":
@@ -401,7 +390,7 @@ def make_target(impl: str) -> Target:
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def close_target(t: Target) -> None:
+def close_target(t: RegionTarget) -> None:
     """Release what :func:`make_target` created (a kernel VM is destroyed)."""
     close = getattr(t, "close", None)
     if close is not None:
@@ -416,7 +405,7 @@ def available_impls(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
     for name in wanted:
         if name in ("kvm", "ioctl"):
             if kvm is None:
-                kvm = kvm_usable()
+                kvm = kvm_available()
             if not kvm:
                 notes.append(f"{IMPL_LABELS[name]}: skipped, /dev/kvm is not usable here")
                 continue
@@ -456,7 +445,7 @@ def perf_layout(n: int) -> list[tuple[int, int]]:
     return out
 
 
-def invalidate_hva_range(vm: Vm, start: int, end: int) -> int:
+def invalidate_hva_range(vm: EngineVm, start: int, end: int) -> int:
     """``__kvm_handle_hva_range`` for ``[start, end)``: in a read section, for every
     address space, each slot whose hva range meets the range and the gfn range it maps
     there. Returns the number of gfns the handler would see. O(log n + k log n) on the
@@ -494,7 +483,7 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
-    if kvm_usable():
+    if kvm_available():
         from memslots.kvm.abi import (
             KVM_CAP_MULTI_ADDRESS_SPACE,
             KVM_CAP_NR_MEMSLOTS,
@@ -519,7 +508,7 @@ class _Runner:
         self.progress = progress
         self.results = results
         #: the vCPU of each scenario VM (by id of the VM), created on first use
-        self._vcpus: dict[int, Vcpu] = {}
+        self._vcpus: dict[int, Vcpu | ArrayVcpu] = {}
 
     # --- memslot_perf_test scenarios --------------------------------------------------
     def scenarios(self, impls: list[str], mem: HostMemory) -> None:
@@ -546,10 +535,10 @@ class _Runner:
                     if s.startswith("move"):
                         r = self._move(impl, target, layout, mem, active=s == "move-active")
                     elif s.startswith("unmap"):
-                        assert isinstance(target, Vm)
+                        assert isinstance(target, EngineVm)
                         r = self._unmap(impl, target, mem, chunked=s == "unmap-chunked")
                     else:
-                        assert isinstance(target, Vm)
+                        assert isinstance(target, EngineVm)
                         r = self._rw(impl, target, layout)
                     self.results.scenarios.append(r)
                     self.progress.advance()
@@ -557,7 +546,7 @@ class _Runner:
                 self._vcpus.pop(id(target), None)
                 close_target(target)
 
-    def _create_all(self, t: Target, layout: list[tuple[int, int]], mem: HostMemory) -> None:
+    def _create_all(self, t: RegionTarget, layout: list[tuple[int, int]], mem: HostMemory) -> None:
         sur = t.set_user_memory_region
         base = mem.addr - MEM_GPA
         for i, (gpa, size) in enumerate(layout):
@@ -565,12 +554,12 @@ class _Runner:
 
     def _setup(
         self, impl: str, layout: list[tuple[int, int]], mem: HostMemory, timed: bool
-    ) -> Target:
+    ) -> RegionTarget:
         """Build a VM with the layout; when ``timed``, build it ``repetitions`` times and
         record the best creation time. Returns the last VM built."""
         reps = self.cfg.repetitions if timed else 1
         best = float("inf")
-        target: Target | None = None
+        target: RegionTarget | None = None
         for _ in range(reps):
             if target is not None:
                 close_target(target)
@@ -591,13 +580,13 @@ class _Runner:
     def _move(
         self,
         impl: str,
-        t: Target,
+        t: RegionTarget,
         layout: list[tuple[int, int]],
         mem: HostMemory,
         *,
         active: bool,
     ) -> ScenarioResult:
-        assert isinstance(t, Vm)
+        assert isinstance(t, EngineVm)
         last = len(layout) - 1
         gpa, size = layout[last]
         hva = mem.addr - MEM_GPA + gpa
@@ -643,7 +632,7 @@ class _Runner:
             detail={"lookups": total * 2 * area_pages, "lookups_without_slot": mmio},
         )  # fmt: skip
 
-    def _unmap(self, impl: str, vm: Vm, mem: HostMemory, *, chunked: bool) -> ScenarioResult:
+    def _unmap(self, impl: str, vm: EngineVm, mem: HostMemory, *, chunked: bool) -> ScenarioResult:
         piece = MEM_TEST_UNMAP_CHUNK if chunked else 1 << PAGE_SHIFT
         per_pass = MEM_TEST_UNMAP_SIZE // piece
         start0 = mem.addr
@@ -673,7 +662,7 @@ class _Runner:
             detail={"calls": total, "pages_invalidated": pages},
         )  # fmt: skip
 
-    def _rw(self, impl: str, vm: Vm, layout: list[tuple[int, int]]) -> ScenarioResult:
+    def _rw(self, impl: str, vm: EngineVm, layout: list[tuple[int, int]]) -> ScenarioResult:
         npages = MEM_SIZE >> PAGE_SHIFT
         gpas = range(MEM_GPA, MEM_GPA + (npages << PAGE_SHIFT), 1 << PAGE_SHIFT)
         write, read = vm.write_guest, vm.read_guest
@@ -709,7 +698,7 @@ class _Runner:
     def sweep(self, impls: list[str], mem: HostMemory) -> None:
         cfg = self.cfg
         counts = cfg.counts
-        targets: dict[str, Target] = {}
+        targets: dict[str, RegionTarget] = {}
         pure: PureEngine | None = None
         present = dict.fromkeys(impls, 0)
         self.progress.phase(
@@ -779,7 +768,7 @@ class _Runner:
 
 
 def time_ops(
-    t: Target, count: int, base: int, step: int, duration: float
+    t: RegionTarget, count: int, base: int, step: int, duration: float
 ) -> list[tuple[str, float, int]]:
     """Time the sweep's four operations on ``t`` with ``count`` slots present (laid out
     by the sweep: slot i at ``MEM_GPA + i * step``, hva ``base + gpa``), each pair of

@@ -5,9 +5,9 @@ The pieces are reusable (tests/test_stress.py, tests/test_faults_concurrent.py a
 ``memslots stress`` use them):
 
 :class:`HistoryVm`
-    a :class:`~memslots.vm.Vm` that records every publish: it overrides
-    ``_swap_active_memslots`` to snapshot the set it is about to publish and to take a
-    sequence number before and after the swap. Sequence numbers come from one
+    a :class:`~memslots.vm.Vm` that records every publish through the engine's
+    ``publish_observer`` hook: it snapshots the set about to be published and takes a
+    sequence number before the publish and after the grace period. Sequence numbers come from one
     ``itertools.count`` shared by the writer and the readers (``next()`` on it is atomic),
     so they order events consistently with the threads' execution.
 :class:`History`
@@ -26,7 +26,7 @@ The pieces are reusable (tests/test_stress.py, tests/test_faults_concurrent.py a
     random create/delete/move/flags/no-op/invalid requests through
     ``set_user_memory_region`` against a model of the slots, each with its expected
     result and errno; optionally an injected fault before a request, after which the
-    state must be as the kernel leaves it (reference 3.6 and 3.7): same slot objects, the
+    state must be as the kernel's ``kvm_set_memslot`` leaves it: same slot objects, the
     generation advanced by ``2 * nr_address_spaces`` for a DELETE/MOVE that failed in
     prepare and unchanged otherwise, no leaked dirty bitmap (``vm.check_invariants()``).
 :func:`run_stress`
@@ -78,6 +78,8 @@ GFN_SPACE = 1 << 13
 HVA_BASE = 0x7F00_0000_0000
 HVA_POOL_PAGES = 1 << 10
 MAX_SLOT_PAGES = 64
+#: seconds :func:`run_stress` waits for each thread to stop once the run is over
+JOIN_TIMEOUT = 30.0
 
 
 def same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
@@ -172,9 +174,10 @@ class History:
 
 class HistoryVm(Vm):
     """A :class:`~memslots.vm.Vm` that records every published state (see the module
-    docstring). Same constructor; adds ``seq`` (the shared sequence), ``histories``
-    (one :class:`History` per address space), ``swaps`` and ``swap_serial`` (odd while a
-    swap, i.e. a publish and its grace period, is in flight)."""
+    docstring): it is its own ``publish_observer`` (:class:`memslots.vm_api.PublishObserver`).
+    Same constructor; adds ``seq`` (the shared sequence), ``histories`` (one
+    :class:`History` per address space), ``swaps`` and ``swap_serial`` (odd while a swap,
+    i.e. a publish and its grace period, is in flight)."""
 
     #: record a pruning pass every this many swaps
     PRUNE_EVERY = 256
@@ -189,21 +192,28 @@ class HistoryVm(Vm):
         #: (None when idle); versions still needed by that call are kept
         self.reader_marks: list[int | None] = []
         self.pruned = 0
+        self._recording: Version | None = None
+        self.publish_observer = self
 
     def add_reader_mark(self) -> int:
         """Reserve a mark slot for a reader; returns its index."""
         self.reader_marks.append(None)
         return len(self.reader_marks) - 1
 
-    def _swap_active_memslots(self, as_id: int) -> None:
-        snapshot = tuple(self._inactive_memslots(as_id))
-        v = self.histories[as_id].record(next(self.seq), snapshot)
+    def publishing(self, as_id: int, slots: MemslotSet) -> None:
+        """Record the version about to be published (with the sequence number before
+        the publish)."""
+        self._recording = self.histories[as_id].record(next(self.seq), tuple(slots))
         self.swap_serial += 1
-        try:
-            super()._swap_active_memslots(as_id)
-        finally:
-            self.swap_serial += 1
-            v.end = next(self.seq)
+
+    def published(self, as_id: int, slots: MemslotSet) -> None:
+        """Close the version's publishing swap (the sequence number after its grace
+        period); prune the history now and then."""
+        v = self._recording
+        assert v is not None, "published() without publishing()"
+        self._recording = None
+        self.swap_serial += 1
+        v.end = next(self.seq)
         self.swaps += 1
         if not self.swaps % self.PRUNE_EVERY:
             self.prune_history()
@@ -547,7 +557,8 @@ class _Request:
 
 
 def generation_delta(change: Change, failed_in_prepare: bool, nr_address_spaces: int) -> int:
-    """How much a request moves its address space's active generation (reference 3.6):
+    """How much a request moves its address space's active generation
+    (``kvm_swap_active_memslots``):
     ``nr_address_spaces`` per swap; CREATE and FLAGS_ONLY swap once, DELETE and MOVE twice
     (also when they fail in prepare, which swaps the INVALID copy in and out); a request
     that fails before ``kvm_set_memslot`` or a CREATE/FLAGS_ONLY failing in prepare: 0."""
@@ -1053,7 +1064,8 @@ def run_stress(
     ``switch_interval`` sets ``sys.setswitchinterval`` for the run (smaller: more thread
     interleavings per second) and restores it after. ``progress`` is called from the
     calling thread every ``progress_every`` seconds. Ctrl-C stops the run early and
-    returns the report so far (``interrupted``). Time: ``seconds`` plus thread joins.
+    returns the report so far (``interrupted``). Time: ``seconds`` plus thread joins
+    (each bounded by :data:`JOIN_TIMEOUT`; a thread still running then is a violation).
     """
     if seconds <= 0:
         raise ValueError("seconds must be > 0")
@@ -1099,12 +1111,17 @@ def run_stress(
         interrupted = True
     finally:
         stop.set()
-        wthread.join()
-        for t in threads:
-            t.join()
+        stuck = []
+        for t in (wthread, *threads):
+            t.join(JOIN_TIMEOUT)
+            if t.is_alive():
+                stuck.append(t.name)
         sys.setswitchinterval(old_interval)
     elapsed = time.monotonic() - t_start
-    writer.check_state()
+    if stuck:  # a call that never returns (a deadlock, a grace period that never ends)
+        writer.violation(f"{', '.join(stuck)} did not stop within {JOIN_TIMEOUT:g} s")
+    else:
+        writer.check_state()
     return StressReport(
         seconds=elapsed,
         readers=readers,

@@ -1,0 +1,434 @@
+"""The random operations of a conformance run (:class:`OpGenerator`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Final, TypeVar
+
+from memslots.constants import (
+    KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_MAX_NR_PAGES,
+    KVM_MEM_READONLY,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    U32_MAX,
+    U64_MAX,
+    X86_TASK_SIZE_MAX,
+)
+from memslots.dirty_log import dirty_bitmap_bytes
+from memslots.slot import Memslot
+from memslots.tools.conform.ops import (
+    CLOSED_FD,
+    GMEM_FD,
+    GMEM_SIZE,
+    OTHER_FD,
+    ClearDirtyLog,
+    CloseFd,
+    CreateGuestMemfd,
+    EnableManualDirtyLogProtect,
+    GetDirtyLog,
+    Op,
+    OpenDevNull,
+)
+from memslots.tools.traces import MemslotCall
+
+__all__ = ["OpGenerator"]
+
+T = TypeVar("T")
+
+_PAGE_MASK: Final = PAGE_SIZE - 1
+#: generated hvas: unmapped, legal user addresses (the kernel does not check the mapping)
+_HVA_BASE: Final = 0x7F00_0000_0000
+
+
+def _weighted(rng: random.Random, table: Sequence[tuple[T, float]]) -> T:
+    return rng.choices([v for v, _ in table], [w for _, w in table])[0]
+
+
+class OpGenerator:
+    """Random operations for a conformance run, drawn with ``rng`` (a
+    :class:`random.Random`: a seed gives the same run again).
+
+    :meth:`prelude` gives the operations a fresh VM starts with (a guest_memfd and a file
+    that is not one); :meth:`next` draws one operation from the VM's current slot table
+    (the engine's, which agrees with the kernel while no disagreement has occurred).
+    Slot ids come mostly from ``0 .. ids-1`` and gpas from the first ``gpa_pages`` pages,
+    so creates and moves collide often. Sizes stay small (a few pages to a few thousand):
+    the kernel allocates per-page metadata for every accepted slot, and an accepted slot
+    of 2^31-1 pages would cost 16 GiB. O(slots) per operation.
+    """
+
+    KINDS: ClassVar[tuple[tuple[str, float], ...]] = (
+        ("create", 16),
+        ("delete", 7),
+        ("move", 9),
+        ("flags", 7),
+        ("noop", 3),
+        ("modify_bad", 4),
+        ("invalid", 14),
+        ("gmem", 6),
+        ("gmem_cycle", 0.3),
+        ("get", 12),
+        ("clear", 12),
+        ("manual", 3),
+    )
+
+    def __init__(
+        self,
+        rng: random.Random,
+        *,
+        max_gfn: int,
+        max_user_slots: int = 32764,
+        ids: int = 24,
+        gpa_pages: int = 2048,
+    ) -> None:
+        self.rng = rng
+        self.max_gfn = max_gfn
+        self.max_user_slots = max_user_slots
+        self.ids = ids
+        self.gpa_pages = gpa_pages
+        self._gmem_open = True
+
+    # -- building blocks -------------------------------------------------------------
+    def prelude(self) -> list[Op]:
+        """What every VM of the run starts with."""
+        self._gmem_open = True
+        return [CreateGuestMemfd(GMEM_FD, GMEM_SIZE), OpenDevNull(OTHER_FD)]
+
+    def _id(self) -> int:
+        r = self.rng.random()
+        if r < 0.02:
+            return self.max_user_slots - 1
+        return self.rng.randrange(self.ids)
+
+    def _pages(self) -> int:
+        rng = self.rng
+        return _weighted(
+            rng,
+            (
+                (rng.randint(1, 8), 50),
+                (rng.randint(9, 64), 25),
+                (rng.choice((64, 128, 192, 256)), 8),
+                (rng.randint(65, 512), 15),
+                (rng.randint(513, 4096), 2),
+            ),
+        )
+
+    def _gpa(self) -> int:
+        return self.rng.randrange(self.gpa_pages) << PAGE_SHIFT
+
+    def _hva(self, npages: int) -> int:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.03:
+            return 0
+        if r < 0.05:
+            return X86_TASK_SIZE_MAX - (npages << PAGE_SHIFT)  # ends exactly at the limit
+        return _HVA_BASE + (rng.randrange(1 << 18) << PAGE_SHIFT)
+
+    def _random_flags(self) -> int:
+        return self.rng.choice((0, 0, 1, 1, 2, 3))
+
+    def _call(
+        self,
+        slot: int,
+        flags: int,
+        gpa: int,
+        size: int,
+        hva: int,
+        *,
+        v2: bool | None = None,
+        offset: int | None = None,
+        fd: int | None = None,
+    ) -> MemslotCall:
+        rng = self.rng
+        if v2 is None:
+            v2 = rng.random() < 0.2
+        if not v2:
+            return MemslotCall(slot, flags, gpa, size, hva)
+        if offset is None:  # ignored by the kernel without KVM_MEM_GUEST_MEMFD
+            offset = rng.choice((0, 0, 1, rng.randrange(1 << 40)))
+        if fd is None:
+            fd = rng.choice((0, 0, GMEM_FD, OTHER_FD, CLOSED_FD))
+        return MemslotCall(
+            slot, flags, gpa, size, hva, guest_memfd_offset=offset, guest_memfd=fd, v2=True
+        )
+
+    @staticmethod
+    def _size(s: Memslot) -> int:
+        return s.npages << PAGE_SHIFT
+
+    # -- the operation kinds ---------------------------------------------------------
+    def next(self, slots: Sequence[Memslot]) -> Op:
+        """One random operation, given the VM's current slots."""
+        rng = self.rng
+        kind = _weighted(rng, self.KINDS)
+        plain = [s for s in slots if not s.flags & KVM_MEM_GUEST_MEMFD]
+        if kind in ("delete", "move", "flags", "noop", "modify_bad") and not plain:
+            kind = "create"
+        method: Callable[[Sequence[Memslot], Sequence[Memslot]], Op] = getattr(self, f"_op_{kind}")
+        return method(slots, plain)
+
+    def _op_create(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        used = {s.id for s in slots}
+        free = [i for i in range(self.ids) if i not in used]
+        rng = self.rng
+        id_ = rng.choice(free) if free and rng.random() < 0.85 else self._id()
+        return self._new_call(id_, self._pages())
+
+    def _new_call(self, id_: int, npages: int) -> MemslotCall:
+        return self._call(
+            id_, self._random_flags(), self._gpa(), npages << PAGE_SHIFT, self._hva(npages)
+        )
+
+    def _op_delete(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        rng = self.rng
+        s = rng.choice(slots)
+        # only memory_size 0 and the id matter; the rest must merely be legal
+        return self._call(s.slot, self._random_flags(), self._gpa(), 0, self._hva(1))
+
+    def _op_move(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        rng = self.rng
+        s = rng.choice(plain)
+        flags = s.flags ^ (KVM_MEM_LOG_DIRTY_PAGES if rng.random() < 0.3 else 0)
+        gpa = self._gpa()
+        if rng.random() < 0.3:  # a small step: overlaps its own old range
+            step = rng.randint(-4, 4) << PAGE_SHIFT
+            gpa = max(0, (s.base_gfn << PAGE_SHIFT) + step)
+        return self._call(s.slot, flags, gpa, self._size(s), s.userspace_addr)
+
+    def _op_flags(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        s = self.rng.choice(plain)
+        return self._call(
+            s.slot, s.flags ^ KVM_MEM_LOG_DIRTY_PAGES, s.base_gfn << PAGE_SHIFT, self._size(s),
+            s.userspace_addr,
+        )  # fmt: skip
+
+    def _op_noop(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        s = self.rng.choice(plain)
+        return self._call(
+            s.slot, s.flags, s.base_gfn << PAGE_SHIFT, self._size(s), s.userspace_addr
+        )
+
+    def _op_modify_bad(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        rng = self.rng
+        s = rng.choice(plain)
+        gpa = s.base_gfn << PAGE_SHIFT if rng.random() < 0.5 else self._gpa()
+        size, hva, flags = self._size(s), s.userspace_addr, s.flags
+        what = rng.choice(("hva", "size", "readonly", "hva+size"))
+        if "hva" in what:
+            hva = self._hva(s.npages)
+        if "size" in what:
+            size = (s.npages + rng.choice((-1, 1, 7))) << PAGE_SHIFT
+            size = size or PAGE_SIZE * 2
+        if what == "readonly":
+            flags ^= KVM_MEM_READONLY
+        return self._call(s.slot, flags, gpa, size, hva)
+
+    def _op_invalid(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        """A request (a create, a modify of an existing slot or a delete) with one or
+        two validation rules broken."""
+        rng = self.rng
+        r = rng.random()
+        if plain and r < 0.3:
+            s = rng.choice(plain)
+            call = self._call(s.slot, s.flags, self._gpa(), self._size(s), s.userspace_addr)
+        elif slots and r < 0.45:
+            s = rng.choice(slots)
+            call = self._call(s.slot, self._random_flags(), self._gpa(), 0, self._hva(1))
+        elif r < 0.6:  # a guest_memfd create: its own checks interleave with the others
+            call = self._gmem_create(slots)
+        else:
+            call = self._new_call(self._id(), self._pages())
+        for _ in range(1 if rng.random() < 0.75 else 2):
+            call = self._break(call, slots)
+        return call
+
+    def _break(self, c: MemslotCall, slots: Sequence[Memslot]) -> MemslotCall:
+        rng = self.rng
+        rule = rng.choice(
+            (
+                "gpa", "size", "hva", "flag", "gmem_v1", "id", "as_id", "hva_end", "hva_last",
+                "hva_kernel", "hva_noncanonical", "wrap", "max_pages", "max_gfn",
+                "delete_missing",
+            )
+        )  # fmt: skip
+        replace = dataclasses.replace
+        npages = max(c.memory_size >> PAGE_SHIFT, 1)
+        if rule == "gpa":
+            return replace(c, guest_phys_addr=c.guest_phys_addr | rng.randint(1, _PAGE_MASK))
+        if rule == "size":
+            return replace(c, memory_size=c.memory_size + rng.randint(1, _PAGE_MASK))
+        if rule == "hva":
+            return replace(c, userspace_addr=c.userspace_addr | rng.choice((1, 8, 2048)))
+        if rule == "flag":
+            return replace(c, flags=c.flags | (1 << rng.randint(3, 31)))
+        if rule == "gmem_v1":
+            return replace(c, flags=c.flags | KVM_MEM_GUEST_MEMFD, v2=False)
+        if rule == "id":
+            bad = rng.choice(
+                (self.max_user_slots, 32766, 32767, 0xFFFF, rng.randint(32764, 0xFFFF))
+            )
+            return replace(c, slot=(c.slot & ~0xFFFF) | bad)
+        if rule == "as_id":
+            return replace(c, slot=(rng.choice((1, 2, 0xFFFF)) << 16) | (c.slot & 0xFFFF))
+        if rule == "hva_end":  # the range runs past the user address limit
+            return replace(
+                c,
+                userspace_addr=X86_TASK_SIZE_MAX - (rng.randint(0, npages - 1) << PAGE_SHIFT),
+                memory_size=npages << PAGE_SHIFT,
+            )
+        if rule == "hva_last":
+            return replace(c, userspace_addr=X86_TASK_SIZE_MAX)
+        if rule == "hva_kernel":
+            return replace(c, userspace_addr=rng.choice((0xFFFF800000000000, 0xFFFFFFFFFFFFF000)))
+        if rule == "hva_noncanonical":
+            return replace(c, userspace_addr=rng.choice((1 << 47, 1 << 62)))
+        if rule == "wrap":
+            back = rng.randint(0, npages - 1) << PAGE_SHIFT
+            return replace(
+                c, guest_phys_addr=(1 << 64) - PAGE_SIZE - back, memory_size=npages << PAGE_SHIFT
+            )
+        if rule == "max_pages":
+            return replace(
+                c, memory_size=(KVM_MEM_MAX_NR_PAGES + rng.randint(1, 1 << 20)) << PAGE_SHIFT
+            )
+        if rule == "max_gfn":  # ends 1 .. 2^20 pages past the highest gfn
+            last = self.max_gfn + rng.choice((1, 2, rng.randint(1, 1 << 20)))
+            first = max(last - npages + 1, 0)
+            return replace(
+                c, guest_phys_addr=first << PAGE_SHIFT, memory_size=(last - first + 1) << PAGE_SHIFT
+            )
+        # delete of a slot that does not exist
+        used = {s.id for s in slots}
+        missing = [i for i in range(self.ids) if i not in used] or [self.ids]
+        return replace(c, slot=(c.slot & ~0xFFFF) | rng.choice(missing), memory_size=0)
+
+    def _op_gmem(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        rng = self.rng
+        bound = [s for s in slots if s.flags & KVM_MEM_GUEST_MEMFD]
+        r = rng.random()
+        if bound and r < 0.2:  # guest_memfd slots can only be deleted
+            s = rng.choice(bound)
+            flags = rng.choice(
+                (KVM_MEM_GUEST_MEMFD, 0, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_GUEST_MEMFD | 1)
+            )
+            gpa = s.base_gfn << PAGE_SHIFT if rng.random() < 0.5 else self._gpa()
+            return self._call(s.slot, flags, gpa, self._size(s), s.userspace_addr, v2=True)
+        if bound and r < 0.35:  # deletes: the offset is checked when the flag is given
+            s = rng.choice(bound)
+            flags = rng.choice((0, KVM_MEM_GUEST_MEMFD))
+            offset = rng.choice((0, 0, 0, 1, PAGE_SIZE, 1 << 63, U64_MAX & ~_PAGE_MASK))
+            return self._call(s.slot, flags, 0, 0, 0, v2=rng.random() < 0.7, offset=offset, fd=0)
+        if plain and r < 0.42:  # the flag on a slot that has no binding
+            s = rng.choice(plain)
+            return self._call(
+                s.slot, KVM_MEM_GUEST_MEMFD, s.base_gfn << PAGE_SHIFT, self._size(s),
+                s.userspace_addr, v2=True, offset=0, fd=GMEM_FD,
+            )  # fmt: skip
+        return self._gmem_create(slots)
+
+    def _gmem_create(self, slots: Sequence[Memslot]) -> MemslotCall:
+        rng = self.rng
+        used = {s.id for s in slots}
+        free = [i for i in range(self.ids) if i not in used] or [self._id()]
+        npages = rng.randint(1, 16)
+        offset = _weighted(
+            rng,
+            (
+                (rng.randrange(GMEM_SIZE >> PAGE_SHIFT) << PAGE_SHIFT, 80),
+                (rng.randint(1, _PAGE_MASK), 5),
+                (GMEM_SIZE, 4),
+                (1 << 63, 3),
+                (U64_MAX & ~_PAGE_MASK, 3),
+            ),
+        )
+        fd = _weighted(rng, ((GMEM_FD, 80), (OTHER_FD, 7), (CLOSED_FD, 7), (0, 3), (1 << 31, 1)))
+        flags = _weighted(
+            rng,
+            (
+                (KVM_MEM_GUEST_MEMFD, 90),
+                (KVM_MEM_GUEST_MEMFD | KVM_MEM_LOG_DIRTY_PAGES, 5),
+                (KVM_MEM_GUEST_MEMFD | KVM_MEM_READONLY, 5),
+            ),
+        )
+        return self._call(
+            rng.choice(free), flags, self._gpa(), npages << PAGE_SHIFT, self._hva(npages),
+            v2=True, offset=offset, fd=fd,
+        )  # fmt: skip
+
+    def _op_gmem_cycle(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        self._gmem_open = not self._gmem_open
+        return CreateGuestMemfd(GMEM_FD, GMEM_SIZE) if self._gmem_open else CloseFd(GMEM_FD)
+
+    def _dirty_slot(self, slots: Sequence[Memslot]) -> tuple[int, Memslot | None]:
+        rng = self.rng
+        logging = [s for s in slots if s.flags & KVM_MEM_LOG_DIRTY_PAGES]
+        r = rng.random()
+        if logging and r < 0.7:
+            s = rng.choice(logging)
+            return s.slot, s
+        if slots and r < 0.8:
+            s = rng.choice(slots)
+            return s.slot, s
+        if r < 0.9:
+            used = {s.id for s in slots}
+            return next(i for i in range(self.ids + 1) if i not in used), None
+        bad = rng.choice((self.max_user_slots, 32766, 0xFFFF, 1 << 16, (1 << 16) | 1, U32_MAX))
+        return bad, None
+
+    def _op_get(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        return GetDirtyLog(self._dirty_slot(slots)[0])
+
+    def _op_clear(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        rng = self.rng
+        slot, s = self._dirty_slot(slots)
+        n = s.npages if s is not None else rng.choice((64, 100))
+        first = _weighted(
+            rng,
+            (
+                (rng.randrange(0, n + 1, 64) if n >= 64 else 0, 65),
+                (n, 5),
+                (rng.randrange(0, n + 1, 64) | rng.randint(1, 63), 10),
+                (((n + 63) // 64 + 1) * 64, 8),
+                (1 << 63, 2),
+                (0, 10),
+            ),
+        )
+        rest = max(n - first, 0)
+        num = _weighted(
+            rng,
+            (
+                (rest, 30),
+                (rest // 64 * 64, 20),
+                (rng.randrange(0, rest + 1, 64) if rest >= 64 else 0, 10),
+                (0, 8),
+                (rng.randint(0, rest) if rest else 1, 15),
+                (rest + rng.randint(1, 64), 10),
+                (U32_MAX, 2),
+            ),
+        )
+        nbytes = dirty_bitmap_bytes(num) if num <= 1 << 16 else 0
+        bitmap = _weighted(
+            rng,
+            (
+                (rng.randbytes(nbytes), 70),
+                (b"\xff" * nbytes, 15),
+                (rng.randbytes(max(nbytes - 8, 0)), 10),
+                (b"", 5),
+            ),
+        )
+        return ClearDirtyLog(slot, first, num, bitmap)
+
+    def _op_manual(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        enable, init = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_INITIALLY_SET
+        flags = _weighted(
+            self.rng,
+            ((enable | init, 35), (enable, 25), (0, 25), (init, 5), (4, 4), (5, 3), (1 << 63, 3)),
+        )
+        return EnableManualDirtyLogProtect(flags)

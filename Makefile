@@ -11,11 +11,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PURE := $(VENV)/pure
 PURE_STAMP := $(PURE)/.installed
+#: the modules mypyc compiles (src/memslots/_build.py); their doctests run on the pure build
+COMPILED_MODULES := $(shell $(PYTHON) -c "import runpy; \
+	print(*runpy.run_path('src/memslots/_build.py')['COMPILED_MODULES'])")
 ENGINE_SRC := setup.py $(wildcard src/memslots/*.py)
 #: the engine's own tests, also run on the pure build
 ENGINE_TESTS := tests/test_indexes.py tests/test_engine_errno.py tests/test_engine_model.py \
 	tests/test_engine_protocol.py tests/test_dirty_log.py tests/test_guest_memory.py \
-	tests/test_guest_memfd.py tests/test_sync.py tests/test_baseline.py tests/test_build.py
+	tests/test_guest_memfd.py tests/test_sync.py tests/test_baseline.py tests/test_build.py \
+	tests/test_dirty_ring.py
 
 .PHONY: test run lint typecheck pytest pytest-pure build pure bench clean
 
@@ -46,7 +50,8 @@ pytest: $(STAMP)
 	MEMSLOTS_EXPECT_BUILD=compiled $(BIN)/python -m pytest -q -rs
 
 pytest-pure: $(PURE_STAMP)
-	PYTHONPATH=$(PURE) MEMSLOTS_EXPECT_BUILD=pure $(BIN)/python -m pytest -q -rs $(ENGINE_TESTS)
+	PYTHONPATH=$(PURE) MEMSLOTS_EXPECT_BUILD=pure $(BIN)/python -m pytest -q -rs $(ENGINE_TESTS) \
+		$(addprefix $(PURE)/memslots/,$(addsuffix .py,$(COMPILED_MODULES)))
 
 test: lint typecheck pytest pytest-pure
 

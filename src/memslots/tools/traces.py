@@ -735,7 +735,8 @@ def read_qemu_log(
     errors. Other trace events, other text and blank lines are ignored; ``ret=-22`` gives
     ``result=22``. A QEMU process makes one VM: lines prefixed ``PID@SECONDS:``
     (``-msg timestamp=on``) get one VM per PID, in the order the PIDs first appear;
-    a line without the prefix belongs to the VM of the line before (VM 0 at first). A ``kvm_set_user_memory`` line that does not parse, or has a number
+    a line without the prefix belongs to the VM of the line before (VM 0 at first). A
+    ``kvm_set_user_memory`` line that does not parse, or has a number
     out of its field's range, raises :class:`TraceFormatError` (or, with ``skip_bad``, is
     skipped and appended to ``errors`` when given). O(1) per line.
     """

@@ -23,7 +23,8 @@ Signals: the loop waits with ``sigtimedwait`` for ``SIGCHLD`` (a traced thread s
 ended) and for ``SIGINT``/``SIGTERM``/``SIGHUP``, which are blocked in the recorder, so a
 signal never interrupts the loop half-way through a stop. In launch mode the first
 ``SIGINT`` is passed on to the program unless the terminal already sent it to the whole
-foreground process group (Ctrl-C), and recording goes on until the program exits; a second
+foreground process group (Ctrl-C): to every traced process, as Ctrl-C would; recording goes
+on until the program exits; a second
 one (or ``SIGTERM``/``SIGHUP``) kills the traced processes. Signals meant for the traced
 program are delivered to it as they arrive; job-control stops keep it stopped
 (``PTRACE_LISTEN``).
@@ -179,7 +180,9 @@ class Tracer:
             return
         if signo == signal.SIGINT and self._interrupts == 1:
             if not _terminal_sent_it(self.main_pid):
-                _kill(self.main_pid, signal.SIGINT)
+                # as Ctrl-C would: to every process of the job
+                for pid in {t.pid for t in self.threads.values()}:
+                    _kill(pid, signal.SIGINT)
             return
         self.kill()
 

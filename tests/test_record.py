@@ -4,7 +4,6 @@ replayed; exit status, Ctrl-C, a killed command, attaching; the seccomp filter."
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -347,6 +347,9 @@ class ReplayReport:
     vm_type: int | None = None
     attached: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
+    _outcomes: tuple[tuple[int, ...], list[CallOutcome]] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     # ------------------------------------------------------------------ per record
     @property
@@ -365,7 +368,24 @@ class ReplayReport:
         return [name for name, run in self.runs.items() if run.ran]
 
     def outcomes(self) -> list[CallOutcome]:
-        """Every record with its kind, results and times. O(n)."""
+        """Every record with its kind, results and times. O(n) the first time, then
+        cached (a report does not change once made)."""
+        cached = self._outcomes
+        if cached is not None and cached[0] == self._state():
+            return cached[1]
+        out = self._compute_outcomes()
+        self._outcomes = (self._state(), out)
+        return out
+
+    def _state(self) -> tuple[int, ...]:
+        """What the outcomes depend on, cheaply: records and results per implementation."""
+        return (
+            len(self.calls_and_records),
+            *(id(r.results) for r in self.runs.values()),
+            *(len(r.results) for r in self.runs.values()),
+        )
+
+    def _compute_outcomes(self) -> list[CallOutcome]:
         names = self.ran
         kinds = self.runs[self.primary].kinds if self.runs[self.primary].ran else None
         out = []

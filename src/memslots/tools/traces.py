@@ -1134,8 +1134,9 @@ def _load_object(text: str) -> dict[str, Any]:
 def _parse_v1(obj: dict[str, Any], line: int, source: str) -> MemslotCall:
     if obj.keys() <= _V1_FAST_KEYS:
         # the common line (plain integers in range): no per-field calls
-        values = [obj.get(k) for k in _JSON_REQUIRED]
-        if all(type(v) is int and 0 <= v <= _V1_LIMITS[i] for i, v in enumerate(values)):
+        got = [obj.get(k) for k in _JSON_REQUIRED]
+        values = [v for i, v in enumerate(got) if type(v) is int and 0 <= v <= _V1_LIMITS[i]]
+        if len(values) == len(_JSON_REQUIRED):
             slot, flags, gpa, size, hva = values
             return MemslotCall(
                 slot, flags, gpa, size, hva, _json_result(obj.get("result")),

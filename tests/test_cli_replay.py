@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 import memslots.tools.cli.replay as cli_replay
-import memslots.tools.replay as replay_mod
 from memslots import Vm
 from memslots.tools.cli import main
 from memslots.tools.traces import Recorder, read_embedded_trace
@@ -137,30 +136,16 @@ def test_impl_engine_only(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_impl_array_is_the_primary(capsys: pytest.CaptureFixture[str]) -> None:
-    if replay_mod._load_array()[0] is None:
-        pytest.skip("memslots.baseline.ArrayVm is not importable")
     status, out, _ = run(capsys, "--no-kvm", "--impl", "array")
     assert status == 0
     assert "Calls by kind (array)" in out
     assert "Final memory map, address space 0 (array, hvas as in the trace)" in out
 
 
-def test_array_unavailable_is_a_note(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(replay_mod, "_load_array", lambda: (None, "not importable yet (test)"))
-    status, out, _ = run(capsys, "--no-kvm")
-    assert status == 0
-    assert re.search(r"^  array\s+unavailable: not importable yet \(test\)$", out, re.M)
-    status, _, err = run(capsys, "--no-kvm", "--impl", "array")
-    assert status == 2
-    assert "array implementation is not available" in err
-
-
 def test_kvm_required_but_missing(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli_replay, "kernel_available", lambda: False)
+    monkeypatch.setattr(cli_replay, "kvm_available", lambda: False)
     status, out, err = run(capsys, "--kvm")
     assert status == 2
     assert out == ""
@@ -191,7 +176,7 @@ def test_disagreement_shows_the_trace_line_and_fails(
     status, out, _ = run(capsys, str(trace), "--no-kvm")
     assert status == 1
     assert "Agreement: 1/2 calls (50.0%)" in out
-    table = section(out, f"Disagreements (1 calls; line of {trace})")
+    table = section(out, f"Disagreements (1 call; line of {trace})")
     assert re.search(r"│\s+2 │\s+1 │ -\s+│ 0x0 │ 4 KiB │ 0x7f0000001000 │ OK\s+│ EEXIST │", table)
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 import memslots.tools.replay as replay_mod
+import memslots.tools.replay.run as run_mod
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE, Vm
+from memslots.baseline import ArrayVm
 from memslots.constants import X86_TASK_SIZE_MAX
 from memslots.tools.replay import (
     KINDS,
@@ -23,6 +25,7 @@ from memslots.tools.replay import (
     replay,
 )
 from memslots.tools.traces import MemslotCall, Recorder, read_jsonl, read_trace, write_jsonl
+from memslots.validate import VmLimits
 
 TRACES = Path(__file__).parent / "data" / "traces"
 TRACE_FILES = sorted(p.name for p in TRACES.glob("*.log"))
@@ -38,10 +41,6 @@ EXPECTED_KINDS = {
 HVA = 0x7F00_0000_0000
 MB = 1 << 20
 GB = 1 << 30
-
-
-def array_available() -> bool:
-    return replay_mod._load_array()[0] is not None
 
 
 def call(
@@ -70,9 +69,8 @@ def test_shared_trace_replays_with_full_agreement_on_the_models(name: str) -> No
         assert compared == agree == len(calls), (a, b)
     assert kinds_of(report) == EXPECTED_KINDS[name]
     assert report.errors() == {}
-    if array_available():
-        assert report.runs["array"].status == "ok"
-        assert report.runs["array"].memory_map == report.runs["engine"].memory_map
+    assert report.runs["array"].status == "ok"
+    assert report.runs["array"].memory_map == report.runs["engine"].memory_map
 
 
 @pytest.mark.kvm
@@ -170,8 +168,6 @@ def test_a_wrong_recorded_result_is_a_disagreement_with_its_trace_line() -> None
 
 
 def test_primary_array_reports_the_arrays_kinds_and_map() -> None:
-    if not array_available():
-        pytest.skip("memslots.baseline.ArrayVm is not importable")
     report = replay(churn(), impls=("array",), kernel=False)
     assert report.primary == "array"
     assert report.runs["engine"].status == "off"
@@ -182,17 +178,6 @@ def test_primary_array_reports_the_arrays_kinds_and_map() -> None:
 # --------------------------------------------------------------------------- availability
 
 
-def test_array_not_importable_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replay_mod, "_load_array", lambda: (None, "not importable yet (test)"))
-    report = replay(churn(), kernel=False)
-    assert report.runs["array"].status == "unavailable"
-    assert report.runs["array"].note == "not importable yet (test)"
-    assert report.ran == ["engine"]
-    assert report.ok
-    with pytest.raises(ValueError, match="array implementation is not available"):
-        replay(churn(), impls=("array",), kernel=False)
-
-
 def test_a_crashing_implementation_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     class Broken(Vm):
         def set_user_memory_region(self, *args: int) -> None:
@@ -200,7 +185,12 @@ def test_a_crashing_implementation_is_reported(monkeypatch: pytest.MonkeyPatch) 
                 raise RuntimeError("boom")
             super().set_user_memory_region(*args)
 
-    monkeypatch.setattr(replay_mod, "_load_array", lambda: (Broken, "broken"))
+    real = run_mod._make_model
+
+    def make(name: replay_mod.ImplName, limits: VmLimits) -> Vm | ArrayVm:
+        return Broken(**dataclasses.asdict(limits)) if name == "array" else real(name, limits)
+
+    monkeypatch.setattr(run_mod, "_make_model", make)
     report = replay(churn(), kernel=False)
     run = report.runs["array"]
     assert run.status == "crashed"
@@ -211,7 +201,7 @@ def test_a_crashing_implementation_is_reported(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_kernel_auto_without_dev_kvm_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replay_mod, "kernel_available", lambda: False)
+    monkeypatch.setattr(run_mod, "kvm_available", lambda: False)
     report = replay(churn())
     assert report.runs["kernel"].status == "unavailable"
     assert report.limits_source == "defaults"
@@ -231,12 +221,13 @@ def test_json_document_has_the_documented_keys() -> None:
     report = replay(churn(), kernel=False, source="t", fmt="jsonl")
     doc = json.loads(json.dumps(report.to_json()))
     assert set(doc) == {
-        "version", "trace", "primary", "implementations", "limits", "hva_relocation",
-        "kinds", "errors", "agreement", "disagreements", "map_disagreements", "memory_map",
-        "timings", "calls",
+        "version", "vm", "pid", "vm_type", "attached", "trace", "primary", "implementations",
+        "limits", "hva_relocation", "kinds", "errors", "agreement", "disagreements",
+        "map_disagreements", "memory_map", "timings", "notes", "calls",
     }  # fmt: skip
     assert doc["trace"] == {
-        "source": "t", "embedded": False, "format": "jsonl", "calls": 9, "skipped": [],
+        "source": "t", "embedded": False, "format": "jsonl", "calls": 9, "records": 9,
+        "skipped": [],
     }  # fmt: skip
     assert set(doc["implementations"]) == {"engine", "array", "kernel"}
     assert doc["implementations"]["kernel"]["status"] == "off"

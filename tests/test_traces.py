@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from memslots.constants import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM
 from memslots.errors import MemslotError
 from memslots.tools.traces import (
     MemslotCall,
+    Record,
     Recorder,
     TraceFormatError,
     call_to_json,
@@ -50,6 +52,15 @@ JSON_LINE = (
     '"userspace_addr": 140479226183680, "result": 0}'
 )
 EXPECTED = MemslotCall(1, KVM_MEM_READONLY, 0xFFFC0000, 0x40000, 0x7FC3DE600000, result=0)
+
+
+def memslot_calls(records: Iterable[Record]) -> list[MemslotCall]:
+    """The records, each checked to be a memslot call."""
+    out = []
+    for r in records:
+        assert isinstance(r, MemslotCall), r
+        out.append(r)
+    return out
 
 
 # --------------------------------------------------------------------------- shared traces
@@ -216,7 +227,7 @@ def test_strace_flags_and_errors() -> None:
         " guest_phys_addr=0, memory_size=4096, userspace_addr=0x1000}) = -1 EINVAL"
         " (Invalid argument)",
     ]
-    first, second, third = read_strace(lines)
+    first, second, third = memslot_calls(read_strace(lines))
     assert first.flags == KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
     assert (first.as_id, first.id, first.result) == (1, 1, errno.EEXIST)
     assert second.flags == KVM_MEM_READONLY | 8
@@ -235,7 +246,7 @@ def test_strace_unfinished_and_resumed() -> None:
         start.replace("9000 ", "9003 ") + " <unfinished ...>",
         "9003  13:49:47.553300 +++ killed by SIGKILL +++",
     ]
-    calls = list(read_strace(lines, "s"))
+    calls = memslot_calls(read_strace(lines, "s"))
     # yielded as they return; each keeps the line where it started
     assert [(c.slot, c.line, c.result) for c in calls] == [
         (5, 3, 0),
@@ -311,7 +322,7 @@ def test_jsonl_forms() -> None:
         '{"slot": 1, "flags": 4, "guest_phys_addr": 0, "memory_size": 0, "userspace_addr": 0,'
         ' "guest_memfd_offset": 4096, "guest_memfd": 9, "v2": true, "result": null}',
     ]
-    calls = list(read_jsonl(lines, "t.jsonl"))
+    calls = memslot_calls(read_jsonl(lines, "t.jsonl"))
     assert calls[:2] == [EXPECTED, EXPECTED]
     assert [c.result for c in calls] == [0, 0, errno.EEXIST, errno.EINVAL, None, None]
     assert calls[5].v2 and calls[5].guest_memfd == 9 and calls[5].guest_memfd_offset == 4096

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from memslots.errors import MemslotError
 
 #: subcommand modules, in the order ``memslots --help`` lists them
-SUBCOMMANDS = ("replay", "bench", "conform", "stress", "demo")
+SUBCOMMANDS = ("replay", "record", "bench", "conform", "stress", "demo")
 
 
 class CliError(Exception):

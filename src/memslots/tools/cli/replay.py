@@ -42,27 +42,31 @@ from rich.text import Text
 
 from memslots.constants import PAGE_SIZE
 from memslots.errors import errno_name
+from memslots.kvm import kvm_available
 from memslots.tools.cli import CliError
 from memslots.tools.replay import (
     KINDS,
     ImplName,
     MapEntry,
     ReplayReport,
+    TraceReport,
+    agreement_percent,
+    describe_record,
     flag_names,
-    kernel_available,
-    replay,
+    replay_trace,
 )
 from memslots.tools.traces import (
     EMBEDDED_TRACE_NAME,
     FORMATS,
     MemslotCall,
+    Record,
+    Trace,
     TraceFormat,
     TraceFormatError,
-    detect_format,
     embedded_trace_path,
-    parse_trace,
-    read_trace,
+    load_trace,
     write_jsonl,
+    write_trace,
 )
 
 #: what the embedded trace is (``memslots/data/seabios.log``)
@@ -123,29 +127,41 @@ def register(sub: Any) -> None:
 # =========================================================================== input
 
 
-def _load(
-    args: argparse.Namespace,
-) -> tuple[list[MemslotCall], str, str, bool, list[TraceFormatError]]:
-    """The calls, their source label, their format, whether they are the embedded trace,
-    and the skipped lines (``--skip-bad``)."""
+def _load(args: argparse.Namespace) -> tuple[Trace, bool, list[TraceFormatError]]:
+    """The trace, whether it is the embedded one, and the skipped lines (``--skip-bad``)."""
     errors: list[TraceFormatError] = []
     fmt = cast("TraceFormat | None", args.format)
     label = args.trace or EMBEDDED_TRACE_NAME
     try:
         if args.trace == "-":
             label = "<stdin>"
-            lines = sys.stdin.readlines()
-            fmt = fmt or detect_format(lines, label)
-            calls = parse_trace(lines, label, fmt=fmt, skip_bad=args.skip_bad, errors=errors)
-            return calls, label, fmt, False, errors
+            if sys.stdin is None:
+                raise CliError("<stdin>: standard input is closed")
+            lines = _stdin_lines()
+            trace = load_trace(lines, fmt=fmt, skip_bad=args.skip_bad, errors=errors, source=label)
+            return trace, False, errors
         path = embedded_trace_path() if args.trace is None else args.trace
-        fmt = fmt or detect_format(path, label)
-        calls = read_trace(path, fmt=fmt, skip_bad=args.skip_bad, errors=errors, source=label)
-        return calls, label, fmt, args.trace is None, errors
+        trace = load_trace(path, fmt=fmt, skip_bad=args.skip_bad, errors=errors, source=label)
+        return trace, args.trace is None, errors
     except TraceFormatError as exc:
         raise CliError(str(exc)) from None
-    except OSError as exc:
-        raise CliError(f"{label}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{label}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _stdin_lines() -> list[str]:
+    """Standard input's lines, none longer than the readers accept (they stop there)."""
+    from memslots.tools.traces import MAX_LINE
+
+    lines: list[str] = []
+    stdin = sys.stdin
+    while True:
+        line = stdin.readline(MAX_LINE + 1)
+        if not line:
+            return lines
+        lines.append(line)
+        if len(line) > MAX_LINE:
+            return lines
 
 
 # =========================================================================== formatting
@@ -174,9 +190,9 @@ def _ms(ns: float) -> str:
     return f"{ns / 1e6:.2f}"
 
 
-def _result(err: int | None) -> Text:
+def _result(err: int | None, unknown: str = "?") -> Text:
     if err is None:
-        return Text("?", style="dim")
+        return Text(unknown, style="dim")
     return Text(errno_name(err), style="green" if err == 0 else "red")
 
 
@@ -184,12 +200,21 @@ def _flags(flags: int) -> str:
     return "|".join(flag_names(flags)) or "-"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 _CALL_COLUMNS: Final = ("slot", "flags", "gpa", "size", "hva")
 _CALL_RIGHT: Final = ("line", "slot", "size")
 
 
-def _call_cells(c: MemslotCall) -> tuple[str, ...]:
-    """The cells of :data:`_CALL_COLUMNS` for a call."""
+def _call_cells(c: Record) -> tuple[str, ...]:
+    """The cells of :data:`_CALL_COLUMNS` for a record (other records than memslot calls
+    are described in the flags column)."""
+    if not isinstance(c, MemslotCall):
+        text = describe_record(c).split(" -> ")[0]
+        slot = getattr(c, "slot", None)
+        return ("-" if slot is None else str(slot), text, "", "", "")
     return (
         str(c.slot),
         _flags(c.flags) + (" (v2)" if c.v2 else ""),
@@ -214,13 +239,27 @@ def _show(con: Console, title: str, t: Table) -> None:
     con.print(t)
 
 
-def _header(con: Console, report: ReplayReport, embedded: bool) -> None:
+def _header(con: Console, trace: TraceReport, report: ReplayReport, embedded: bool) -> None:
+    vms = len(trace.vms)
+    what = _plural(trace.calls, "call")
+    if vms > 1:
+        what += f" in {vms} VMs"
+    version = " v2" if trace.version == 2 else ""
     con.print(
-        f"[bold]Replaying {report.source}[/]: {len(report.calls)} calls, {report.fmt} format",
+        f"[bold]Replaying {trace.source}[/]: {what}, {trace.fmt}{version} format",
         highlight=False,
     )
     if embedded:
         con.print(f"  no TRACE given: the embedded trace, {EMBEDDED_DESCRIPTION}", highlight=False)
+    recorder = (trace.header or {}).get("recorder") or {}
+    if recorder:
+        command = " ".join(map(str, recorder.get("command") or [])) or recorder.get("pid", "")
+        con.print(
+            f"  recorded by {recorder.get('name', '?')} {recorder.get('version', '')}"
+            + (f": {command}" if command else ""),
+            highlight=False,
+            markup=False,
+        )
     for name, run in report.runs.items():
         if run.status == "ok":
             text = run.description
@@ -230,19 +269,24 @@ def _header(con: Console, report: ReplayReport, embedded: bool) -> None:
             text = f"[yellow]{run.status}[/]: {run.note}"
         con.print(f"  {name:<7} {text}", highlight=False)
     lim = report.limits
+    source = {
+        "kernel": "from /dev/kvm",
+        "trace": "of the recording machine",
+        "defaults": "x86-64 defaults",
+    }.get(report.limits_source, report.limits_source)
     con.print(
-        f"  limits  {'from /dev/kvm' if report.limits_source == 'kernel' else 'x86-64 defaults'}"
-        f": {lim.nr_address_spaces} address space{'s' if lim.nr_address_spaces > 1 else ''},"
+        f"  limits  {source}"
+        f": {_plural(lim.nr_address_spaces, 'address space')},"
         f" {lim.max_user_slots} slots, max gfn {lim.max_gfn:#x},"
         f" READONLY {'yes' if lim.readonly_mem else 'no'}",
         highlight=False,
     )
-    if report.skipped:
-        con.print(f"[yellow]Skipped {len(report.skipped)} malformed line(s):[/]")
-        for e in report.skipped[:_LIST_LIMIT]:
+    if trace.skipped:
+        con.print(f"[yellow]Skipped {len(trace.skipped)} malformed line(s):[/]")
+        for e in trace.skipped[:_LIST_LIMIT]:
             con.print(f"  {e}", highlight=False, markup=False)
-        if len(report.skipped) > _LIST_LIMIT:
-            con.print(f"  ... and {len(report.skipped) - _LIST_LIMIT} more")
+        if len(trace.skipped) > _LIST_LIMIT:
+            con.print(f"  ... and {len(trace.skipped) - _LIST_LIMIT} more")
 
 
 def _relocation(con: Console, report: ReplayReport) -> None:
@@ -274,17 +318,20 @@ def _relocation(con: Console, report: ReplayReport) -> None:
 
 
 def _agreement(con: Console, report: ReplayReport) -> None:
-    outcomes = report.outcomes()
-    n = len(outcomes)
-    agreeing = sum(o.agree for o in outcomes)
-    pct = f"{100 * agreeing / n:.1f}%" if n else "-"
+    agreeing, n = report.agreement()
     style = "green" if agreeing == n else "red"
     pairs = report.agreement_pairs()
-    con.print(f"[bold {style}]Agreement: {agreeing}/{n} calls ({pct})[/]", highlight=False)
+    con.print(
+        f"[bold {style}]Agreement: {agreeing}/{_plural(n, 'call')}"
+        f" ({agreement_percent(agreeing, n)})[/]",
+        highlight=False,
+    )
     for against in ("recorded", "kernel", "engine"):
         group = [f"{a} {g}/{c}" for a, b, c, g in pairs if b == against]
         if group:
             con.print(f"  vs {against}: {', '.join(group)}", highlight=False)
+    for note in report.notes:
+        con.print(f"  note: {note}", highlight=False, style="dim")
 
 
 def _kinds(con: Console, report: ReplayReport) -> None:
@@ -326,9 +373,14 @@ def _disagreements(con: Console, report: ReplayReport) -> None:
         t = _table("line", *_CALL_COLUMNS, *cols, right=_CALL_RIGHT)
         for d in found:
             t.add_row(
-                str(d.call.line), *_call_cells(d.call), *(_result(d.results[c]) for c in cols)
+                str(d.call.line),
+                *_call_cells(d.call),
+                *(_result(d.results[c], "?" if c == "recorded" else "n/a") for c in cols),
             )
-        _show(con, f"Disagreements ({len(found)} calls; line of {report.source})", t)
+        _show(con, f"Disagreements ({_plural(len(found), 'call')}; line of {report.source})", t)
+        for d in found:
+            if d.detail:
+                con.print(f"  line {d.call.line}: {d.detail}", highlight=False, markup=False)
     for name, detail in maps:
         con.print(f"[bold red]Final memory map differs[/] ({name}): {detail}", highlight=False)
 
@@ -392,12 +444,18 @@ def _calls(con: Console, report: ReplayReport) -> None:
     t.collapse_padding = True
     for o in report.outcomes():
         c = o.call
-        values = set(o.results.values())
-        if len(values) == 1 and (c.result is None or c.result in values):
-            results = _result(values.pop()) if c.result is None else Text("same", style="green")
+        values = {v for v in o.results.values() if v is not None}
+        if o.agree and len(values) <= 1:
+            if c.result is None:
+                results = _result(values.pop() if values else None, "n/a")
+            else:
+                results = Text("same", style="green")
         else:
             results = Text(
-                " ".join(f"{n}={errno_name(e)}" for n, e in o.results.items()), style="red"
+                " ".join(
+                    f"{n}={'n/a' if e is None else errno_name(e)}" for n, e in o.results.items()
+                ),
+                style="red",
             )
         t.add_row(
             str(c.line),
@@ -410,21 +468,78 @@ def _calls(con: Console, report: ReplayReport) -> None:
     _show(con, f"Calls (µs: {'/'.join(ran)})", t)
 
 
+def _hazards(con: Console, trace: TraceReport) -> None:
+    if not trace.hazards:
+        con.print("[bold]Hazards:[/] none (no slot's memory was unmapped under it)")
+        return
+    t = _table("line", "call", "hva range hit", "VM", "slot", "gfns hit", "of slot gfns")
+    t.columns[0].justify = "right"
+    for h in trace.hazards:
+        t.add_row(
+            str(h.call.line),
+            h.call.kind,
+            f"{h.start:#x}-{h.end - 1:#x}",
+            str(h.vm),
+            str(h.slot),
+            f"{h.gfn_start:#x}-{h.gfn_end - 1:#x}",
+            f"{h.base_gfn:#x}-{h.base_gfn + h.npages - 1:#x}",
+        )
+    _show(
+        con,
+        f"Hazards ({_plural(len(trace.hazards), 'range')} unmapped or discarded while a live"
+        " slot mapped it)",
+        t,
+    )
+
+
+def _vm_title(con: Console, report: ReplayReport) -> None:
+    extra = " (existed before recording began)" if report.attached else ""
+    pid = f", process {report.pid}" if report.pid else ""
+    con.print(
+        f"\n[bold underline]VM {report.vm}[/]{pid}: {_plural(len(report.calls), 'memslot call')},"
+        f" {_plural(len(report.records), 'record')}{extra}",
+        highlight=False,
+    )
+
+
 def render(
-    report: ReplayReport, out: IO[str], *, embedded: bool = False, calls: bool = False
+    report: TraceReport | ReplayReport,
+    out: IO[str],
+    *,
+    embedded: bool = False,
+    calls: bool = False,
 ) -> None:
-    """Print the human-readable report to ``out`` (rich tables). O(n)."""
+    """Print the human-readable report to ``out`` (rich tables): for each VM its calls by
+    kind, errors, disagreements, final memory map and timings, then the hazards. O(n)."""
+    if isinstance(report, ReplayReport):
+        report = TraceReport([report], [], report.source, report.embedded, report.fmt)
     con = Console(file=out, width=None if out.isatty() else _PIPE_WIDTH)
-    _header(con, report, embedded)
-    _relocation(con, report)
-    _agreement(con, report)
-    if calls:
-        _calls(con, report)
-    _kinds(con, report)
-    _errors(con, report)
-    _disagreements(con, report)
-    _memory_map(con, report)
-    _timings(con, report)
+    several = len(report.vms) > 1
+    _header(con, report, report.vms[0], embedded)
+    for vm in report.vms:
+        if several:
+            _vm_title(con, vm)
+        _relocation(con, vm)
+        _agreement(con, vm)
+        if calls:
+            _calls(con, vm)
+        _kinds(con, vm)
+        _errors(con, vm)
+        _disagreements(con, vm)
+        _memory_map(con, vm)
+        _timings(con, vm)
+    if several:
+        agreeing, n = report.agreement()
+        style = "green" if agreeing == n else "red"
+        bad = [str(vm.vm) for vm in report.vms if not vm.ok]
+        con.print(
+            f"\n[bold {style}]Total: {len(report.vms)} VMs, agreement {agreeing}/"
+            f"{_plural(n, 'call')} ({agreement_percent(agreeing, n)})"
+            + (f"; disagreeing VMs: {', '.join(bad)}" if bad else "")
+            + "[/]",
+            highlight=False,
+        )
+    _hazards(con, report)
 
 
 # =========================================================================== run
@@ -469,24 +584,55 @@ class _ProgressBar:
             self._progress.refresh()
 
 
+def _write_record(args: argparse.Namespace, report: TraceReport, trace: Trace) -> None:
+    """``--record FILE``: the calls with the primary's results; version 1 for one VM,
+    version 2 (every record) for several."""
+    primary = report.vms[0].primary
+    try:
+        with open(args.record, "w", encoding="utf-8") as fp:
+            if len(report.vms) == 1:
+                header = (
+                    f"recorded by memslots replay from {report.source}: the calls with the"
+                    f" results of the {primary}"
+                )
+                write_jsonl(report.vms[0].recorded_calls(), fp, header=header)
+                return
+            replayed: dict[int, list[MemslotCall]] = {
+                vm.vm: vm.recorded_calls() for vm in report.vms
+            }
+            records: list[Record] = []
+            for rec in trace.records:
+                if isinstance(rec, MemslotCall) and rec.vm is not None and replayed.get(rec.vm):
+                    records.append(replayed[rec.vm].pop(0))
+                else:
+                    records.append(rec)
+            out = Trace(records, trace.source, "jsonl", trace.header, trace.end)
+            write_trace(out, fp, {"name": "memslots replay --record", "from": report.source})
+    except OSError as exc:
+        raise CliError(f"--record {args.record}: {exc.strerror or exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand: 0 when everything agrees, 1 on a disagreement or a crash."""
-    calls, source, fmt, embedded, skipped = _load(args)
-    if not calls:
+    if args.json and sys.stdout is None:
+        raise CliError("--json: standard output is closed")
+    trace, embedded, skipped = _load(args)
+    if not trace.calls and not trace.records:
         bad = f", {len(skipped)} malformed line(s) skipped" if skipped else ""
-        raise CliError(f"{source}: no memslot calls found ({fmt} format{bad})")
-    if args.kvm and not kernel_available():
+        raise CliError(f"{trace.source}: no memslot calls found ({trace.fmt} format{bad})")
+    if args.kvm and not kvm_available():
         raise CliError("--kvm: /dev/kvm is not usable here")
     impls: tuple[ImplName, ...] = ("engine", "array") if args.impl == "all" else (args.impl,)
+    total = len(trace.records)
     try:
-        with _ProgressBar(enabled=len(calls) >= _PROGRESS_MIN and sys.stderr.isatty()) as bar:
-            report = replay(
-                calls,
+        with _ProgressBar(
+            enabled=total >= _PROGRESS_MIN and sys.stderr is not None and sys.stderr.isatty()
+        ) as bar:
+            report = replay_trace(
+                trace,
                 impls=impls,
                 kernel=args.kvm,
-                source=source,
                 embedded=embedded,
-                fmt=fmt,
                 skipped=skipped,
                 progress=bar if bar.enabled else None,
             )
@@ -496,17 +642,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"/dev/kvm: {exc}", status=1) from None
 
     if args.record:
-        header = (
-            f"recorded by memslots replay from {source}: the calls with the results of the "
-            f"{report.primary}"
-        )
-        try:
-            with open(args.record, "w", encoding="utf-8") as fp:
-                write_jsonl(report.recorded_calls(), fp, header=header)
-        except OSError as exc:
-            raise CliError(f"--record {args.record}: {exc.strerror or exc}") from None
+        _write_record(args, report, trace)
 
     status = 0 if report.ok else 1
+    if sys.stdout is None:
+        raise CliError("standard output is closed", status=status or 2)
     try:
         if args.json:
             json.dump(report.to_json(), sys.stdout, indent=2)
@@ -515,8 +655,8 @@ def run(args: argparse.Namespace) -> int:
             render(report, sys.stdout, embedded=embedded, calls=args.calls)
             if args.record:
                 print(
-                    f"Recorded {len(report.calls)} calls with the {report.primary}'s results "
-                    f"to {args.record}"
+                    f"Recorded {_plural(report.calls, 'call')} with the"
+                    f" {report.vms[0].primary}'s results to {args.record}"
                 )
         sys.stdout.flush()
     except BrokenPipeError:
@@ -525,4 +665,6 @@ def run(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+    except OSError as exc:
+        raise CliError(f"standard output: {exc.strerror or exc}", status=2) from None
     return status

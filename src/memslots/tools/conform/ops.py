@@ -45,7 +45,7 @@ from memslots.tools.traces import (
     TraceFormatError,
     call_to_json,
     parse_errno,
-    read_jsonl,
+    parse_trace,
 )
 
 __all__ = [
@@ -269,7 +269,7 @@ def read_ops(lines: Iterable[str], source: str = "<ops>") -> Iterator[Op]:
             if "op" in obj:
                 yield _op_from_obj(obj)
             else:
-                yield from read_jsonl([text], source)
+                yield from parse_trace([text], source, fmt="jsonl")
         except TraceFormatError as exc:
             raise ValueError(f"{source}:{number}: {exc.message}") from None
         except (ValueError, KeyError) as exc:

@@ -1,0 +1,125 @@
+"""``memslots record``: run a VMM (or attach to one) and write its memslot calls as a trace.
+
+Usage::
+
+    memslots record [-o FILE] [--pid PID] [-q] -- COMMAND [ARG...]
+
+Runs COMMAND under the recorder (:mod:`memslots.tools.record`) and writes, as they happen,
+its ``KVM_CREATE_VM``, memslot, guest_memfd, vCPU-creation, dirty-log and dirty-ring calls
+with their results, and the ``munmap``/``mremap``/``madvise`` calls that took memory away
+from a live slot, to FILE (default ``memslots-trace.jsonl``; ``-`` for standard output) as
+a version 2 trace (``docs/trace-format.md``), one VM per ``KVM_CREATE_VM``. ``--pid PID``
+attaches to a running process instead (every syscall of it then stops the recorder: slower
+for the process) and detaches on Ctrl-C. Replay the trace with ``memslots replay FILE``.
+
+Exit status: COMMAND's (its exit code, or 128 + the signal that ended it); with ``--pid``,
+the process's if it ended while attached, else 0; 127 when COMMAND cannot be found, 2 for
+a usage error, 1 when the program cannot be traced. Ctrl-C is passed to COMMAND (a second
+one kills it); the trace is complete and on disk either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from typing import Any, Final
+
+from memslots.tools.cli import CliError
+
+#: where the trace goes without ``-o``
+DEFAULT_OUTPUT: Final = "memslots-trace.jsonl"
+
+
+def register(sub: Any) -> None:
+    """Add the ``record`` subcommand."""
+    p = sub.add_parser(
+        "record",
+        help="run a VMM (or attach to one) and record its memslot calls, one trace per run",
+        description=(
+            "Run COMMAND (or attach to --pid PID) under ptrace and write its memslot-related"
+            " KVM calls (KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION/REGION2,"
+            " KVM_CREATE_GUEST_MEMFD, KVM_CREATE_VCPU, dirty-log capabilities and ioctls,"
+            " KVM_RESET_DIRTY_RINGS) with their results, and munmap/mremap/madvise of live"
+            " slots' memory, as a JSON Lines trace of every VM. Exit status: COMMAND's."
+        ),
+        usage="memslots record [-h] [-o FILE] [--pid PID] [-q] -- COMMAND [ARG...]",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        default=DEFAULT_OUTPUT,
+        help=f"trace file, '-' for standard output (default: {DEFAULT_OUTPUT})",
+    )
+    p.add_argument("--pid", type=int, help="attach to this running process instead")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="to run")
+    p.set_defaults(func=run)
+
+
+def _open_output(path: str) -> tuple[int, bool]:
+    """The descriptor to write the trace to, and whether this command owns it."""
+    if path == "-":
+        if sys.stdout is None:
+            raise CliError("-o -: standard output is closed")
+        try:
+            fd = sys.stdout.fileno()
+            os.fstat(fd)
+        except (OSError, ValueError):
+            raise CliError("-o -: standard output is closed") from None
+        return fd, False
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644), True
+    except OSError as exc:
+        raise CliError(f"-o {path}: {exc.strerror or exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the subcommand; returns COMMAND's exit status."""
+    from memslots.tools.record import record
+
+    command = list(args.argv)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if args.pid is not None and command:
+        raise CliError("give either --pid PID or COMMAND, not both")
+    if args.pid is None and not command:
+        raise CliError("nothing to record: give COMMAND after '--' (or --pid PID)")
+    if args.pid is not None and args.pid <= 0:
+        raise CliError(f"--pid {args.pid}: not a process id")
+    if command and shutil.which(command[0]) is None:
+        raise CliError(f"{command[0]}: command not found", status=127)
+    fd, owned = _open_output(args.output)
+    label = "standard output" if args.output == "-" else args.output
+    try:
+        try:
+            result = record(fd, argv=command) if command else record(fd, pid=args.pid)
+        except PermissionError as exc:
+            raise CliError(
+                f"cannot trace: {exc.strerror or exc} (needs ptrace rights)", 1
+            ) from None
+        except ProcessLookupError:
+            raise CliError(f"--pid {args.pid}: no such process", 1) from None
+        except OSError as exc:
+            raise CliError(f"cannot trace: {exc}", 1) from None
+    finally:
+        if owned:
+            os.close(fd)
+    if not args.quiet:
+        what = " ".join(command) if command else f"process {args.pid}"
+        ended = {
+            "exited": f"exited with status {result.status}",
+            "killed": f"was killed (status {result.status})",
+            "detached": "was detached and runs on",
+        }.get(result.reason, result.reason)
+        vms = f"{result.vms} VM{'' if result.vms == 1 else 's'}"
+        calls = f"{result.calls} memslot call{'' if result.calls == 1 else 's'}"
+        unreadable = f", {result.unreadable} unreadable" if result.unreadable else ""
+        print(
+            f"memslots record: {vms}, {calls}, {result.records} records{unreadable} to {label};"
+            f" {what} {ended}",
+            file=sys.stderr,
+        )
+    return result.status if result.status is not None else 0

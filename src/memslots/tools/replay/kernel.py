@@ -1,0 +1,123 @@
+"""The kernel column of a replay: one fresh ``/dev/kvm`` VM per traced VM.
+
+:class:`KernelSession` is a :class:`memslots.kvm.KvmVm` (non-strict: the engine inside it
+mirrors the kernel and notes where they differ) with the trace's hvas relocated onto
+:class:`~memslots.HostMemory` mappings the VM owns (:mod:`.relocation`), and the raw
+ioctls the engine does not model yet (the dirty ring) made on its fd.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+from memslots.kvm import KvmVm
+from memslots.kvm.abi import KVM_RESET_DIRTY_RINGS, _ioctl_checked
+from memslots.slot import Memslot
+from memslots.tools.replay.relocation import HvaRelocation
+from memslots.tools.replay.report import MapEntry, memory_map
+from memslots.tools.traces import MemslotCall
+from memslots.validate import VmLimits
+from memslots.view import MemslotTarget
+
+__all__ = ["KernelSession", "open_kernel"]
+
+
+class _TimedFd:
+    """Stands in for a :class:`KvmVm`'s VM fd and times its memslot ioctls alone, so the
+    kernel column does not include the engine that mirrors the kernel inside ``KvmVm``.
+    Everything else is the fd's."""
+
+    def __init__(self, fd: Any) -> None:
+        self._fd = fd
+        #: duration of the last memslot ioctl, in ns (0 when none was made)
+        self.last_ns = 0
+
+    def set_user_memory_region(self, *args: int) -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            self._fd.set_user_memory_region(*args)
+        finally:
+            self.last_ns = time.perf_counter_ns() - t0
+
+    def set_user_memory_region2(self, *args: int) -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            self._fd.set_user_memory_region2(*args)
+        finally:
+            self.last_ns = time.perf_counter_ns() - t0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fd, name)
+
+
+class KernelSession:
+    """A fresh :class:`memslots.kvm.KvmVm` (non-strict) with the hvas of ``calls``
+    relocated onto :class:`~memslots.HostMemory` mappings the VM owns.
+
+    ``target`` takes the memslot calls (relocate them first with :meth:`translate_call`);
+    ``limits`` are the kernel's (the models get them too); ``ioctl_ns()`` is the duration
+    of the last memslot ioctl alone. :meth:`close` (or ``with``) deletes every slot in the
+    kernel, destroys the VM and unmaps the memory, in that order. Raises OSError when
+    ``/dev/kvm`` cannot be used.
+    """
+
+    def __init__(self, calls: Sequence[MemslotCall]) -> None:
+        self.vm = KvmVm(strict=False)
+        try:
+            self._fd = _TimedFd(self.vm.fd)
+            self.vm.fd = cast(Any, self._fd)
+            self.relocation = HvaRelocation(
+                calls, task_size_max=self.vm.limits.task_size_max, allocate=self.vm.host_memory
+            )
+        except BaseException:
+            self.vm.close()
+            raise
+        self.limits: VmLimits = self.vm.limits
+        self.target: MemslotTarget = self.vm
+        self.description = f"/dev/kvm (Linux {os.uname().release}) through memslots.kvm.KvmVm"
+
+    def ioctl_ns(self) -> int:
+        """Duration of the last memslot ioctl in ns (0 if the last call made none)."""
+        ns, self._fd.last_ns = self._fd.last_ns, 0
+        return ns
+
+    def translate_call(self, call: MemslotCall) -> MemslotCall:
+        """``call`` with its hva relocated (see :class:`HvaRelocation`). O(log c)."""
+        return self.relocation.translate_call(call)
+
+    def enable_cap(self, cap: int, args: tuple[int, int, int, int], flags: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` on the VM's fd, bypassing the engine inside ``KvmVm`` (for
+        capabilities it does not model). Raises MemslotError."""
+        self._fd.enable_cap(cap, *args, flags=flags)
+
+    def reset_dirty_rings(self) -> int:
+        """``KVM_RESET_DIRTY_RINGS`` on the VM's fd. Raises MemslotError."""
+        return _ioctl_checked(self._fd.fd, KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS")
+
+    def memory_map(self) -> dict[int, list[MapEntry]]:
+        """The final map as the VM mirrors it, hvas translated back to the trace's."""
+
+        def slots(a: int) -> list[Memslot]:
+            return list(self.vm.memslots(a))
+
+        return memory_map(slots, self.vm.nr_address_spaces, self.relocation.untranslate)
+
+    def close(self) -> None:
+        """Delete every slot in the kernel, destroy the VM, unmap (idempotent)."""
+        self.vm.close()
+        self.relocation.close()
+
+    def __enter__(self) -> KernelSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_kernel(calls: Sequence[MemslotCall]) -> KernelSession:
+    """A :class:`KernelSession` for ``calls``; raises OSError when ``/dev/kvm`` cannot be
+    used. O(n log n) for the relocation."""
+    return KernelSession(calls)

@@ -1,0 +1,630 @@
+"""The replay itself: every record of a VM, in order, on each implementation.
+
+:func:`replay` replays one VM's records on a fresh engine (:class:`memslots.Vm`), a fresh
+:class:`memslots.baseline.ArrayVm` and, when asked or when usable, a fresh ``/dev/kvm`` VM
+(:class:`~memslots.tools.replay.kernel.KernelSession`); :func:`replay_trace` does it for
+every VM of a :class:`~memslots.tools.traces.Trace`, one VM after the other, and finds the
+hazards. What each kind of record does on a replay VM, and what is compared, is in the
+package docstring (:mod:`memslots.tools.replay`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from errno import EINVAL
+from typing import Any, Final, cast
+
+from memslots.baseline import ArrayVm
+from memslots.dirty_log import dirty_runs, pages_to_bitmap
+from memslots.kvm import kvm_available
+from memslots.kvm.abi import (
+    KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+)
+from memslots.tools.replay.kernel import KernelSession, open_kernel
+from memslots.tools.replay.relocation import HvaCluster
+from memslots.tools.replay.report import (
+    Hazard,
+    ImplName,
+    ImplRun,
+    ReplayReport,
+    TraceReport,
+    memory_map,
+)
+from memslots.tools.traces import (
+    ClearDirtyLog,
+    CreateGuestMemfd,
+    CreateVcpu,
+    CreateVm,
+    EnableCap,
+    GetDirtyLog,
+    Madvise,
+    MemslotCall,
+    Mremap,
+    Munmap,
+    Record,
+    ReleaseVm,
+    ResetDirtyRings,
+    Runs,
+    Trace,
+    TraceFormatError,
+)
+from memslots.validate import VmLimits
+from memslots.vm import Vm
+
+__all__ = ["PROGRESS_EVERY", "replay", "replay_trace"]
+
+#: how many records between two progress reports
+PROGRESS_EVERY: Final = 256
+
+#: a guest_memfd number no process has open: stands in for a traced fd that the trace
+#: never showed being created (the kernel answers EBADF)
+_NO_FD: Final = 0x7FFFFFFF
+
+_HVA_KINDS: Final = (Munmap, Mremap, Madvise)
+_RING_CAPS: Final = (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+
+Step = Record
+
+
+@dataclasses.dataclass
+class _Ctx:
+    """Per implementation and VM: traced guest_memfd numbers -> ours, and what is known."""
+
+    gmem: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: a dirty ring the implementation does not model was turned on (by the kernel)
+    ring_unmodelled: bool = False
+    #: the local descriptors to close at the end
+    owned: list[int] = dataclasses.field(default_factory=list)
+
+
+def _mask(runs: Iterable[tuple[int, int]]) -> int:
+    value = 0
+    for first, count in runs:
+        value |= ((1 << count) - 1) << first
+    return value
+
+
+def _pages_text(mask: int, limit: int = 6) -> str:
+    pages: list[int] = []
+    index = 0
+    while mask and len(pages) <= limit:
+        low = (mask & -mask).bit_length() - 1
+        pages.append(index + low)
+        mask >>= low + 1
+        index += low + 1
+    more = ", ..." if len(pages) > limit else ""
+    return "[" + ", ".join(map(str, pages[:limit])) + more + "]"
+
+
+def _compare_bitmap(recorded: Runs | None, got: bytes, exact: bool) -> str:
+    """'' when ``got`` fits the recorded bitmap: equal while no guest can have written
+    (``exact``), else a subset of it (a guest only adds dirty pages)."""
+    if recorded is None:
+        return ""
+    want = _mask(recorded)
+    have = _mask(dirty_runs(got))
+    if have == want or (not exact and not have & ~want):
+        return ""
+    if exact:
+        return (
+            f"dirty pages: recorded {_pages_text(want)}, replayed {_pages_text(have)}"
+            " (no vCPU yet: they must be equal)"
+        )
+    return f"dirty pages replayed but not recorded: {_pages_text(have & ~want)}"
+
+
+class _Runner:
+    """Replays one VM's steps on one implementation."""
+
+    def __init__(
+        self,
+        name: ImplName,
+        target: Any,
+        session: KernelSession | None,
+        hazards: list[Hazard] | None,
+        vm_number: int,
+        exact_until: int,
+    ) -> None:
+        self.name = name
+        self.target = target
+        self.session = session
+        self.hazards = hazards
+        self.vm_number = vm_number
+        #: records before this index come before the traced VM's first vCPU
+        self.exact_until = exact_until
+        self.ctx = _Ctx()
+        self.bitmaps: dict[int, bytes] = {}
+        self.details: dict[int, str] = {}
+        self.alive = True
+
+    # ------------------------------------------------------------------ one step
+    def step(self, index: int, rec: Record) -> int | None:
+        """Make ``rec`` on the target; its errno, or None where it is not modelled."""
+        try:
+            return self._step(index, rec)
+        except OSError as exc:
+            return exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else EINVAL
+
+    def _step(self, index: int, rec: Record) -> int | None:
+        t = self.target
+        ctx = self.ctx
+        if isinstance(rec, MemslotCall):
+            gmem = None
+            if rec.v2 and rec.guest_memfd in ctx.gmem:
+                gmem = ctx.gmem[rec.guest_memfd]
+            elif rec.v2 and rec.flags & 4:  # KVM_MEM_GUEST_MEMFD with an fd never created
+                gmem = _NO_FD
+            call = self.session.translate_call(rec) if self.session is not None else rec
+            call.apply(t, guest_memfd=gmem)
+            return 0
+        if isinstance(rec, CreateGuestMemfd):
+            fd = int(t.create_guest_memfd(rec.size, rec.flags))
+            ctx.owned.append(fd)
+            if rec.fd is not None:
+                ctx.gmem[rec.fd] = fd
+            return 0
+        if isinstance(rec, CreateVcpu):
+            t.create_vcpu(rec.vcpu_id)
+            return 0
+        if isinstance(rec, EnableCap):
+            if rec.cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+                t.enable_manual_dirty_log_protect(rec.args[0])
+                return 0
+            if rec.cap in _RING_CAPS:
+                enable = getattr(t, "enable_dirty_ring", None)
+                if enable is not None and self.session is None:
+                    enable(rec.args[0], acq_rel=rec.cap == KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+                    return 0
+                if self.session is None:
+                    return None  # the model does not know the ring yet
+                self.session.enable_cap(rec.cap, rec.args, rec.flags)
+                ctx.ring_unmodelled = True
+                return 0
+            return None
+        if isinstance(rec, ResetDirtyRings):
+            reset = getattr(t, "reset_dirty_rings", None)
+            if self.session is not None and (reset is None or ctx.ring_unmodelled):
+                self.session.reset_dirty_rings()
+                return 0
+            if reset is None:
+                return None
+            reset()
+            return 0
+        if isinstance(rec, GetDirtyLog):
+            if ctx.ring_unmodelled and self.session is None:
+                return None
+            bits = bytes(t.get_dirty_log(rec.slot))
+            self.bitmaps[index] = bits
+            detail = _compare_bitmap(rec.dirty, bits, exact=index < self.exact_until)
+            if detail:
+                self.details[index] = detail
+            return 0
+        if isinstance(rec, ClearDirtyLog):
+            if ctx.ring_unmodelled and self.session is None:
+                return None
+            pages = [
+                p
+                for first, count in rec.dirty or ()
+                for p in range(first, first + count)
+                if p < rec.num_pages
+            ]
+            bitmap = (
+                pages_to_bitmap(pages, rec.num_pages)
+                if rec.dirty is not None
+                else b""  # unreadable in the traced process: a short buffer
+            )
+            t.clear_dirty_log(rec.slot, rec.first_page, rec.num_pages, bytes(bitmap))
+            return 0
+        return None  # pragma: no cover - hva changes and lifetime records are not steps
+
+    # ------------------------------------------------------------------ hazards
+    def hazard_check(self, rec: Munmap | Mremap | Madvise) -> None:
+        """Record a :class:`Hazard` for every live slot whose hvas ``rec`` took away, found
+        with the set's hva interval tree as the kernel's MMU notifier finds them."""
+        if self.hazards is None or not self.alive:
+            return
+        t = self.target
+        for start, end in rec.removed():
+            for as_id in range(t.nr_address_spaces):
+                for s in t.memslots(as_id).iter_hva_range(start, end - 1):
+                    hva_end = s.userspace_addr + (s.npages << 12)
+                    self.hazards.append(
+                        Hazard(
+                            vm=self.vm_number,
+                            slot=s.slot,
+                            as_id=s.as_id,
+                            id=s.id,
+                            base_gfn=s.base_gfn,
+                            npages=s.npages,
+                            flags=s.flags & 0xFFFF,
+                            userspace_addr=s.userspace_addr,
+                            start=max(start, s.userspace_addr),
+                            end=min(end, hva_end),
+                            call=rec,
+                        )
+                    )
+
+    def close(self) -> None:
+        """Close the guest_memfds this run made."""
+        for fd in self.ctx.owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _run(
+    runner: _Runner,
+    steps: Sequence[Record],
+    *,
+    kinds: bool,
+    timer: Callable[[], int] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[int | None], list[int], list[str] | None, str | None]:
+    """Make every step on the runner's target; return the results, the times, the kinds
+    (when asked: ``target.last_change`` after a successful memslot call, ``failed`` after
+    an error, the record's kind for other records) and a note when the target crashed
+    (the lists then stop before the crashing record). Hva changes and ``release_vm`` only
+    feed the hazard check and take no place in the lists. ``timer``, when given, supplies
+    a memslot call's duration instead of the wall time around it; ``progress(done)`` is
+    told every :data:`PROGRESS_EVERY` records (outside the measured time)."""
+    results: list[int | None] = []
+    times: list[int] = []
+    kind_list: list[str] | None = [] if kinds else None
+    perf = time.perf_counter_ns
+    target = runner.target
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: no collection pauses inside the measured calls
+    rec: Record | None = None
+    try:
+        for rec in steps:
+            if isinstance(rec, _HVA_KINDS):
+                runner.hazard_check(rec)
+                continue
+            if isinstance(rec, ReleaseVm):
+                runner.alive = False
+                continue
+            index = len(results)
+            t0 = perf()
+            err = runner.step(index, rec)
+            t1 = perf()
+            is_call = isinstance(rec, MemslotCall)
+            elapsed = timer() if timer is not None and is_call else t1 - t0
+            results.append(err)
+            times.append(elapsed)
+            if kind_list is not None:
+                if not is_call:
+                    kind_list.append(rec.kind)
+                elif err:
+                    kind_list.append("failed")
+                else:
+                    change = getattr(target, "last_change", None)
+                    kind_list.append(str(getattr(change, "value", "unknown")))
+            if progress is not None and not len(results) % PROGRESS_EVERY:
+                progress(len(results))
+        if progress is not None:
+            progress(len(results))
+    except Exception as exc:
+        where = rec.where if rec is not None else "?"
+        return results, times, kind_list, f"crashed at {where}: {type(exc).__name__}: {exc}"
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return results, times, kind_list, None
+
+
+def _reporter(
+    progress: Callable[[str, int, int], None] | None, name: str, total: int
+) -> Callable[[int], None] | None:
+    """``progress`` bound to one implementation, told at once that it starts."""
+    if progress is None:
+        return None
+    progress(name, 0, total)
+    return lambda done: progress(name, done, total)
+
+
+_DESCRIPTIONS: Final = {
+    "engine": "memslots.Vm (tree-based engine)",
+    "array": "memslots.baseline.ArrayVm (sorted array, copied on every change)",
+}
+
+
+def _make_model(name: ImplName, limits: VmLimits) -> Vm | ArrayVm:
+    """A fresh model VM with ``limits``."""
+    kwargs: dict[str, Any] = {
+        "nr_address_spaces": limits.nr_address_spaces,
+        "max_user_slots": limits.max_user_slots,
+        "max_gfn": limits.max_gfn,
+        "readonly_mem": limits.readonly_mem,
+        "private_mem": limits.private_mem,
+        "task_size_max": limits.task_size_max,
+    }
+    return Vm(**kwargs) if name == "engine" else ArrayVm(**kwargs)
+
+
+def _first_vcpu(steps: Sequence[Record], attached: bool) -> int:
+    """Index (among the replayed records) of the traced VM's first vCPU: dirty bitmaps
+    before it are predictable exactly. 0 for a VM that existed before the recording."""
+    if attached:
+        return 0
+    index = 0
+    for rec in steps:
+        if isinstance(rec, (*_HVA_KINDS, ReleaseVm)):
+            continue
+        if isinstance(rec, CreateVcpu) and rec.result == 0:
+            return index
+        index += 1
+    return index
+
+
+def replay(
+    calls: Sequence[Record],
+    *,
+    impls: Iterable[ImplName] = ("engine", "array"),
+    kernel: bool | None = None,
+    primary: ImplName | None = None,
+    source: str = "",
+    embedded: bool = False,
+    fmt: str | None = None,
+    skipped: Sequence[TraceFormatError] = (),
+    progress: Callable[[str, int, int], None] | None = None,
+    limits: VmLimits | None = None,
+    limits_source: str = "defaults",
+    vm: int = 0,
+    pid: int = 0,
+    vm_type: int | None = None,
+    attached: bool = False,
+    hazards: list[Hazard] | None = None,
+) -> ReplayReport:
+    """Replay one VM's records (``calls``: memslot calls, and any other record of the VM;
+    hva changes and ``release_vm`` only feed ``hazards`` when a list is given) on fresh VMs
+    of each implementation and report.
+
+    ``impls``: the models to run (``"engine"``, ``"array"``). ``kernel``: replay on
+    ``/dev/kvm`` too: None means "when it is usable", True requires it (OSError when it
+    cannot be used), False turns it off. ``primary``: whose kinds, memory map and hazards
+    are reported (default: the engine if it runs, else the array). ``limits``: what the
+    models accept when the kernel does not run (default: :class:`memslots.Vm`'s x86-64
+    defaults); with the kernel its own limits are used. ``source``, ``embedded``, ``fmt``,
+    ``skipped``, ``vm``, ``pid``, ``vm_type``, ``attached`` only label the report.
+    ``progress(impl, done, total)`` is called before each implementation starts, every
+    :data:`PROGRESS_EVERY` records and when it ends (never inside a measured call).
+
+    Cost: O(n) records on each implementation plus O(n log n) for the hva relocation.
+    """
+    steps = list(calls)
+    models = [n for n in ("engine", "array") if n in set(impls)]
+    if not models:
+        raise ValueError("replay needs at least one of the models 'engine' and 'array'")
+    if primary is None:
+        primary = cast(ImplName, models[0])
+    if primary not in models:
+        raise ValueError(f"primary {primary!r} is not among the models replayed")
+    n_records = sum(not isinstance(r, (*_HVA_KINDS, ReleaseVm)) for r in steps)
+    exact_until = _first_vcpu(steps, attached)
+    memslot_calls = [r for r in steps if isinstance(r, MemslotCall)]
+
+    runs: dict[str, ImplRun] = {n: ImplRun(n, "off") for n in ("engine", "array", "kernel")}
+    session: KernelSession | None = None
+    if kernel is None and not kvm_available():
+        kernel = False
+        runs["kernel"] = ImplRun("kernel", "unavailable", note="/dev/kvm is not usable here")
+    relocation: tuple[HvaCluster, ...] | None = None
+    bitmaps: dict[str, dict[int, bytes]] = {}
+    try:
+        if kernel is None:
+            try:
+                session = open_kernel(memslot_calls)
+            except OSError as exc:
+                runs["kernel"] = ImplRun("kernel", "unavailable", note=f"/dev/kvm: {exc}")
+        elif kernel:
+            session = open_kernel(memslot_calls)
+        if session is not None:
+            limits, limits_source = session.limits, "kernel"
+        elif limits is None:
+            limits, limits_source = Vm().limits, "defaults"
+
+        for name in models:
+            model = _make_model(cast(ImplName, name), limits)
+            runner = _Runner(
+                cast(ImplName, name),
+                model,
+                None,
+                hazards if name == primary else None,
+                vm,
+                exact_until,
+            )
+            try:
+                results, times, kinds, crash = _run(
+                    runner, steps, kinds=True, progress=_reporter(progress, name, n_records)
+                )
+            finally:
+                runner.close()
+            run = ImplRun(
+                cast(ImplName, name),
+                "crashed" if crash else "ok",
+                _DESCRIPTIONS[name],
+                crash,
+                results,
+                times,
+                kinds,
+                details=runner.details,
+            )
+            if not crash:
+                run.memory_map = memory_map(model.memslots, limits.nr_address_spaces)
+            runs[name] = run
+            bitmaps[name] = runner.bitmaps
+
+        if session is not None:
+            relocation = session.relocation.clusters
+            session.ioctl_ns()
+            runner = _Runner("kernel", session.target, session, None, vm, exact_until)
+            try:
+                results, times, _, crash = _run(
+                    runner,
+                    steps,
+                    kinds=False,
+                    timer=session.ioctl_ns,
+                    progress=_reporter(progress, "kernel", n_records),
+                )
+                memmap = None if crash else session.memory_map()
+            finally:
+                session.close()
+                runner.close()
+            runs["kernel"] = ImplRun(
+                "kernel",
+                "crashed" if crash else "ok",
+                session.description,
+                crash,
+                results,
+                times,
+                details=runner.details,
+            )
+            runs["kernel"].memory_map = memmap
+            bitmaps["kernel"] = runner.bitmaps
+            _compare_replayed_bitmaps(runs, bitmaps, primary)
+    finally:
+        if session is not None:
+            session.close()
+
+    if limits is None:  # pragma: no cover - set above
+        raise ValueError("no limits")
+    notes = []
+    if any(r is None for run in runs.values() for r in run.results):
+        notes.append(
+            "some records are not modelled by an implementation (shown as n/a): the dirty"
+            " ring (KVM_ENABLE_CAP of KVM_CAP_DIRTY_LOG_RING, KVM_RESET_DIRTY_RINGS) and"
+            " the dirty logs of a VM whose ring is on"
+        )
+    if attached:
+        notes.append(
+            "this VM existed before recording began: its earlier slots are unknown, so"
+            " calls that depend on them may disagree"
+        )
+    return ReplayReport(
+        calls_and_records=[r for r in steps if not isinstance(r, (*_HVA_KINDS, ReleaseVm))],
+        runs=runs,
+        primary=primary,
+        limits=limits,
+        limits_source=limits_source,
+        relocation=relocation,
+        source=source,
+        embedded=embedded,
+        fmt=fmt,
+        skipped=list(skipped),
+        vm=vm,
+        pid=pid,
+        vm_type=vm_type,
+        attached=attached,
+        notes=notes,
+    )
+
+
+def _compare_replayed_bitmaps(
+    runs: dict[str, ImplRun], bitmaps: dict[str, dict[int, bytes]], primary: str
+) -> None:
+    """The models' and the kernel's replayed bitmaps must be equal: no guest ran in the
+    replay. A difference is noted on the kernel's run."""
+    kernel_maps = bitmaps.get("kernel", {})
+    for index, kbits in kernel_maps.items():
+        mbits = bitmaps.get(primary, {}).get(index)
+        if mbits is None or mbits == kbits:
+            continue
+        k, m = _mask(dirty_runs(kbits)), _mask(dirty_runs(mbits))
+        if k != m:
+            runs["kernel"].details.setdefault(
+                index,
+                f"dirty pages: kernel {_pages_text(k)}, {primary} {_pages_text(m)}",
+            )
+
+
+# =========================================================================== a trace
+
+
+def _vm_streams(trace: Trace) -> list[tuple[int, int, int | None, bool, list[Record]]]:
+    """``(vm, pid, type, attached, steps)`` for each VM of ``trace``: the VM's own records
+    and the hva changes its process made while the VM lived, in trace order."""
+    info = {v.number: v for v in trace.vms()}
+    streams: dict[int, list[Record]] = {n: [] for n in info}
+    alive: set[int] = set()
+    for rec in trace.records:
+        if isinstance(rec, _HVA_KINDS):
+            for n in alive:
+                if not rec.pid or not info[n].pid or info[n].pid == rec.pid:
+                    streams[n].append(rec)
+            continue
+        if rec.vm is None:
+            continue
+        if isinstance(rec, CreateVm):
+            alive.add(rec.vm)
+            continue
+        if isinstance(rec, ReleaseVm):
+            alive.discard(rec.vm)
+        elif rec.vm not in alive and not any(isinstance(r, ReleaseVm) for r in streams[rec.vm]):
+            alive.add(rec.vm)  # a VM whose creation the trace does not show
+        streams[rec.vm].append(rec)
+    return [
+        (n, info[n].pid, info[n].vm_type, info[n].attached, streams[n]) for n in sorted(streams)
+    ]
+
+
+def replay_trace(
+    trace: Trace,
+    *,
+    impls: Iterable[ImplName] = ("engine", "array"),
+    kernel: bool | None = None,
+    primary: ImplName | None = None,
+    embedded: bool = False,
+    skipped: Sequence[TraceFormatError] = (),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> TraceReport:
+    """Replay every VM of ``trace``, each on its own fresh engine, ArrayVm and ``/dev/kvm``
+    VM (one after the other), and find the hazards (hva ranges taken away under live
+    slots). Arguments as in :func:`replay`; without the kernel, the models get the limits
+    the trace's header gives (``memslots record`` writes them), else the x86-64 defaults.
+    O(n) records overall on each implementation."""
+    if kernel is None and not kvm_available():
+        kernel = False
+    limits = trace.limits()
+    reports: list[ReplayReport] = []
+    hazards: list[Hazard] = []
+    streams = _vm_streams(trace)
+    if not streams:
+        streams = [(0, 0, None, False, [])]
+    for number, pid, vm_type, attached, steps in streams:
+        report = replay(
+            steps,
+            impls=impls,
+            kernel=kernel,
+            primary=primary,
+            source=trace.source,
+            embedded=embedded,
+            fmt=trace.fmt,
+            skipped=skipped,
+            progress=progress,
+            limits=limits,
+            limits_source="trace" if limits is not None else "defaults",
+            vm=number,
+            pid=pid,
+            vm_type=vm_type,
+            attached=attached,
+            hazards=hazards,
+        )
+        if kernel is None and report.runs["kernel"].status == "unavailable":
+            kernel = False  # do not try again for every VM
+        reports.append(report)
+    return TraceReport(
+        vms=reports,
+        hazards=hazards,
+        source=trace.source,
+        embedded=embedded,
+        fmt=trace.fmt,
+        version=trace.version,
+        skipped=list(skipped),
+        header=trace.header,
+    )

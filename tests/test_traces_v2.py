@@ -156,7 +156,7 @@ def every_kind() -> list[Record]:
         ClearDirtyLog(0, 0, 64, ((0, 3), (10, 1)), 0, vm=0, pid=10, tid=11, time_ns=12),
         CreateVcpu(0, 6, 0, vm=0, pid=10, tid=11, time_ns=12),
         EnableCap(192, 0, (65536, 0, 0, 0), errno.EINVAL, vm=0, pid=10, tid=11, time_ns=12),
-        ResetDirtyRings(0, 0, vm=0, pid=10, tid=11, time_ns=12),
+        ResetDirtyRings(0, errno.EINVAL, vm=0, pid=10, tid=11, time_ns=12),  # no ring
         Madvise(HVA, MB, 4, 0, vm=None, pid=10, tid=11, time_ns=12),
         Mremap(HVA + MB, MB, 2 * MB, 1, 0, HVA + 64 * MB, 0, vm=None, pid=10, tid=11, time_ns=12),
         Munmap(HVA + 4 * MB, MB, 0, vm=None, pid=10, tid=11, time_ns=12),
@@ -207,9 +207,10 @@ def test_v2_replay_predicts_dirty_logs_and_finds_hazards() -> None:
     # the recorded GET showed 512 dirty pages before any vCPU: INITIALLY_SET, as predicted
     assert vm.ok, vm.disagreements()
     outcomes = {o.call.kind: o for o in vm.outcomes()}
-    assert outcomes["reset_dirty_rings"].results["engine"] is None  # not modelled
+    # the ring is refused after a vCPU exists, so the reset has no ring: EINVAL, predicted
+    assert outcomes["reset_dirty_rings"].results["engine"] == errno.EINVAL
     caps = [o.results["engine"] for o in vm.outcomes() if o.call.kind == "enable_cap"]
-    assert caps == [0, None]  # manual protect is modelled, the ring not yet
+    assert caps == [0, errno.EINVAL]  # manual protect, then the ring after KVM_CREATE_VCPU
     assert [(h.call.kind, h.slot, h.gfn_start, h.gfn_end) for h in report.hazards] == [
         ("madvise", 0, 0, 256),
         ("mremap", 0, 256, 512),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -227,41 +228,40 @@ def test_v2_replay_predicts_dirty_logs_and_finds_hazards() -> None:
 
 
 def ring_records() -> list[Record]:
-    meta = {"vm": 0, "pid": 10, "tid": 11, "time_ns": 12}
     log = KVM_MEM_LOG_DIRTY_PAGES
-    return [
-        CreateVm(0, 4, 0, **meta),
-        MemslotCall(0, log, 0, 2 * MB, HVA, 0, **meta),  # logs before the ring: a bitmap
-        GetDirtyLog(0, (), 0, **meta),
-        EnableCap(192, 0, (3 * MB, 0, 0, 0), errno.EINVAL, **meta),  # not a power of two
+    records: list[Record] = [
+        CreateVm(0, 4, 0),
+        MemslotCall(0, log, 0, 2 * MB, HVA, 0),  # logs before the ring: a bitmap
+        GetDirtyLog(0, (), 0),
+        EnableCap(192, 0, (3 * MB, 0, 0, 0), errno.EINVAL),  # not a power of two
         # ACQ_REL; flags and args[1..3] are ignored, args[0] truncated to u32 (4096)
-        EnableCap(223, 0xFFFFFFFF, ((1 << 32) + 4096, 7, 8, 9), 0, **meta),
-        EnableCap(192, 0, (65536, 0, 0, 0), errno.EINVAL, **meta),  # already on
-        ResetDirtyRings(0, 0, **meta),  # a ring and no vCPU
-        CreateVcpu(0, 6, 0, **meta),
-        CreateVcpu(0, None, errno.EEXIST, **meta),
-        MemslotCall(1, log, 4 * MB, MB, HVA + 4 * MB, 0, **meta),  # no bitmap now
-        GetDirtyLog(0, None, errno.ENXIO, **meta),
-        GetDirtyLog(1, None, errno.ENXIO, **meta),
-        GetDirtyLog(9, None, errno.ENXIO, **meta),  # no such slot: ENXIO comes first
-        ClearDirtyLog(1, 1, 64, None, errno.ENXIO, **meta),  # misaligned: ENXIO first
-        ResetDirtyRings(5, 0, **meta),  # what the traced guest dirtied: not predicted
-        ReleaseVm(**meta),
+        EnableCap(223, 0xFFFFFFFF, ((1 << 32) + 4096, 7, 8, 9), 0),
+        EnableCap(192, 0, (65536, 0, 0, 0), errno.EINVAL),  # already on
+        ResetDirtyRings(0, 0),  # a ring and no vCPU
+        CreateVcpu(0, 6, 0),
+        CreateVcpu(0, None, errno.EEXIST),
+        MemslotCall(1, log, 4 * MB, MB, HVA + 4 * MB, 0),  # no bitmap now
+        GetDirtyLog(0, None, errno.ENXIO),
+        GetDirtyLog(1, None, errno.ENXIO),
+        GetDirtyLog(9, None, errno.ENXIO),  # no such slot: ENXIO comes first
+        ClearDirtyLog(1, 1, 64, None, errno.ENXIO),  # misaligned: ENXIO first
+        ResetDirtyRings(5, 0),  # what the traced guest dirtied: not predicted
+        ReleaseVm(),
     ]
+    return [dataclasses.replace(r, vm=0, pid=10, tid=11, time_ns=12) for r in records]
 
 
 @pytest.mark.kvm
 def test_v2_replay_of_the_dirty_ring_on_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    import memslots.tools.replay.run as run
+    from memslots.tools.replay.kernel import KernelSession, open_kernel
 
-    sessions = []
-    open_kernel = run.open_kernel
+    sessions: list[KernelSession] = []
 
-    def keep(calls: list[MemslotCall]) -> run.KernelSession:
+    def keep(calls: list[MemslotCall]) -> KernelSession:
         sessions.append(open_kernel(calls))
         return sessions[-1]
 
-    monkeypatch.setattr(run, "open_kernel", keep)
+    monkeypatch.setattr("memslots.tools.replay.run.open_kernel", keep)
     report = replay_trace(load_trace(write(ring_records()).splitlines()), kernel=True)
     [vm] = report.vms
     assert vm.ok, vm.disagreements()

@@ -8,8 +8,10 @@ The hypothesis strategies for operations live here and are shared with
 
 from __future__ import annotations
 
+import collections
 import json
-from errno import EINVAL
+import random
+from errno import E2BIG, EEXIST, EINVAL, ENXIO
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +19,40 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memslots.constants import X86_TASK_SIZE_MAX
+import memslots.dirty_ring
+from memslots.constants import U32_MAX, X86_TASK_SIZE_MAX
 from memslots.errors import MemslotError
 from memslots.kvm import KvmVm, kvm_available
+from memslots.kvm.vm import probe_max_gfn
 from memslots.tools.cli import main
 from memslots.tools.conform import (
     CLOSED_FD,
     GMEM_FD,
     GMEM_SIZE,
+    MEM_HVA,
+    MEM_SIZE,
     OTHER_FD,
+    RING_OPS,
     ClearDirtyLog,
     CloseFd,
     CreateGuestMemfd,
+    CreateVcpu,
+    EnableDirtyRing,
     EnableManualDirtyLogProtect,
     Finding,
     GetDirtyLog,
+    HarvestDirtyRing,
+    MapMemory,
     Op,
     OpenDevNull,
+    OpGenerator,
+    ResetDirtyRings,
+    Session,
+    VcpuMarkPageDirty,
+    VcpuWriteGuest,
     ddmin,
+    is_compared,
+    op_kind,
     op_to_json,
     read_ops,
     replay_ops,
@@ -90,7 +108,28 @@ dirty_ops: st.SearchStrategy[Op] = st.one_of(
     st.builds(EnableManualDirtyLogProtect, flags=st.sampled_from([0, 1, 2, 3, 3])),
 )
 fd_ops = st.sampled_from([CloseFd(GMEM_FD), CreateGuestMemfd(GMEM_FD, GMEM_SIZE)])
-ops_strategy: st.SearchStrategy[Op] = st.one_of(memslot_calls, memslot_calls, dirty_ops, fd_ops)
+vcpu_ids = st.sampled_from([0, 0, 1, 2, 4095, 4096, 1 << 20])
+ring_ops: st.SearchStrategy[Op] = st.one_of(
+    st.builds(
+        EnableDirtyRing,
+        size=st.sampled_from([4096, 65536, 65536, 0, 12288, 2 << 20, 3 << 20, (1 << 32) + 4096]),
+        acq_rel=st.booleans(),
+    ),
+    st.builds(CreateVcpu, id=vcpu_ids),
+    st.just(ResetDirtyRings()),
+    st.builds(HarvestDirtyRing, vcpu=vcpu_ids),
+    st.builds(VcpuMarkPageDirty, vcpu=vcpu_ids, gfn=st.integers(0, 70)),
+    st.builds(
+        VcpuWriteGuest,
+        vcpu=vcpu_ids,
+        gpa=st.integers(0, 70 * PAGE),
+        length=st.sampled_from([1, 8, PAGE, 3 * PAGE + 5]),
+    ),
+    st.just(MapMemory(MEM_HVA, 1 << 20)),
+)
+ops_strategy: st.SearchStrategy[Op] = st.one_of(
+    memslot_calls, memslot_calls, dirty_ops, fd_ops, ring_ops
+)
 PRELUDE: list[Op] = [CreateGuestMemfd(GMEM_FD, GMEM_SIZE), OpenDevNull(OTHER_FD)]
 
 # ---------------------------------------------------------------------------------------
@@ -126,6 +165,12 @@ def test_memslot_calls_are_written_in_the_trace_format() -> None:
          "bitmap must be a hex string"),
         ('{"op": "enable_manual_dirty_log_protect", "flags": -1}', "flags must be"),
         ('{"slot": 1, "flags": 0}', "missing"),
+        ('{"op": "enable_dirty_ring", "size": 4096, "acq_rel": 1}', "acq_rel must be true or"),
+        ('{"op": "enable_dirty_ring", "size": 18446744073709551616}', "size must be an integer"),
+        ('{"op": "create_vcpu", "id": 4294967296}', "id must be an integer"),
+        ('{"op": "reset_dirty_rings", "count": 3}', "unknown key 'count'"),
+        ('{"op": "vcpu_write_guest", "vcpu": 0, "gpa": 0}', "length must be an integer"),
+        ('{"op": "map_memory", "hva": 4096, "size": 0}', "size must be positive"),
         ("[1, 2]", "expected a JSON object"),
         ("{bad json", "line"),
     ],
@@ -134,6 +179,35 @@ def test_bad_lines_name_their_line(line: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         list(read_ops(["# a comment", "", line], "repro.jsonl"))
     assert str(info.value).startswith("repro.jsonl:3: ")
+
+
+def test_ring_ops_in_json_lines() -> None:
+    ops: list[Op] = [
+        EnableDirtyRing((1 << 32) + 4096, acq_rel=True, result=0),
+        CreateVcpu(4096, result=EINVAL),
+        ResetDirtyRings(result=EINVAL),
+        HarvestDirtyRing(1),
+        VcpuMarkPageDirty(0, 16),
+        VcpuWriteGuest(0, 0x10000, 4096),
+        MapMemory(MEM_HVA, MEM_SIZE),
+    ]
+    lines = [op_to_json(op) for op in ops]
+    assert [json.loads(line) for line in lines] == [
+        {"op": "enable_dirty_ring", "size": (1 << 32) + 4096, "acq_rel": True, "result": 0},
+        {"op": "create_vcpu", "id": 4096, "result": "EINVAL"},
+        {"op": "reset_dirty_rings", "result": "EINVAL"},
+        {"op": "harvest_dirty_ring", "vcpu": 1},
+        {"op": "vcpu_mark_page_dirty", "vcpu": 0, "gfn": 16},
+        {"op": "vcpu_write_guest", "vcpu": 0, "gpa": 0x10000, "length": 4096},
+        {"op": "map_memory", "hva": MEM_HVA, "size": MEM_SIZE},
+    ]
+    assert list(read_ops(lines)) == ops
+    # acq_rel may be left out; the operations without a kernel answer keep none
+    assert list(read_ops(['{"op": "enable_dirty_ring", "size": 4096}'])) == [EnableDirtyRing(4096)]
+    assert with_result(HarvestDirtyRing(0), EINVAL) == HarvestDirtyRing(0)
+    assert is_compared(EnableDirtyRing(4096)) and is_compared(CreateVcpu(0))
+    assert is_compared(ResetDirtyRings()) and not is_compared(VcpuWriteGuest(0, 0, 1))
+    assert all(isinstance(op, RING_OPS) for op in ops[:-1]) and not isinstance(ops[-1], RING_OPS)
 
 
 def test_ddmin_finds_a_one_minimal_subsequence() -> None:
@@ -242,6 +316,118 @@ def test_a_state_dependent_bug_shrinks_to_its_two_calls() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# the dirty ring against the kernel
+
+RING_KINDS = {cls.name for cls in RING_OPS}
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_runs_with_the_ring_agree_on_every_call(seed: int) -> None:
+    report = run_conform(5000, seed)
+    assert report.findings == [], [str(f.disagreement) for f in report.findings]
+    assert report.agreement == 1.0 and report.operations == 5000
+    assert report.ring_vms >= 2 and report.ring_operations >= 150
+    assert set(report.kinds) >= RING_KINDS
+    assert report.ring_operations == sum(report.kinds[k] for k in RING_KINDS)
+    assert report.dirty_log_with_ring >= 50  # GET and CLEAR met the ring on
+    ring = report.to_json()["ring"]
+    assert ring["operations"] == report.ring_operations and ring["vms"] == report.ring_vms
+
+
+@pytest.mark.kvm
+def test_the_ring_operations_get_every_kind_of_answer() -> None:
+    """What the generator claims to cover, as the kernel answered it."""
+    rng = random.Random(5)
+    gen = OpGenerator(rng, max_gfn=probe_max_gfn())
+    answers: collections.Counter[tuple[str, int]] = collections.Counter()
+    entries = 0
+    for _ in range(16):
+        with Session() as s:
+            gen.untranslate = s.alias_hva
+            for op in gen.prelude(ring=True):
+                s.run(op)
+            for _ in range(150):
+                op = gen.next(s.vm.slots(), s.vcpu_ids(), s.vm.dirty_ring_size)
+                on = bool(s.vm.dirty_ring_size)
+                err = s.run(op)
+                if isinstance(op, RING_OPS) or (on and isinstance(op, GetDirtyLog | ClearDirtyLog)):
+                    answers[op_kind(op) + ("+ring" if on else ""), err] += 1
+            assert s.vm.disagreements == []
+            s.vm.check_invariants()
+            entries += sum(v.dirty_ring.dirty_index for v in s.vcpus.values() if v.dirty_ring)
+    for kind, err in [
+        ("enable_dirty_ring", 0), ("enable_dirty_ring", EINVAL), ("enable_dirty_ring", E2BIG),
+        ("enable_dirty_ring+ring", EINVAL), ("create_vcpu", 0), ("create_vcpu", EEXIST),
+        ("create_vcpu", EINVAL), ("create_vcpu+ring", 0), ("reset_dirty_rings", EINVAL),
+        ("reset_dirty_rings+ring", 0), ("get_dirty_log+ring", ENXIO),
+        ("clear_dirty_log+ring", ENXIO), ("vcpu_write_guest+ring", 0),
+        ("vcpu_mark_page_dirty+ring", 0), ("harvest_dirty_ring+ring", 0),
+    ]:  # fmt: skip
+        assert answers[kind, err], (kind, err, sorted(answers.items()))
+    # GET and CLEAR with the ring on are ENXIO whatever their arguments
+    assert {e for (k, e) in answers if k.endswith("_dirty_log+ring")} == {ENXIO}
+    assert entries > 100  # host-side writes reached the engine's rings
+
+
+def _enable_e2big_first(vm: Any, size: int, acq_rel: bool = False) -> None:
+    """The ring's enable with the size checks in the wrong order: E2BIG before the power
+    of two check (3 MiB would be E2BIG, not EINVAL)."""
+    if 0 <= size <= (1 << 64) - 1 and size & U32_MAX > memslots.dirty_ring.KVM_DIRTY_RING_MAX_BYTES:
+        raise MemslotError(E2BIG, "planted bug")
+    _ENABLE(vm, size, acq_rel)
+
+
+def _enable_ignoring_vcpus(vm: Any, size: int, acq_rel: bool = False) -> None:
+    """The ring's enable without the created_vcpus check (state-dependent: a vCPU first)."""
+    created, vm.created_vcpus = vm.created_vcpus, 0
+    try:
+        _ENABLE(vm, size, acq_rel)
+    finally:
+        vm.created_vcpus = created
+
+
+_ENABLE = memslots.dirty_ring.enable_dirty_ring
+
+
+@pytest.mark.kvm
+def test_a_planted_bug_in_the_enable_order_is_found_and_shrunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(memslots.dirty_ring, "enable_dirty_ring", _enable_e2big_first)
+    report = run_conform(5000, 1)
+    planted = [f for f in report.findings if f.sig == ("enable_dirty_ring", EINVAL, E2BIG, "")]
+    assert planted and report.agreement < 1.0, [f.sig for f in report.findings]
+    [f] = planted
+    assert f.reproducer is not None and len(f.ops) > 1
+    [op] = f.reproducer  # one enable on a fresh VM is enough
+    assert isinstance(op, EnableDirtyRing) and op.result == EINVAL
+    size = op.size & U32_MAX
+    assert size > 1 << 20 and size & (size - 1)  # too big *and* not a power of two
+    done, found = replay_ops(f.reproducer)
+    assert done == f.reproducer and [i for i, _ in found] == [0]
+    monkeypatch.undo()  # the bug removed: the real engine agrees with the kernel
+    assert replay_ops(f.reproducer)[1] == []
+
+
+@pytest.mark.kvm
+def test_a_planted_bug_in_the_vcpu_order_shrinks_to_its_two_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(memslots.dirty_ring, "enable_dirty_ring", _enable_ignoring_vcpus)
+    report = run_conform(5000, 2, max_reproducers=2)
+    planted = [f for f in report.findings if f.sig == ("enable_dirty_ring", EINVAL, 0, "")]
+    assert planted, [f.sig for f in report.findings]
+    for f in planted:
+        assert f.reproducer is not None
+        vcpu, enable = f.reproducer  # exactly two operations
+        assert isinstance(vcpu, CreateVcpu) and vcpu.result == 0
+        assert isinstance(enable, EnableDirtyRing) and enable.result == EINVAL
+    monkeypatch.undo()
+    assert all(replay_ops(f.reproducer or [])[1] == [] for f in planted)
+
+
+# ---------------------------------------------------------------------------------------
 # the command line
 
 
@@ -262,6 +448,9 @@ def test_cli_text_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert "VMs, seed 20261124 (" in lines[0]
     assert lines[1].startswith("calls answered by kernel and engine: ")
     assert lines[2].startswith("agreement: ") and lines[2].endswith("(100.000%)")
+    if lines[3].startswith("dirty-ring operations: "):  # when some VM had the ring's ops
+        assert "create_vcpu " in lines[3] and "GET/CLEAR with the ring on: " in lines[3]
+        del lines[3]
     assert lines[3:] == ["disagreements: none"]
 
 
@@ -300,6 +489,48 @@ def test_cli_replay_reports_each_disagreement(
     assert main(["conform", "--replay", str(repro), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {"operations": 4, "calls": 2, "disagreeing_calls": 0, "disagreements": []}
+
+
+@pytest.mark.kvm
+def test_cli_replays_ring_operations(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ops: list[Op] = [
+        *PRELUDE,
+        MapMemory(MEM_HVA, 1 << 20),
+        MemslotCall(1, 1, 0x10000, 16 * PAGE, HVA),
+        EnableDirtyRing(3 << 20),  # EINVAL: not a power of two comes before too big
+        EnableDirtyRing((1 << 32) + 4096, acq_rel=True),  # truncated to 4096
+        EnableDirtyRing(65536),  # EINVAL: already on
+        CreateVcpu(0),
+        CreateVcpu(0),  # EEXIST
+        CreateVcpu(4096),  # EINVAL
+        VcpuWriteGuest(0, 0x10000 + 4000, 200),  # pages 0 and 1 of slot 1
+        VcpuMarkPageDirty(0, 0x10 + 5),
+        HarvestDirtyRing(0),
+        ResetDirtyRings(),
+        GetDirtyLog(1),
+        ClearDirtyLog(1, 1, 64, b""),  # ENXIO before the misaligned first_page
+        MemslotCall(1, 0, 0, 0, 0),
+        ResetDirtyRings(),
+    ]
+    repro = tmp_path / "ring.jsonl"
+    repro.write_text("\n".join(op_to_json(op) for op in ops) + "\n")
+    assert main(["conform", "--replay", str(repro), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"operations": 18, "calls": 12, "disagreeing_calls": 0, "disagreements": []}
+    done, found = replay_ops(ops)
+    assert found == []
+    results = [getattr(op, "result", None) for op in done]
+    assert results[4:10] == [EINVAL, 0, EINVAL, 0, EEXIST, EINVAL]
+    assert results[13:17] == [0, ENXIO, ENXIO, 0]
+    # the write and the mark went to the engine's ring of vCPU 0, never to the kernel's
+    with Session() as s:
+        for op in ops[:12]:
+            s.run(op)
+        vcpu = s.vcpus[0]
+        assert vcpu.harvest_dirty_ring() == [(1, 0), (1, 1), (1, 5)]
+        assert vcpu.kernel_ring is not None and vcpu.kernel_ring.pushes == 0
+        assert s.vm.reset_dirty_rings() == 3 and s.vm.disagreements == []
+        assert s.vm.read_guest(0x10000 + 4000, 200) == b"\xa5" * 200
 
 
 @pytest.mark.parametrize(

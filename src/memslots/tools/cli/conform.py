@@ -29,6 +29,7 @@ from memslots.kvm.abi import KVM_API_VERSION, KVM_DEV_PATH, KvmSystem
 from memslots.kvm.vm import ENGINE_RAISED
 from memslots.tools.cli import CliError
 from memslots.tools.conform import (
+    RING_OPS,
     ConformReport,
     Finding,
     is_compared,
@@ -38,14 +39,17 @@ from memslots.tools.conform import (
     run_conform,
 )
 
+#: the operation kinds the dirty-ring line of the report counts, in this order
+RING_OP_NAMES = tuple(cls.name for cls in RING_OPS)
+
 
 def register(sub: Any) -> None:
     """Add the ``conform`` subcommand."""
     p = sub.add_parser(
         "conform",
         help="random operation sequences against /dev/kvm: agreement rate, minimal reproducers",
-        description="Run random memslot, dirty-log and guest_memfd operations on real VMs, "
-        "each answered by the kernel and by the engine; print how often they agree and a "
+        description="Run random memslot, dirty-log, guest_memfd and dirty-ring operations on "
+        "real VMs, each answered by the kernel and by the engine; print how often they agree and a "
         "shrunk reproducer (JSON Lines) for every kind of disagreement. Exit status 1 on "
         "any disagreement.",
     )
@@ -153,6 +157,12 @@ def _print_report(r: ConformReport) -> None:
     )
     print(f"calls answered by kernel and engine: {r.calls} ({r.kernel_calls} ioctls)")
     print(f"agreement: {r.agreed}/{r.calls} ({100 * r.agreement:.3f}%)")
+    if r.ring_operations:
+        counts = ", ".join(f"{n} {r.kinds[n]}" for n in RING_OP_NAMES if n in r.kinds)
+        print(
+            f"dirty-ring operations: {r.ring_operations} on {_n(r.ring_vms, 'VM')} ({counts});"
+            f" GET/CLEAR with the ring on: {r.dirty_log_with_ring}"
+        )
     if not r.findings:
         print("disagreements: none")
         return

@@ -15,6 +15,19 @@ invalid arguments, and manual-protect enables. VMs are replaced every few hundre
 operations (and after any disagreement, since the two states may then differ), so the slot
 count stays what a VMM has: tens of slots, up to 32763 as an id.
 
+A fraction of the VMs (``ring_vms``, 30% by default) also exercises the dirty ring
+(:mod:`memslots.dirty_ring`), between the memslot and dirty-log operations: ring enables
+of every size class (valid, 0, below the minimum, not a power of two, over 1 MiB, both,
+u64 values that truncate to u32), plain and ACQ_REL, twice, and after a vCPU exists;
+vCPU creation with new, duplicate and out-of-range ids; ``KVM_RESET_DIRTY_RINGS`` with and
+without a ring; harvests; and host-side writes and marks through a vCPU. The errno of each
+enable, vCPU creation and reset is compared, and so is each reset's count (the kernel's
+against what the engine predicts from the kernel's mapped rings); with the ring on, every
+GET and CLEAR must be ENXIO before any other check. Host-side writes go to the engine's own
+ring of the vCPU, never to the kernel's (the kernel does not see userspace writes): they
+are there to break the engine if they can, and to check that the kernel's rings and reset
+counts stay what the kernel alone predicts.
+
 After the run each distinct disagreement (same operation kind, same kernel and engine
 answers) is shrunk: :func:`memslots.tools.ddmin.ddmin` (delta debugging) removes
 operations from the sequence that led to it, replaying every candidate on a fresh VM,
@@ -45,14 +58,25 @@ from memslots.tools.conform.ops import (
     CLOSED_FD,
     GMEM_FD,
     GMEM_SIZE,
+    MEM_HVA,
+    MEM_SIZE,
     OTHER_FD,
+    RING_OPS,
+    WRITE_BYTE,
     ClearDirtyLog,
     CloseFd,
     CreateGuestMemfd,
+    CreateVcpu,
+    EnableDirtyRing,
     EnableManualDirtyLogProtect,
     GetDirtyLog,
+    HarvestDirtyRing,
+    MapMemory,
     Op,
     OpenDevNull,
+    ResetDirtyRings,
+    VcpuMarkPageDirty,
+    VcpuWriteGuest,
     is_compared,
     op_kind,
     op_to_json,
@@ -66,19 +90,30 @@ __all__ = [
     "CLOSED_FD",
     "GMEM_FD",
     "GMEM_SIZE",
+    "MEM_HVA",
+    "MEM_SIZE",
     "OTHER_FD",
+    "RING_OPS",
+    "WRITE_BYTE",
     "ClearDirtyLog",
     "CloseFd",
     "ConformReport",
     "CreateGuestMemfd",
+    "CreateVcpu",
+    "EnableDirtyRing",
     "EnableManualDirtyLogProtect",
     "Finding",
     "GetDirtyLog",
+    "HarvestDirtyRing",
+    "MapMemory",
     "Op",
     "OpGenerator",
     "OpenDevNull",
+    "ResetDirtyRings",
     "Session",
     "Signature",
+    "VcpuMarkPageDirty",
+    "VcpuWriteGuest",
     "ddmin",
     "is_compared",
     "op_kind",
@@ -177,6 +212,14 @@ class ConformReport:
     seconds: float = 0.0
     shrink_seconds: float = 0.0
     findings: list[Finding] = field(default_factory=list)
+    #: operations run, by kind (:func:`op_kind`)
+    kinds: dict[str, int] = field(default_factory=dict)
+    #: VMs that had the dirty ring's operations
+    ring_vms: int = 0
+    #: operations of the dirty ring and its vCPUs (the kinds of :data:`RING_OPS`)
+    ring_operations: int = 0
+    #: GET and CLEAR_DIRTY_LOG calls made while the VM's ring was on (ENXIO)
+    dirty_log_with_ring: int = 0
 
     @property
     def agreed(self) -> int:
@@ -201,6 +244,12 @@ class ConformReport:
             "vms": self.vms,
             "seconds": round(self.seconds, 3),
             "shrink_seconds": round(self.shrink_seconds, 3),
+            "kinds": dict(sorted(self.kinds.items())),
+            "ring": {
+                "vms": self.ring_vms,
+                "operations": self.ring_operations,
+                "dirty_log_calls_with_ring_on": self.dirty_log_with_ring,
+            },
             "disagreements": [f.to_json() for f in self.findings],
         }
 
@@ -229,11 +278,13 @@ def run_conform(
     shrink_findings: bool = True,
     max_reproducers: int = 10,
     on_shrink: Callable[[int, int], None] | None = None,
+    ring_vms: float = 0.3,
 ) -> ConformReport:
     """Run ``ops`` random operations (seeded by ``seed``) against the kernel and the
     engine, on a new VM every ``segment`` operations (a random length in that range;
     most VMs use slot ids below 24 in an 8 MiB gpa range, one in five ids below 400 in
-    a 256 MiB one) and after every disagreement. ``progress(done, disagreeing_calls)``
+    a 256 MiB one) and after every disagreement; a fraction ``ring_vms`` of the VMs
+    also gets the dirty ring's operations. ``progress(done, disagreeing_calls)``
     is called after each operation. Then, unless ``shrink_findings`` is False, shrink
     the first ``max_reproducers`` kinds of disagreement (``on_shrink(i, n)`` before
     each).
@@ -250,16 +301,24 @@ def run_conform(
         # most VMs keep tens of slots in a small gpa range (many collisions); some spread
         # hundreds of slots over a wider one (deeper trees, fewer collisions)
         gen.ids, gen.gpa_pages = (24, 2048) if rng.random() < 0.8 else (400, 1 << 16)
+        ring = rng.random() < ring_vms
         with Session(path=path, vm_factory=vm_factory) as s:
             vm = s.vm
             report.vms += 1
-            history = gen.prelude()
+            report.ring_vms += ring
+            gen.untranslate = s.alias_hva
+            history = gen.prelude(ring=ring)
             for op in history:
                 s.run(op)
             clean = True
             for _ in range(length):
-                op = gen.next(vm.slots())
+                op = gen.next(vm.slots(), s.vcpu_ids(), vm.dirty_ring_size)
                 history.append(op)
+                kind = op_kind(op)
+                report.kinds[kind] = report.kinds.get(kind, 0) + 1
+                report.ring_operations += isinstance(op, RING_OPS)
+                if vm.dirty_ring_size and isinstance(op, GetDirtyLog | ClearDirtyLog):
+                    report.dirty_log_with_ring += 1
                 before = len(vm.disagreements)
                 s.run(op)
                 report.operations += 1

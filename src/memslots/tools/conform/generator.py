@@ -26,14 +26,23 @@ from memslots.tools.conform.ops import (
     CLOSED_FD,
     GMEM_FD,
     GMEM_SIZE,
+    MEM_HVA,
+    MEM_SIZE,
     OTHER_FD,
     ClearDirtyLog,
     CloseFd,
     CreateGuestMemfd,
+    CreateVcpu,
+    EnableDirtyRing,
     EnableManualDirtyLogProtect,
     GetDirtyLog,
+    HarvestDirtyRing,
+    MapMemory,
     Op,
     OpenDevNull,
+    ResetDirtyRings,
+    VcpuMarkPageDirty,
+    VcpuWriteGuest,
 )
 from memslots.tools.traces import MemslotCall
 
@@ -42,8 +51,24 @@ __all__ = ["OpGenerator"]
 T = TypeVar("T")
 
 _PAGE_MASK: Final = PAGE_SIZE - 1
-#: generated hvas: unmapped, legal user addresses (the kernel does not check the mapping)
-_HVA_BASE: Final = 0x7F00_0000_0000
+#: generated hvas: unmapped, legal user addresses (the kernel does not check the mapping);
+#: a VM with a ring maps host memory there (:class:`MapMemory`)
+_HVA_BASE: Final = MEM_HVA
+
+#: ``KVM_ENABLE_CAP`` sizes of the dirty ring and their weights: valid ones (4 KiB to
+#: 1 MiB, and u64 values that truncate to one), then every kind of refusal (0, below the
+#: minimum, not a power of two, over 1 MiB (E2BIG), both at once, a u64 that truncates to 0)
+_RING_SIZES: Final = (
+    (4096, 10), (8192, 5), (65536, 12), (1 << 20, 2), ((1 << 32) + 4096, 3),
+    ((1 << 63) + 65536, 2),
+    (0, 3), (16, 1), (2048, 3), (4095, 1), (4097, 2), (12288, 3), (65537, 1),
+    ((1 << 20) + 4096, 2), (2 << 20, 4), (3 << 20, 3), (1 << 31, 2), (1 << 32, 3), (U64_MAX, 1),
+)  # fmt: skip
+#: vCPU ids the kernel refuses (at or past KVM_MAX_VCPU_IDS, 4096)
+_BAD_VCPU_IDS: Final = (4096, 4097, 1 << 16, 1 << 20, U32_MAX)
+#: how a VM with ring operations orders them: the ring before any vCPU (the usual VMM
+#: order), vCPUs first (so the ring is refused), or anything goes
+_RING_PLANS: Final = (("ring_first", 55), ("vcpu_first", 20), ("any", 25))
 
 
 def _weighted(rng: random.Random, table: Sequence[tuple[T, float]]) -> T:
@@ -57,6 +82,15 @@ class OpGenerator:
     :meth:`prelude` gives the operations a fresh VM starts with (a guest_memfd and a file
     that is not one); :meth:`next` draws one operation from the VM's current slot table
     (the engine's, which agrees with the kernel while no disagreement has occurred).
+
+    A VM started with ``prelude(ring=True)`` also gets the dirty ring's operations
+    (:attr:`RING_KINDS`): ring enables with valid and invalid sizes, plain and ACQ_REL,
+    again once on; vCPU creation with new, duplicate and out-of-range ids; resets;
+    harvests; and host-side writes and marks through a vCPU (onto host memory mapped
+    behind the generated hvas). Each such VM follows a plan drawn at its start: the ring
+    before any vCPU (mostly), vCPUs first (the ring is then refused), or any order. Memslot
+    and dirty-log operations go on between them as in every VM, so GET and CLEAR meet the
+    ring on, and slots are created, moved and deleted under entries.
     Slot ids come mostly from ``0 .. ids-1`` and gpas from the first ``gpa_pages`` pages,
     so creates and moves collide often. Sizes stay small (a few pages to a few thousand):
     the kernel allocates per-page metadata for every accepted slot, and an accepted slot
@@ -77,6 +111,18 @@ class OpGenerator:
         ("clear", 12),
         ("manual", 3),
     )
+    #: what a VM with ring operations adds to :attr:`KINDS` (the weights of ``ring_enable``
+    #: and ``vcpu`` follow the VM's plan; the per-vCPU kinds need a vCPU)
+    RING_KINDS: ClassVar[tuple[tuple[str, float], ...]] = (
+        ("ring_enable", 5),
+        ("vcpu", 5),
+        ("reset", 5),
+        ("harvest", 4),
+        ("vcpu_mark", 7),
+        ("vcpu_write", 5),
+    )
+    #: at most this many vCPUs per VM (further creates are duplicates or bad ids)
+    MAX_VCPUS: ClassVar[int] = 6
 
     def __init__(
         self,
@@ -93,12 +139,28 @@ class OpGenerator:
         self.ids = ids
         self.gpa_pages = gpa_pages
         self._gmem_open = True
+        #: the hva a generated call must name for a slot's ``userspace_addr`` (the run
+        #: sets it to undo the session's :class:`MapMemory` aliasing)
+        self.untranslate: Callable[[int], int] = _same
+        self._ring = False
+        self._plan = "any"
+        self._enables = 0
 
     # -- building blocks -------------------------------------------------------------
-    def prelude(self) -> list[Op]:
-        """What every VM of the run starts with."""
+    def prelude(self, ring: bool = False) -> list[Op]:
+        """What every VM of the run starts with; with ``ring``, the VM gets the dirty
+        ring's operations too, and host memory behind the generated hvas."""
         self._gmem_open = True
-        return [CreateGuestMemfd(GMEM_FD, GMEM_SIZE), OpenDevNull(OTHER_FD)]
+        self._ring = ring
+        self._enables = 0
+        ops: list[Op] = [CreateGuestMemfd(GMEM_FD, GMEM_SIZE), OpenDevNull(OTHER_FD)]
+        if ring:
+            self._plan = _weighted(self.rng, _RING_PLANS)
+            ops.append(MapMemory(MEM_HVA, MEM_SIZE))
+        return ops
+
+    def _ua(self, s: Memslot) -> int:
+        return self.untranslate(s.userspace_addr)
 
     def _id(self) -> int:
         r = self.rng.random()
@@ -164,10 +226,16 @@ class OpGenerator:
         return s.npages << PAGE_SHIFT
 
     # -- the operation kinds ---------------------------------------------------------
-    def next(self, slots: Sequence[Memslot]) -> Op:
-        """One random operation, given the VM's current slots."""
+    def next(self, slots: Sequence[Memslot], vcpus: Sequence[int] = (), ring_size: int = 0) -> Op:
+        """One random operation, given the VM's current slots, the ids of its vCPUs and
+        its ring size (0: off)."""
         rng = self.rng
-        kind = _weighted(rng, self.KINDS)
+        if self._ring:
+            kind = _weighted(rng, self.KINDS + self._ring_weights(vcpus, ring_size))
+            if kind in _RING_METHODS:
+                return _RING_METHODS[kind](self, slots, vcpus)
+        else:
+            kind = _weighted(rng, self.KINDS)
         plain = [s for s in slots if not s.flags & KVM_MEM_GUEST_MEMFD]
         if kind in ("delete", "move", "flags", "noop", "modify_bad") and not plain:
             kind = "create"
@@ -200,26 +268,24 @@ class OpGenerator:
         if rng.random() < 0.3:  # a small step: overlaps its own old range
             step = rng.randint(-4, 4) << PAGE_SHIFT
             gpa = max(0, (s.base_gfn << PAGE_SHIFT) + step)
-        return self._call(s.slot, flags, gpa, self._size(s), s.userspace_addr)
+        return self._call(s.slot, flags, gpa, self._size(s), self._ua(s))
 
     def _op_flags(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
         s = self.rng.choice(plain)
         return self._call(
             s.slot, s.flags ^ KVM_MEM_LOG_DIRTY_PAGES, s.base_gfn << PAGE_SHIFT, self._size(s),
-            s.userspace_addr,
+            self._ua(s),
         )  # fmt: skip
 
     def _op_noop(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
         s = self.rng.choice(plain)
-        return self._call(
-            s.slot, s.flags, s.base_gfn << PAGE_SHIFT, self._size(s), s.userspace_addr
-        )
+        return self._call(s.slot, s.flags, s.base_gfn << PAGE_SHIFT, self._size(s), self._ua(s))
 
     def _op_modify_bad(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
         rng = self.rng
         s = rng.choice(plain)
         gpa = s.base_gfn << PAGE_SHIFT if rng.random() < 0.5 else self._gpa()
-        size, hva, flags = self._size(s), s.userspace_addr, s.flags
+        size, hva, flags = self._size(s), self._ua(s), s.flags
         what = rng.choice(("hva", "size", "readonly", "hva+size"))
         if "hva" in what:
             hva = self._hva(s.npages)
@@ -237,7 +303,7 @@ class OpGenerator:
         r = rng.random()
         if plain and r < 0.3:
             s = rng.choice(plain)
-            call = self._call(s.slot, s.flags, self._gpa(), self._size(s), s.userspace_addr)
+            call = self._call(s.slot, s.flags, self._gpa(), self._size(s), self._ua(s))
         elif slots and r < 0.45:
             s = rng.choice(slots)
             call = self._call(s.slot, self._random_flags(), self._gpa(), 0, self._hva(1))
@@ -319,7 +385,7 @@ class OpGenerator:
                 (KVM_MEM_GUEST_MEMFD, 0, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_GUEST_MEMFD | 1)
             )
             gpa = s.base_gfn << PAGE_SHIFT if rng.random() < 0.5 else self._gpa()
-            return self._call(s.slot, flags, gpa, self._size(s), s.userspace_addr, v2=True)
+            return self._call(s.slot, flags, gpa, self._size(s), self._ua(s), v2=True)
         if bound and r < 0.35:  # deletes: the offset is checked when the flag is given
             s = rng.choice(bound)
             flags = rng.choice((0, KVM_MEM_GUEST_MEMFD))
@@ -329,7 +395,7 @@ class OpGenerator:
             s = rng.choice(plain)
             return self._call(
                 s.slot, KVM_MEM_GUEST_MEMFD, s.base_gfn << PAGE_SHIFT, self._size(s),
-                s.userspace_addr, v2=True, offset=0, fd=GMEM_FD,
+                self._ua(s), v2=True, offset=0, fd=GMEM_FD,
             )  # fmt: skip
         return self._gmem_create(slots)
 
@@ -432,3 +498,87 @@ class OpGenerator:
             ((enable | init, 35), (enable, 25), (0, 25), (init, 5), (4, 4), (5, 3), (1 << 63, 3)),
         )
         return EnableManualDirtyLogProtect(flags)
+
+    # -- the dirty ring ----------------------------------------------------------------
+    def _ring_weights(self, vcpus: Sequence[int], ring_size: int) -> tuple[tuple[str, float], ...]:
+        """:attr:`RING_KINDS` weighted for the VM's plan and state."""
+        out: list[tuple[str, float]] = []
+        for kind, weight in self.RING_KINDS:
+            if kind == "ring_enable":
+                if ring_size:
+                    weight /= 4  # once on: a second enable, refused
+                elif self._plan == "vcpu_first" and not vcpus:
+                    weight = 0
+                else:
+                    weight *= 2
+            elif kind == "vcpu":
+                if self._plan == "ring_first" and not ring_size and self._enables < 3:
+                    weight = 0
+            elif kind in ("harvest", "vcpu_mark", "vcpu_write") and not vcpus:
+                weight = 0
+            out.append((kind, weight))
+        return tuple(out)
+
+    def _op_ring_enable(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
+        self._enables += 1
+        rng = self.rng
+        return EnableDirtyRing(_weighted(rng, _RING_SIZES), rng.random() < 0.35)
+
+    def _op_vcpu(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.7 and len(vcpus) < self.MAX_VCPUS:
+            free = [i for i in range(8) if i not in vcpus]
+            if rng.random() < 0.9 and free:
+                return CreateVcpu(rng.choice(free))
+            return CreateVcpu(rng.choice((4095, rng.randrange(8, 4096))))
+        if r < 0.85 and vcpus:
+            return CreateVcpu(rng.choice(vcpus))  # EEXIST
+        return CreateVcpu(rng.choice(_BAD_VCPU_IDS))
+
+    def _op_reset(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
+        return ResetDirtyRings()
+
+    def _op_harvest(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
+        return HarvestDirtyRing(self.rng.choice(vcpus))
+
+    def _ring_gfn(self, slots: Sequence[Memslot]) -> int:
+        """A gfn to write: mostly in a logging slot, sometimes in any slot or a hole."""
+        rng = self.rng
+        logging = [s for s in slots if s.flags & KVM_MEM_LOG_DIRTY_PAGES]
+        r = rng.random()
+        if logging and r < 0.7:
+            s = rng.choice(logging)
+        elif slots and r < 0.85:
+            s = rng.choice(slots)
+        else:
+            return rng.randrange(self.gpa_pages)
+        return s.base_gfn + rng.randrange(s.npages)
+
+    def _op_vcpu_mark(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
+        return VcpuMarkPageDirty(self.rng.choice(vcpus), self._ring_gfn(slots))
+
+    def _op_vcpu_write(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
+        rng = self.rng
+        gpa = self._ring_gfn(slots) << PAGE_SHIFT
+        if rng.random() < 0.5:
+            gpa += rng.randrange(PAGE_SIZE)
+        length = _weighted(
+            rng,
+            (
+                (rng.randint(1, 16), 30),
+                (PAGE_SIZE, 20),
+                (rng.randint(1, 3 * PAGE_SIZE), 15),
+                (rng.randint(2, 64) * PAGE_SIZE, 15),
+            ),
+        )
+        return VcpuWriteGuest(rng.choice(vcpus), gpa, length)
+
+
+def _same(hva: int) -> int:
+    return hva
+
+
+_RING_METHODS: Final[dict[str, Callable[[OpGenerator, Sequence[Memslot], Sequence[int]], Op]]] = {
+    kind: getattr(OpGenerator, f"_op_{kind}") for kind, _ in OpGenerator.RING_KINDS
+}

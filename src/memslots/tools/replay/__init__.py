@@ -37,12 +37,17 @@ What each record does on the replay VMs, and what is compared:
   can have written, so the replayed bitmap must equal the recorded one; after that every
   replayed dirty page must be among the recorded ones (a guest only adds pages). The
   models' and the kernel's replayed bitmaps must be equal (no guest runs in a replay).
-  ``reset_dirty_rings`` returns how many ring entries were reset, which depends on the
-  guest: only its errno is compared.
 - the dirty ring (``enable_cap`` of ``KVM_CAP_DIRTY_LOG_RING``/``_ACQ_REL``,
-  ``reset_dirty_rings``): made on the kernel VM; on a model only when it offers
-  ``enable_dirty_ring``/``reset_dirty_rings``, else shown as not modelled (``null`` in
-  JSON, ``n/a`` in tables), as are the model's dirty logs once the kernel's ring is on.
+  ``reset_dirty_rings``): made on the engine and on the kernel VM through
+  ``enable_dirty_ring``/``reset_dirty_rings`` (``KvmVm``'s, so the engine inside it follows
+  the kernel's ring: vCPUs created afterwards map it, GET and CLEAR are ENXIO on both);
+  the recorded ``flags`` and ``args[1..3]`` are not passed on, as the kernel ignores them.
+  The errno is compared. ``reset_dirty_rings`` returns how many ring entries were reset,
+  which depends on what the traced guest wrote: the count is not compared (in the replay
+  no guest runs, and the kernel's count is checked against the engine's prediction
+  inside ``KvmVm``). The array does not model the ring: these records, and its dirty logs
+  once the traced VM's ring is on, are shown as not modelled (``null`` in JSON, ``n/a`` in
+  tables). ``enable_cap`` of any other capability is not replayed.
 - ``munmap``/``mremap``/``madvise`` records are not replayed: the range each took away is
   looked up in the primary model's slots of every live VM of the same process with the
   set's hva interval tree (``iter_hva_range``, what the kernel's MMU notifier does), and

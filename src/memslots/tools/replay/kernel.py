@@ -2,8 +2,9 @@
 
 :class:`KernelSession` is a :class:`memslots.kvm.KvmVm` (non-strict: the engine inside it
 mirrors the kernel and notes where they differ) with the trace's hvas relocated onto
-:class:`~memslots.HostMemory` mappings the VM owns (:mod:`.relocation`), and the raw
-ioctls the engine does not model yet (the dirty ring) made on its fd.
+:class:`~memslots.HostMemory` mappings the VM owns (:mod:`.relocation`). Every record
+goes through ``KvmVm``'s own calls (the dirty ring's enable and reset too), so the kernel
+answers it and the engine inside checks the answer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from memslots.kvm import KvmVm
-from memslots.kvm.abi import KVM_RESET_DIRTY_RINGS, _ioctl_checked
 from memslots.slot import Memslot
 from memslots.tools.replay.relocation import HvaRelocation
 from memslots.tools.replay.report import MapEntry, memory_map
@@ -87,15 +87,6 @@ class KernelSession:
     def translate_call(self, call: MemslotCall) -> MemslotCall:
         """``call`` with its hva relocated (see :class:`HvaRelocation`). O(log c)."""
         return self.relocation.translate_call(call)
-
-    def enable_cap(self, cap: int, args: tuple[int, int, int, int], flags: int = 0) -> None:
-        """``KVM_ENABLE_CAP`` on the VM's fd, bypassing the engine inside ``KvmVm`` (for
-        capabilities it does not model). Raises MemslotError."""
-        self._fd.enable_cap(cap, *args, flags=flags)
-
-    def reset_dirty_rings(self) -> int:
-        """``KVM_RESET_DIRTY_RINGS`` on the VM's fd. Raises MemslotError."""
-        return _ioctl_checked(self._fd.fd, KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS")
 
     def memory_map(self) -> dict[int, list[MapEntry]]:
         """The final map as the VM mirrors it, hvas translated back to the trace's."""

@@ -78,7 +78,7 @@ class _Ctx:
     """Per implementation and VM: traced guest_memfd numbers -> ours, and what is known."""
 
     gmem: dict[int, int] = dataclasses.field(default_factory=dict)
-    #: a dirty ring the implementation does not model was turned on (by the kernel)
+    #: the traced VM turned on a dirty ring, which the implementation does not model
     ring_unmodelled: bool = False
     #: the local descriptors to close at the end
     owned: list[int] = dataclasses.field(default_factory=list)
@@ -178,27 +178,23 @@ class _Runner:
                 t.enable_manual_dirty_log_protect(rec.args[0])
                 return 0
             if rec.cap in _RING_CAPS:
+                # the engine and KvmVm (kernel and engine) model the ring; the kernel
+                # ignores flags and args[1..3] (kvm_vm_ioctl_enable_cap_generic)
                 enable = getattr(t, "enable_dirty_ring", None)
-                if enable is not None and self.session is None:
-                    enable(rec.args[0], acq_rel=rec.cap == KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
-                    return 0
-                if self.session is None:
-                    return None  # the model does not know the ring yet
-                self.session.enable_cap(rec.cap, rec.args, rec.flags)
-                ctx.ring_unmodelled = True
+                if enable is None:  # ArrayVm: its dirty logs are unknown once a ring is on
+                    ctx.ring_unmodelled = ctx.ring_unmodelled or not rec.result
+                    return None
+                enable(rec.args[0], acq_rel=rec.cap == KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
                 return 0
             return None
         if isinstance(rec, ResetDirtyRings):
             reset = getattr(t, "reset_dirty_rings", None)
-            if self.session is not None and (reset is None or ctx.ring_unmodelled):
-                self.session.reset_dirty_rings()
-                return 0
             if reset is None:
                 return None
             reset()
             return 0
         if isinstance(rec, GetDirtyLog):
-            if ctx.ring_unmodelled and self.session is None:
+            if ctx.ring_unmodelled:
                 return None
             bits = bytes(t.get_dirty_log(rec.slot))
             self.bitmaps[index] = bits
@@ -207,7 +203,7 @@ class _Runner:
                 self.details[index] = detail
             return 0
         if isinstance(rec, ClearDirtyLog):
-            if ctx.ring_unmodelled and self.session is None:
+            if ctx.ring_unmodelled:
                 return None
             pages = [
                 p
@@ -497,9 +493,10 @@ def replay(
     notes = []
     if any(r is None for run in runs.values() for r in run.results):
         notes.append(
-            "some records are not modelled by an implementation (shown as n/a): the dirty"
-            " ring (KVM_ENABLE_CAP of KVM_CAP_DIRTY_LOG_RING, KVM_RESET_DIRTY_RINGS) and"
-            " the dirty logs of a VM whose ring is on"
+            "some records are not modelled by an implementation (shown as n/a): the array"
+            " has no dirty ring (KVM_ENABLE_CAP of KVM_CAP_DIRTY_LOG_RING,"
+            " KVM_RESET_DIRTY_RINGS), nor dirty logs once the traced VM's ring is on;"
+            " KVM_ENABLE_CAP of other capabilities is replayed nowhere"
         )
     if attached:
         notes.append(

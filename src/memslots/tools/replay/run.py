@@ -33,7 +33,9 @@ from memslots.tools.replay.report import (
     Hazard,
     ImplName,
     ImplRun,
+    MapEntry,
     ReplayReport,
+    SlotChange,
     TraceReport,
     memory_map,
 )
@@ -69,6 +71,8 @@ _NO_FD: Final = 0x7FFFFFFF
 
 _HVA_KINDS: Final = (Munmap, Mremap, Madvise)
 _RING_CAPS: Final = (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+#: the kinds of memslot calls that change the map (a :class:`SlotChange` each)
+_CHANGES: Final = frozenset(("create", "delete", "move", "flags"))
 
 Step = Record
 
@@ -225,9 +229,10 @@ class _Runner:
         return None  # pragma: no cover - hva changes and lifetime records are not steps
 
     # ------------------------------------------------------------------ hazards
-    def hazard_check(self, rec: Munmap | Mremap | Madvise) -> None:
+    def hazard_check(self, rec: Munmap | Mremap | Madvise, index: int = 0) -> None:
         """Record a :class:`Hazard` for every live slot whose hvas ``rec`` took away, found
-        with the set's hva interval tree as the kernel's MMU notifier finds them."""
+        with the set's hva interval tree as the kernel's MMU notifier finds them; ``index``
+        is the number of records replayed before it."""
         if self.hazards is None or not self.alive:
             return
         t = self.target
@@ -248,6 +253,7 @@ class _Runner:
                             start=max(start, s.userspace_addr),
                             end=min(end, hva_end),
                             call=rec,
+                            index=index,
                         )
                     )
 
@@ -258,6 +264,12 @@ class _Runner:
                 os.close(fd)
 
 
+def _slot_entry(target: Any, slot: int) -> MapEntry | None:
+    """The model's slot ``slot`` (ABI number) as a :class:`MapEntry`, or None. O(1)."""
+    s = target.id_to_memslot(slot)
+    return None if s is None else MapEntry.of(s)
+
+
 def _run(
     runner: _Runner,
     steps: Sequence[Record],
@@ -265,6 +277,7 @@ def _run(
     kinds: bool,
     timer: Callable[[], int] | None = None,
     progress: Callable[[int], None] | None = None,
+    changes: list[SlotChange] | None = None,
 ) -> tuple[list[int | None], list[int], list[str] | None, str | None]:
     """Make every step on the runner's target; return the results, the times, the kinds
     (when asked: ``target.last_change`` after a successful memslot call, ``failed`` after
@@ -272,7 +285,10 @@ def _run(
     (the lists then stop before the crashing record). Hva changes and ``release_vm`` only
     feed the hazard check and take no place in the lists. ``timer``, when given, supplies
     a memslot call's duration instead of the wall time around it; ``progress(done)`` is
-    told every :data:`PROGRESS_EVERY` records (outside the measured time)."""
+    told every :data:`PROGRESS_EVERY` records (outside the measured time). ``changes``,
+    when given (a model, with ``kinds``), gets a :class:`SlotChange` for every memslot
+    call that changed the map, the slot looked up before and after the call (outside the
+    measured time, O(1) each)."""
     results: list[int | None] = []
     times: list[int] = []
     kind_list: list[str] | None = [] if kinds else None
@@ -284,16 +300,19 @@ def _run(
     try:
         for rec in steps:
             if isinstance(rec, _HVA_KINDS):
-                runner.hazard_check(rec)
+                runner.hazard_check(rec, len(results))
                 continue
             if isinstance(rec, ReleaseVm):
                 runner.alive = False
                 continue
             index = len(results)
+            is_call = isinstance(rec, MemslotCall)
+            old = None
+            if changes is not None and isinstance(rec, MemslotCall):
+                old = _slot_entry(target, rec.slot)
             t0 = perf()
             err = runner.step(index, rec)
             t1 = perf()
-            is_call = isinstance(rec, MemslotCall)
             elapsed = timer() if timer is not None and is_call else t1 - t0
             results.append(err)
             times.append(elapsed)
@@ -304,7 +323,11 @@ def _run(
                     kind_list.append("failed")
                 else:
                     change = getattr(target, "last_change", None)
-                    kind_list.append(str(getattr(change, "value", "unknown")))
+                    kind = str(getattr(change, "value", "unknown"))
+                    kind_list.append(kind)
+                    if changes is not None and kind in _CHANGES and isinstance(rec, MemslotCall):
+                        new = _slot_entry(target, rec.slot)
+                        changes.append(SlotChange(index, kind, old, new))
             if progress is not None and not len(results) % PROGRESS_EVERY:
                 progress(len(results))
         if progress is not None:
@@ -439,9 +462,14 @@ def replay(
                 vm,
                 exact_until,
             )
+            changes: list[SlotChange] = []
             try:
                 results, times, kinds, crash = _run(
-                    runner, steps, kinds=True, progress=_reporter(progress, name, n_records)
+                    runner,
+                    steps,
+                    kinds=True,
+                    progress=_reporter(progress, name, n_records),
+                    changes=changes,
                 )
             finally:
                 runner.close()
@@ -454,6 +482,7 @@ def replay(
                 times,
                 kinds,
                 details=runner.details,
+                changes=changes,
             )
             if not crash:
                 run.memory_map = memory_map(model.memslots, limits.nr_address_spaces)

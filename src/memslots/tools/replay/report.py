@@ -183,13 +183,15 @@ def memory_map(
     return out
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class SlotChange:
     """What one memslot call did to the map of a model: record ``index`` (among the VM's
     replayed records) made a ``change`` (``"create"``, ``"delete"``, ``"move"`` or
     ``"flags"``) of the slot that was ``old`` (None for a create) and is now ``new``
     (None for a delete). Calls that failed or changed nothing have none. For a delete or
-    a move, ``old`` was INVALID while the call ran (``kvm_invalidate_memslot``)."""
+    a move, ``old`` was INVALID while the call ran (``kvm_invalidate_memslot``). Read-only
+    by convention (not frozen: one is made for every change of a replay, and a frozen
+    dataclass costs several times as much to make)."""
 
     index: int
     change: str
@@ -208,8 +210,8 @@ class ImplRun:
     not model the call) and ``times_ns[i]`` its duration; ``kinds[i]`` what it did with
     a memslot call when it can tell (the models). ``details[i]``, when present, says how
     a successful call's answer differed (a dirty bitmap). ``memory_map`` maps each address
-    space to its final slots (trace hvas); ``changes`` lists every change a model made to
-    them, in order (:class:`SlotChange`; empty for the kernel). ``status`` is ``"ok"``,
+    space to its final slots (trace hvas); ``changes`` lists every change the primary model
+    made to them, in order (:class:`SlotChange`; empty for the others). ``status`` is ``"ok"``,
     ``"unavailable"`` (not present), ``"crashed"`` (raised something other than a memslot
     error; ``note`` says what and where; results cover the records before) or ``"off"``.
     """

@@ -265,8 +265,12 @@ class _Runner:
 
 
 def _slot_entry(target: Any, slot: int) -> MapEntry | None:
-    """The model's slot ``slot`` (ABI number) as a :class:`MapEntry`, or None. O(1)."""
-    s = target.id_to_memslot(slot)
+    """The model's slot ``slot`` (ABI number) as a :class:`MapEntry`, or None: read from
+    the active set, which only this thread changes, between two calls. O(1)."""
+    as_id = slot >> 16
+    if as_id >= target.nr_address_spaces:
+        return None
+    s = target.memslots(as_id).id_to_memslot(slot & 0xFFFF)
     return None if s is None else MapEntry.of(s)
 
 
@@ -287,11 +291,13 @@ def _run(
     a memslot call's duration instead of the wall time around it; ``progress(done)`` is
     told every :data:`PROGRESS_EVERY` records (outside the measured time). ``changes``,
     when given (a model, with ``kinds``), gets a :class:`SlotChange` for every memslot
-    call that changed the map, the slot looked up before and after the call (outside the
-    measured time, O(1) each)."""
+    call that changed the map: the slot as the previous change left it, and as the model
+    holds it after the call (looked up outside the measured time, O(1))."""
     results: list[int | None] = []
     times: list[int] = []
     kind_list: list[str] | None = [] if kinds else None
+    #: the slots as the changes so far left them (the old slot of the next change)
+    live: dict[int, MapEntry] = {}
     perf = time.perf_counter_ns
     target = runner.target
     gc_was_enabled = gc.isenabled()
@@ -307,9 +313,6 @@ def _run(
                 continue
             index = len(results)
             is_call = isinstance(rec, MemslotCall)
-            old = None
-            if changes is not None and isinstance(rec, MemslotCall):
-                old = _slot_entry(target, rec.slot)
             t0 = perf()
             err = runner.step(index, rec)
             t1 = perf()
@@ -326,7 +329,10 @@ def _run(
                     kind = str(getattr(change, "value", "unknown"))
                     kind_list.append(kind)
                     if changes is not None and kind in _CHANGES and isinstance(rec, MemslotCall):
-                        new = _slot_entry(target, rec.slot)
+                        old = live.pop(rec.slot, None)
+                        new = None if kind == "delete" else _slot_entry(target, rec.slot)
+                        if new is not None:
+                            live[rec.slot] = new
                         changes.append(SlotChange(index, kind, old, new))
             if progress is not None and not len(results) % PROGRESS_EVERY:
                 progress(len(results))
@@ -469,7 +475,7 @@ def replay(
                     steps,
                     kinds=True,
                     progress=_reporter(progress, name, n_records),
-                    changes=changes,
+                    changes=changes if name == primary else None,
                 )
             finally:
                 runner.close()

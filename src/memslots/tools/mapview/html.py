@@ -231,7 +231,7 @@ def _bars(panel: Panel, g: _Geometry) -> list[str]:
         if width >= 16 and h >= 11:
             out.append(
                 f'<text class="barlabel" x="{_n(g.x(bar.start) + 3)}" y="{_n(y + h / 2 + 3.5)}"'
-                f' data-a="{bar.start}" data-dx="3">{bar.entry.id}</text>'
+                f' data-a="{bar.start}" data-dx="3">{_e(bar.label(width))}</text>'
             )
         if bar.invalid_window and bar.end < len(panel.columns):
             out.append(

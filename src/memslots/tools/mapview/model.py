@@ -210,6 +210,11 @@ class Bar:
         """How the slot is drawn."""
         return slot_style(self.entry.flags)
 
+    def label(self, room: float) -> str:
+        """What fits on the bar in ``room`` pixels: ``"3: 16 MiB"``, or the slot id."""
+        long = f"{self.entry.id}: {size_text(self.entry.size)}"
+        return long if room >= 7 * len(long) + 6 else str(self.entry.id)
+
     def describe(self) -> str:
         """``slot 3 (as 0): 0xfd000000-0xfdffffff, 16 MiB, LOG_DIRTY, hva 0x7f...``."""
         e = self.entry

@@ -162,7 +162,7 @@ def _draw_panel(ax: Any, table_ax: Any, panel: Panel, plot_px: float, body_px: f
             ax.text(
                 bar.start + 3 / px_per_col,
                 top + h / 2,
-                str(bar.entry.id),
+                bar.label((bar.end - bar.start) * px_per_col),
                 va="center",
                 fontsize=7,
                 color="white",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import itertools
 import json
-import math
 from collections.abc import Iterable
 from typing import IO, Any, Final
 
@@ -32,6 +31,7 @@ from memslots.tools.mapview.model import (
     Panel,
     VmSummary,
     gpa_text,
+    record_ticks,
     size_text,
     slot_style,
 )
@@ -72,18 +72,6 @@ def _script_json(data: Any) -> str:
     for char, code in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(char, code)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-
-
-def _nice_step(span: float, target: int) -> float:
-    """A step of 1, 2 or 5 times a power of ten giving about ``target`` ticks."""
-    if span <= 0:
-        return 1.0
-    raw = span / max(1, target)
-    power = 10 ** math.floor(math.log10(raw))
-    for mult in (1, 2, 5, 10):
-        if mult * power >= raw:
-            return float(mult * power)
-    return float(10 * power)  # pragma: no cover - the loop always returns
 
 
 class _Geometry:
@@ -155,17 +143,12 @@ def _y_axis(panel: Panel, g: _Geometry) -> list[str]:
 
 
 def _x_axis(panel: Panel, g: _Geometry) -> list[str]:
-    n = len(panel.columns)
-    step = max(1, int(_nice_step(n, max(2, int(g.width // 60)))))
     out = ['<g class="xaxis xindex">']
     bottom = g.plot_top + g.plot_height
-    for i in range(0, n + 1, step):
-        x = g.x(i + 0.5) if i < n else g.x(n)
-        label = str(i) if i < n else ""
-        if not label:
-            continue
+    for i in record_ticks(len(panel.columns), g.width):
+        x = g.x(i + 0.5)
         out.append(f'<line x1="{_n(x)}" x2="{_n(x)}" y1="{_n(_TOP - 4)}" y2="{_n(_TOP)}"/>')
-        out.append(f'<text x="{_n(x)}" y="{_n(_TOP - 7)}">{label}</text>')
+        out.append(f'<text x="{_n(x)}" y="{_n(_TOP - 7)}">{i}</text>')
         out.append(
             f'<line class="grid" x1="{_n(x)}" x2="{_n(x)}" y1="{_n(g.plot_top)}"'
             f' y2="{_n(bottom)}"/>'

@@ -59,6 +59,7 @@ __all__ = [
     "SlotStyle",
     "build",
     "gpa_text",
+    "record_ticks",
     "size_text",
     "slot_style",
 ]
@@ -108,7 +109,11 @@ DISAGREE_COLOUR: Final = "#d000d0"
 
 def slot_style(flags: int) -> SlotStyle:
     """The style of a slot with ``flags``: guest_memfd first, then dirty logging and
-    read-only, RAM for none. O(1)."""
+    read-only, RAM for none. O(1).
+
+    >>> slot_style(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY).label
+    'dirty logging, read-only'
+    """
     known = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
     if flags & ~known:
         return _STYLE["other"]
@@ -124,7 +129,11 @@ def slot_style(flags: int) -> SlotStyle:
 
 def size_text(n: int) -> str:
     """``"44 KiB"``, ``"512 MiB"``, ``"3.5 GiB"``: exact when a unit divides ``n``, else
-    one decimal. O(1)."""
+    one decimal. O(1).
+
+    >>> size_text(0xB000), size_text(0x1FF40000), size_text(3 << 30)
+    ('44 KiB', '511.2 MiB', '3 GiB')
+    """
     units = (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
     for unit, shift in units:
         if n >= 1 << shift:
@@ -132,6 +141,20 @@ def size_text(n: int) -> str:
                 return f"{n >> shift} {unit}"
             return f"{n / (1 << shift):.1f} {unit}"
     return f"{n} B"
+
+
+def record_ticks(records: int, width: float) -> list[int]:
+    """The record indexes to label on an axis ``width`` pixels wide: every 1, 2 or 5 times
+    a power of ten, about one per 60 pixels. O(ticks).
+
+    >>> record_ticks(37, 900)
+    [0, 5, 10, 15, 20, 25, 30, 35]
+    """
+    target = max(2, int(width // 60))
+    raw = max(1.0, records / target)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return list(range(0, records, int(step)))
 
 
 def gpa_text(gpa: int) -> str:
@@ -284,7 +307,12 @@ class GpaAxis:
     """The compressed, broken gpa axis of a panel: the address space cut at every
     boundary of ``ranges`` (``[start, end)`` pairs), used pieces sized by the log of
     their size, gaps squeezed to a fixed band. Addresses grow downwards. O(k log k) for
-    k ranges; :meth:`y` is O(log k)."""
+    k ranges; :meth:`y` is O(log k).
+
+    >>> axis = GpaAxis([(0, 0x1000), (4 << 30, 8 << 30)])  # 4 KiB, a gap, 4 GiB
+    >>> [(hex(b.start), b.used, b.height) for b in axis.bands]
+    [('0x0', True, 10.0), ('0x1000', False, 15.0), ('0x100000000', True, 110.0)]
+    """
 
     def __init__(self, ranges: Iterable[tuple[int, int]]) -> None:
         spans = [(a, b) for a, b in ranges if b > a]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 from typing import Any, Final
 
 from memslots.tools.mapview.model import (
@@ -24,6 +23,7 @@ from memslots.tools.mapview.model import (
     MapView,
     Panel,
     gpa_text,
+    record_ticks,
     size_text,
     slot_style,
 )
@@ -51,15 +51,6 @@ _ROW_PX: Final = 17
 def matplotlib_available() -> bool:
     """Whether matplotlib can be imported (without importing it). O(1)."""
     return importlib.util.find_spec("matplotlib") is not None
-
-
-def _nice_step(span: float, target: int) -> int:
-    raw = max(1.0, span / max(1, target))
-    power = 10 ** math.floor(math.log10(raw))
-    for mult in (1, 2, 5, 10):
-        if mult * power >= raw:
-            return int(mult * power)
-    return int(10 * power)  # pragma: no cover - the loop always returns
 
 
 def _panel_height(panel: Panel) -> float:
@@ -118,8 +109,7 @@ def _draw_panel(ax: Any, table_ax: Any, panel: Panel, plot_px: float, body_px: f
     ax.set_yticklabels([gpa_text(g) for _, g in labels], fontsize=7, family="monospace")
     ax.grid(axis="y", color="#d5d9e0", lw=0.5)
     ax.set_axisbelow(True)
-    step = _nice_step(n, max(2, int(plot_px // 60)))
-    ticks = list(range(0, len(panel.columns), step))
+    ticks = record_ticks(len(panel.columns), plot_px)
     ax.set_xticks([t + 0.5 for t in ticks])
     ax.set_xticklabels([str(t) for t in ticks], fontsize=7)
     ax.tick_params(axis="x", top=True, labeltop=True, bottom=False, labelbottom=False, length=3)

@@ -4,6 +4,7 @@ and the image."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import html.parser
 import io
@@ -18,11 +19,13 @@ from pathlib import Path
 import pytest
 
 import memslots.tools.cli.replay as cli_replay
-from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+import memslots.tools.replay.run as run_mod
+from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Vm
+from memslots.baseline import ArrayVm
 from memslots.tools.cli import main
 from memslots.tools.mapview import MapView, build, render_html, render_png
 from memslots.tools.mapview.model import GpaAxis, slot_style
-from memslots.tools.replay import MapEntry, TraceReport, replay, replay_trace
+from memslots.tools.replay import ImplName, MapEntry, TraceReport, replay, replay_trace
 from memslots.tools.traces import (
     CreateGuestMemfd,
     CreateVm,
@@ -36,6 +39,7 @@ from memslots.tools.traces import (
     load_trace,
     write_jsonl,
 )
+from memslots.validate import VmLimits
 
 TRACES = Path(__file__).parent / "data" / "traces"
 TRACE_FILES = sorted(p.name for p in TRACES.glob("*.log"))
@@ -213,6 +217,29 @@ def test_v2_trace_vms_hazards_and_time(tmp_path: Path) -> None:
     assert view.hazards == 2
     assert [vm.has_time for vm in view.vms] == [True, False]  # VM 1 has one record
     assert [c.kind for c in vm0.columns][:3] == ["create_guest_memfd", "create", "create"]
+
+
+def test_a_primary_that_crashed_draws_what_it_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken(Vm):
+        def set_user_memory_region(self, *args: int) -> None:
+            if args[0] == 2:
+                raise RuntimeError("boom")
+            super().set_user_memory_region(*args)
+
+    real = run_mod._make_model
+
+    def make(name: ImplName, limits: VmLimits) -> Vm | ArrayVm:
+        return Broken(**dataclasses.asdict(limits)) if name == "engine" else real(name, limits)
+
+    monkeypatch.setattr(run_mod, "_make_model", make)
+    calls = [call(0, 0, 0, MB, HVA), call(1, 0, MB, MB, HVA + MB), call(2, 0, 2 * MB, MB, HVA)]
+    view = build(replay(calls, kernel=False))
+    [panel] = view.panels
+    assert panel.final_map is None
+    assert [(b.entry.id, b.start, b.end) for b in panel.bars] == [(0, 0, 2), (1, 1, 2)]
+    assert "did not finish" in view.vms[0].notes[0] and "boom" in view.vms[0].notes[0]
+    c = check_page(page(view))
+    assert "Final map: unknown (the replay did not finish)." in "".join(c.text)
 
 
 def test_slot_style() -> None:

@@ -265,13 +265,12 @@ def bench_representations(repeats: int) -> dict[str, dict[str, float]]:
             result: list[int] = (nz[r] * 64 + c).tolist()
             return result
 
-        record(
-            "numpy",
-            "bm[r >> 3] |= 1 << (r & 7)",
-            {"bm": a, "r": rel},
-            lambda: (a.tobytes(), a.fill(0)),
-            np_list,
-        )
+        def np_copy_clear() -> bytes:
+            data: bytes = a.tobytes()
+            a.fill(0)
+            return data
+
+        record("numpy", "bm[r >> 3] |= 1 << (r & 7)", {"bm": a, "r": rel}, np_copy_clear, np_list)
     except ImportError:
         pass
     return res

@@ -4,6 +4,7 @@ Usage::
 
     memslots replay [TRACE] [--kvm | --no-kvm] [--impl engine|array|all] [--json]
                     [--skip-bad] [--format qemu|strace|jsonl] [--record FILE] [--calls]
+                    [--html FILE] [--png FILE]
 
 ``TRACE`` is a QEMU ``kvm_set_user_memory`` log, strace output or the project's JSON
 Lines (see :mod:`memslots.tools.traces`; the format is detected unless ``--format`` is given),
@@ -18,7 +19,9 @@ address space and the timings of each implementation (mean per call and total, p
 too). ``--calls`` adds one row per call. ``--json`` prints one JSON document instead,
 whose keys are documented in :mod:`memslots.tools.replay`. ``--record FILE`` writes the calls
 with the primary implementation's results as JSON Lines, which replays to the same
-tables.
+tables. ``--html FILE`` writes a self-contained page of the guest-physical memory map over
+the trace (every slot a bar over the records it lived, see :mod:`memslots.tools.mapview`),
+``--png FILE`` the same picture as an image (needs matplotlib: the ``plot`` extra).
 
 Exit status: 0 when every result agrees, 1 when some call or final map disagrees or an
 implementation crashed, 2 for a malformed trace (one line ``FILE:LINE: message``; use
@@ -44,6 +47,7 @@ from memslots.constants import PAGE_SIZE
 from memslots.errors import errno_name
 from memslots.kvm import kvm_available
 from memslots.tools.cli import CliError
+from memslots.tools.mapview import PNG_EXTRA, build, matplotlib_available, render_html, render_png
 from memslots.tools.replay import (
     KINDS,
     ImplName,
@@ -121,6 +125,18 @@ def register(sub: Any) -> None:
         help="write the calls with the replayed results as JSON Lines to FILE",
     )
     p.add_argument("--calls", action="store_true", help="also list every call with its results")
+    # pictures of the memory map over the trace (memslots.tools.mapview)
+    p.add_argument(
+        "--html",
+        metavar="FILE",
+        help="write a self-contained HTML page of the guest-physical memory map over the"
+        " trace to FILE",
+    )
+    p.add_argument(
+        "--png",
+        metavar="FILE",
+        help=f"write the same picture as a PNG image to FILE (needs matplotlib: {PNG_EXTRA})",
+    )
     p.set_defaults(func=run)
 
 
@@ -612,6 +628,39 @@ def _write_record(args: argparse.Namespace, report: TraceReport, trace: Trace) -
         raise CliError(f"--record {args.record}: {exc.strerror or exc}") from None
 
 
+# =========================================================================== pictures
+
+
+def _check_pictures(args: argparse.Namespace) -> None:
+    """Refuse ``--png`` before replaying when matplotlib is missing."""
+    if args.png and not matplotlib_available():
+        raise CliError(f"--png needs matplotlib: {PNG_EXTRA}")
+
+
+def _write_pictures(args: argparse.Namespace, report: TraceReport) -> list[str]:
+    """``--html FILE``, ``--png FILE``: the memory map over the trace; what was written."""
+    if not args.html and not args.png:
+        return []
+    view = build(report)
+    written = []
+    if args.html:
+        try:
+            with open(args.html, "w", encoding="utf-8") as fp:
+                render_html(view, fp)
+        except OSError as exc:
+            raise CliError(f"--html {args.html}: {exc.strerror or exc}") from None
+        written.append(f"Wrote the memory map over the trace to {args.html}")
+    if args.png:
+        try:
+            render_png(view, args.png)
+        except ImportError:
+            raise CliError(f"--png needs matplotlib: {PNG_EXTRA}") from None
+        except OSError as exc:
+            raise CliError(f"--png {args.png}: {exc.strerror or exc}") from None
+        written.append(f"Wrote the picture of the memory map to {args.png}")
+    return written
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand: 0 when everything agrees, 1 on a disagreement or a crash."""
     if args.json and sys.stdout is None:
@@ -622,6 +671,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{trace.source}: no memslot calls found ({trace.fmt} format{bad})")
     if args.kvm and not kvm_available():
         raise CliError("--kvm: /dev/kvm is not usable here")
+    _check_pictures(args)
     impls: tuple[ImplName, ...] = ("engine", "array") if args.impl == "all" else (args.impl,)
     total = len(trace.records)
     try:
@@ -643,6 +693,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.record:
         _write_record(args, report, trace)
+    pictures = _write_pictures(args, report)
 
     status = 0 if report.ok else 1
     if sys.stdout is None:
@@ -658,6 +709,8 @@ def run(args: argparse.Namespace) -> int:
                     f"Recorded {_plural(report.calls, 'call')} with the"
                     f" {report.vms[0].primary}'s results to {args.record}"
                 )
+            for line in pictures:
+                print(line)
         sys.stdout.flush()
     except BrokenPipeError:
         # the reader went away (``| head``): stop quietly, and keep the interpreter from

@@ -17,7 +17,9 @@ each memslot call by what the primary implementation (the engine unless told oth
 did with it (create, delete, move, flags, no-op, failed), and compares every result with
 the one the trace recorded and with the kernel's. A :class:`TraceReport` holds one
 :class:`ReplayReport` per VM (kinds, errors by errno, disagreements, the final memory map
-of every address space, timings) and the hazards.
+of every address space, every change the primary model made to the slots on the way
+(:meth:`ReplayReport.slot_changes`, what :mod:`memslots.tools.mapview` draws), timings) and
+the hazards.
 
 The modules: :mod:`.relocation` (trace hvas onto memory of this process), :mod:`.kernel`
 (the ``/dev/kvm`` session), :mod:`.report` (what was found, and its JSON), :mod:`.run`
@@ -144,6 +146,7 @@ from memslots.tools.replay.report import (
     ImplRun,
     MapEntry,
     ReplayReport,
+    SlotChange,
     TraceReport,
     agreement_percent,
     describe_record,
@@ -166,6 +169,7 @@ __all__ = [
     "KernelSession",
     "MapEntry",
     "ReplayReport",
+    "SlotChange",
     "TraceReport",
     "agreement_percent",
     "describe_record",

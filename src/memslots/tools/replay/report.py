@@ -45,6 +45,7 @@ __all__ = [
     "ImplRun",
     "MapEntry",
     "ReplayReport",
+    "SlotChange",
     "TraceReport",
     "agreement_percent",
     "describe_record",
@@ -182,6 +183,22 @@ def memory_map(
     return out
 
 
+@dataclasses.dataclass(slots=True)
+class SlotChange:
+    """What one memslot call did to the map of a model: record ``index`` (among the VM's
+    replayed records) made a ``change`` (``"create"``, ``"delete"``, ``"move"`` or
+    ``"flags"``) of the slot that was ``old`` (None for a create) and is now ``new``
+    (None for a delete). Calls that failed or changed nothing have none. For a delete or
+    a move, ``old`` was INVALID while the call ran (``kvm_invalidate_memslot``). Read-only
+    by convention (not frozen: one is made for every change of a replay, and a frozen
+    dataclass costs several times as much to make)."""
+
+    index: int
+    change: str
+    old: MapEntry | None
+    new: MapEntry | None
+
+
 Status = Literal["ok", "unavailable", "crashed", "off"]
 
 
@@ -193,9 +210,10 @@ class ImplRun:
     not model the call) and ``times_ns[i]`` its duration; ``kinds[i]`` what it did with
     a memslot call when it can tell (the models). ``details[i]``, when present, says how
     a successful call's answer differed (a dirty bitmap). ``memory_map`` maps each address
-    space to its final slots (trace hvas). ``status`` is ``"ok"``, ``"unavailable"``
-    (not present), ``"crashed"`` (raised something other than a memslot error; ``note``
-    says what and where; results cover the records before) or ``"off"``.
+    space to its final slots (trace hvas); ``changes`` lists every change the primary model
+    made to them, in order (:class:`SlotChange`; empty for the others). ``status`` is ``"ok"``,
+    ``"unavailable"`` (not present), ``"crashed"`` (raised something other than a memslot
+    error; ``note`` says what and where; results cover the records before) or ``"off"``.
     """
 
     name: ImplName
@@ -207,6 +225,7 @@ class ImplRun:
     kinds: list[str] | None = None
     memory_map: dict[int, list[MapEntry]] | None = None
     details: dict[int, str] = dataclasses.field(default_factory=dict)
+    changes: list[SlotChange] = dataclasses.field(default_factory=list)
 
     @property
     def ran(self) -> bool:
@@ -263,7 +282,8 @@ class Hazard:
     (``kvm_mmu_notifier_invalidate_range_start`` finds the slots with
     ``kvm_for_each_memslot_in_hva_range``). ``start``/``end`` is the part of the slot's
     hva range that was hit; ``gfn_start``/``gfn_end`` the guest frames behind it
-    (``end`` exclusive)."""
+    (``end`` exclusive). ``index`` is how many of the VM's records were replayed before
+    the call: its place among them (the hva calls themselves are not replayed)."""
 
     vm: int
     slot: int
@@ -276,6 +296,7 @@ class Hazard:
     start: int
     end: int
     call: HvaChange
+    index: int = 0
 
     @property
     def gfn_start(self) -> int:
@@ -500,6 +521,12 @@ class ReplayReport:
         """The primary implementation's final memory map: address space -> slots in gfn
         order, hvas as in the trace (empty when it did not finish). O(slots)."""
         return self.runs[self.primary].memory_map or {}
+
+    def slot_changes(self) -> list[SlotChange]:
+        """Every change the primary implementation made to the slots, in record order (up
+        to where it stopped, if it crashed): what a picture of the map over the trace is
+        drawn from. O(1)."""
+        return self.runs[self.primary].changes
 
     def timings(self) -> dict[str, dict[str, Any]]:
         """For each implementation that ran: records, total, mean and median ns per

@@ -33,7 +33,9 @@ from memslots.tools.replay.report import (
     Hazard,
     ImplName,
     ImplRun,
+    MapEntry,
     ReplayReport,
+    SlotChange,
     TraceReport,
     memory_map,
 )
@@ -69,6 +71,8 @@ _NO_FD: Final = 0x7FFFFFFF
 
 _HVA_KINDS: Final = (Munmap, Mremap, Madvise)
 _RING_CAPS: Final = (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+#: the kinds of memslot calls that change the map (a :class:`SlotChange` each)
+_CHANGES: Final = frozenset(("create", "delete", "move", "flags"))
 
 Step = Record
 
@@ -221,9 +225,10 @@ class _Runner:
         return None  # pragma: no cover - hva changes and lifetime records are not steps
 
     # ------------------------------------------------------------------ hazards
-    def hazard_check(self, rec: Munmap | Mremap | Madvise) -> None:
+    def hazard_check(self, rec: Munmap | Mremap | Madvise, index: int = 0) -> None:
         """Record a :class:`Hazard` for every live slot whose hvas ``rec`` took away, found
-        with the set's hva interval tree as the kernel's MMU notifier finds them."""
+        with the set's hva interval tree as the kernel's MMU notifier finds them; ``index``
+        is the number of records replayed before it."""
         if self.hazards is None or not self.alive:
             return
         t = self.target
@@ -244,6 +249,7 @@ class _Runner:
                             start=max(start, s.userspace_addr),
                             end=min(end, hva_end),
                             call=rec,
+                            index=index,
                         )
                     )
 
@@ -254,6 +260,16 @@ class _Runner:
                 os.close(fd)
 
 
+def _slot_entry(target: Any, slot: int) -> MapEntry | None:
+    """The model's slot ``slot`` (ABI number) as a :class:`MapEntry`, or None: read from
+    the active set, which only this thread changes, between two calls. O(1)."""
+    as_id = slot >> 16
+    if as_id >= target.nr_address_spaces:
+        return None
+    s = target.memslots(as_id).id_to_memslot(slot & 0xFFFF)
+    return None if s is None else MapEntry.of(s)
+
+
 def _run(
     runner: _Runner,
     steps: Sequence[Record],
@@ -261,6 +277,7 @@ def _run(
     kinds: bool,
     timer: Callable[[], int] | None = None,
     progress: Callable[[int], None] | None = None,
+    changes: list[SlotChange] | None = None,
 ) -> tuple[list[int | None], list[int], list[str] | None, str | None]:
     """Make every step on the runner's target; return the results, the times, the kinds
     (when asked: ``target.last_change`` after a successful memslot call, ``failed`` after
@@ -268,10 +285,15 @@ def _run(
     (the lists then stop before the crashing record). Hva changes and ``release_vm`` only
     feed the hazard check and take no place in the lists. ``timer``, when given, supplies
     a memslot call's duration instead of the wall time around it; ``progress(done)`` is
-    told every :data:`PROGRESS_EVERY` records (outside the measured time)."""
+    told every :data:`PROGRESS_EVERY` records (outside the measured time). ``changes``,
+    when given (a model, with ``kinds``), gets a :class:`SlotChange` for every memslot
+    call that changed the map: the slot as the previous change left it, and as the model
+    holds it after the call (looked up outside the measured time, O(1))."""
     results: list[int | None] = []
     times: list[int] = []
     kind_list: list[str] | None = [] if kinds else None
+    #: the slots as the changes so far left them (the old slot of the next change)
+    live: dict[int, MapEntry] = {}
     perf = time.perf_counter_ns
     target = runner.target
     gc_was_enabled = gc.isenabled()
@@ -280,16 +302,16 @@ def _run(
     try:
         for rec in steps:
             if isinstance(rec, _HVA_KINDS):
-                runner.hazard_check(rec)
+                runner.hazard_check(rec, len(results))
                 continue
             if isinstance(rec, ReleaseVm):
                 runner.alive = False
                 continue
             index = len(results)
+            is_call = isinstance(rec, MemslotCall)
             t0 = perf()
             err = runner.step(index, rec)
             t1 = perf()
-            is_call = isinstance(rec, MemslotCall)
             elapsed = timer() if timer is not None and is_call else t1 - t0
             results.append(err)
             times.append(elapsed)
@@ -300,7 +322,14 @@ def _run(
                     kind_list.append("failed")
                 else:
                     change = getattr(target, "last_change", None)
-                    kind_list.append(str(getattr(change, "value", "unknown")))
+                    kind = str(getattr(change, "value", "unknown"))
+                    kind_list.append(kind)
+                    if changes is not None and kind in _CHANGES and isinstance(rec, MemslotCall):
+                        old = live.pop(rec.slot, None)
+                        new = None if kind == "delete" else _slot_entry(target, rec.slot)
+                        if new is not None:
+                            live[rec.slot] = new
+                        changes.append(SlotChange(index, kind, old, new))
             if progress is not None and not len(results) % PROGRESS_EVERY:
                 progress(len(results))
         if progress is not None:
@@ -435,9 +464,14 @@ def replay(
                 vm,
                 exact_until,
             )
+            changes: list[SlotChange] = []
             try:
                 results, times, kinds, crash = _run(
-                    runner, steps, kinds=True, progress=_reporter(progress, name, n_records)
+                    runner,
+                    steps,
+                    kinds=True,
+                    progress=_reporter(progress, name, n_records),
+                    changes=changes if name == primary else None,
                 )
             finally:
                 runner.close()
@@ -450,6 +484,7 @@ def replay(
                 times,
                 kinds,
                 details=runner.details,
+                changes=changes,
             )
             if not crash:
                 run.memory_map = memory_map(model.memslots, limits.nr_address_spaces)

@@ -26,7 +26,7 @@ ENGINE_TESTS := tests/test_indexes.py tests/test_engine_errno.py tests/test_engi
 $(STAMP): pyproject.toml $(ENGINE_SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,plot]'
 	touch $(STAMP)
 
 $(PURE_STAMP): $(STAMP)

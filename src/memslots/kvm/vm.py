@@ -36,14 +36,12 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from errno import EBADF, EEXIST, EINVAL
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from errno import EEXIST, EINVAL
+from typing import TYPE_CHECKING, Any
 
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, U32_MAX, U64_MAX
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages
 from memslots.errors import MemslotError, errno_name
-from memslots.guest_memory import HostMemory
 from memslots.kvm.abi import (
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
@@ -283,13 +281,11 @@ class KvmVm(Vm):
         self.disagreements: list[Disagreement] = []
         #: calls made to the kernel (memslot, dirty log and capability ioctls)
         self.kernel_calls = 0
-        self._owned_memory: list[HostMemory] = []
         self._kvm_vcpus: list[KvmVcpuHandle] = []
         #: no vCPU yet: only Python can have dirtied pages (see the module docstring)
         self._no_guest_writes = True
         #: and Python has not either: kernel and engine bitmaps must be equal
         self._no_host_writes = True
-        self._closed = False
         self._close_lock = threading.Lock()
         #: serialises harvests and resets of the dirty rings (their checks assume it)
         self._ring_lock = threading.RLock()
@@ -561,15 +557,6 @@ class KvmVm(Vm):
         super().clear_guest(gpa, length, as_id=as_id)
 
     # -- memory and vCPUs ------------------------------------------------------------
-    def host_memory(self, size: int) -> HostMemory:
-        """A new :class:`HostMemory` mapping of ``size`` bytes owned by this VM: it is
-        unmapped by :meth:`close`, after the slots over it have been deleted in the
-        kernel."""
-        self._check_open()
-        mem = HostMemory(size)
-        self._owned_memory.append(mem)
-        return mem
-
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """``KVM_CREATE_GUEST_MEMFD`` in the kernel; the engine records the file so that
         it answers later binds as the kernel does. The caller owns the fd."""
@@ -616,21 +603,12 @@ class KvmVm(Vm):
             return handle
 
     # -- lifetime --------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise MemslotError(EBADF, "the VM is closed")
-
     def _check_not_in_read_section(self) -> None:
         """The engine refuses an update from inside one of its read sections (its grace
         period would wait for itself); refuse it before the kernel sees it, so that the
         two stay in step."""
         if self.srcu.in_read_section():
             raise RuntimeError("a memslot update inside a read section of the same VM")
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has run."""
-        return self._closed
 
     def close(self) -> None:
         """Delete the slots over memory this VM owns (:meth:`host_memory`) in the kernel,
@@ -659,19 +637,9 @@ class KvmVm(Vm):
                         v.close()
                     self.fd.close()
                     self._system.close()
-                    for mem in self._owned_memory:
+                    mems, self._owned_memory = self._owned_memory, []
+                    for mem in mems:
                         mem.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):

@@ -258,7 +258,10 @@ class KvmVm(Vm):
     the VM fd (destroying the VM and its other slots) and unmaps the
     :class:`HostMemory` mappings made by :meth:`host_memory`.
 
-    Raises :class:`OSError` when ``/dev/kvm`` cannot be opened.
+    Raises :class:`memslots.errors.KvmUnavailable` (an :class:`OSError`) when the device
+    cannot be used, naming the cause: permission denied (join the kvm group or run as
+    root), no such device or no driver behind it (KVM not loaded, nested virtualization
+    off), another API version.
     """
 
     def __init__(self, *, strict: bool = True, path: str = KVM_DEV_PATH) -> None:

@@ -11,10 +11,11 @@ first; ``from memslots import Vm`` works as usual.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+# typing is not imported: ``import memslots`` loads nothing but this file and __future__
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from memslots.constants import (
         KVM_HVA_ERR_BAD,
         KVM_HVA_ERR_RO_BAD,
@@ -85,6 +86,8 @@ def __getattr__(name: str) -> Any:
     """The public names, imported on first use; ``COMPILED`` first (which imports the
     engine and warns when a source checkout's compiled modules are older than their
     sources). A submodule not imported yet (``memslots.vm``) is imported too."""
+    import importlib
+
     if name == "COMPILED":
         from memslots._build import compiled
 

@@ -8,9 +8,11 @@ traceback (the package's ``__init__`` imports nothing heavy, see :mod:`memslots`
 
 from __future__ import annotations
 
-import signal
 import sys
-from collections.abc import Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def _interrupted() -> int:
@@ -43,11 +45,17 @@ def console() -> int:
         try:
             status = main()
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _default_sigint()
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _default_sigint()
         status = _interrupted()
     return status
+
+
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ it is collected (before its ``mmap`` unmaps) and its entry is pruned at the next
 Each run's slot lookup and copy happen inside one VM read section (``vm.srcu.read_lock``,
 what ``with vm.read_section():`` does), so a concurrent memslot update waits for the copy
 in flight before it frees or reuses anything the copy looked at, as with the kernel's SRCU.
-Lock order: a read section, then one mapping's lock, then :data:`memslots.dirty_log.
-bitmap_lock`; ``close`` takes the mapping's lock, then the registry's.
+Lock order: a read section, then one mapping's lock, then
+:data:`memslots.dirty_log.bitmap_lock`; ``close`` takes the mapping's lock, then the
+registry's.
 """
 
 from __future__ import annotations
@@ -637,8 +638,9 @@ def _bad(obj: object, ctype: type) -> memoryview:
 # ======================================================================================
 @dataclasses.dataclass(frozen=True, slots=True)
 class GuestRegion:
-    """One memslot and the host memory behind it, as :meth:`memslots.vm_api.VmApi.
-    regions` lists them (Unicorn's ``mem_regions()``, rust-vmm vm-memory's regions).
+    """One memslot and the host memory behind it, as
+    :meth:`memslots.vm_api.VmApi.regions` lists them (Unicorn's ``mem_regions()``,
+    rust-vmm vm-memory's regions).
 
     ``slot`` is the :class:`memslots.Memslot` (never changed while published, so it
     stays a faithful snapshot); ``memory`` the live :class:`HostMemory` that holds the

@@ -10,9 +10,10 @@ wins. Lookups (``gfn_to_memslot``, ``memslots()``, vCPU caches) and guest memory
 engine, since the kernel does not expose them.
 
 Dirty logs are the union of the kernel's bitmap (pages the guest wrote) and the engine's
-(pages Python wrote with :meth:`write_guest` or marked with :meth:`mark_page_dirty`): this
-is what QEMU does, which keeps its own bitmap for device and host writes and ORs the KVM
-log into it at every sync (``kvm_physical_sync_dirty_bitmap``). Both are cleared together.
+(pages Python wrote with :meth:`KvmVm.write_guest` or marked with
+:meth:`KvmVm.mark_page_dirty`): this is what QEMU does, which keeps its own bitmap for
+device and host writes and ORs the KVM log into it at every sync
+(``kvm_physical_sync_dirty_bitmap``). Both are cleared together.
 
 The bitmaps' contents are checked too, as far as they can be predicted. The engine's bitmap
 holds what the kernel's must hold (bits set by ``KVM_DIRTY_LOG_INITIALLY_SET``, kept or
@@ -217,8 +218,9 @@ class KvmVcpuHandle(Vcpu):
             return self.kernel_ring.harvest() + Vcpu.harvest_dirty_ring(self)
 
     def mark_page_dirty(self, gfn: int) -> None:
-        """A write by this vCPU made from Python (see :meth:`memslots.vm.Vcpu.
-        mark_page_dirty`): into the engine's ring or bitmap; the kernel never sees it."""
+        """A write by this vCPU made from Python (see
+        :meth:`memslots.vm.Vcpu.mark_page_dirty`): into the engine's ring or bitmap; the
+        kernel never sees it."""
         vm = self.vm
         assert isinstance(vm, KvmVm)
         vm._no_host_writes = False
@@ -473,8 +475,8 @@ class KvmVm(Vm):
     # -- the dirty ring ----------------------------------------------------------------
     def enable_dirty_ring(self, size: int, acq_rel: bool = False) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING[_ACQ_REL], size)`` on both; vCPUs made
-        afterwards map the kernel's ring. Errnos as :meth:`memslots.vm.Vm.
-        enable_dirty_ring`. O(1)."""
+        afterwards map the kernel's ring. Errnos as
+        :meth:`memslots.vm.Vm.enable_dirty_ring`. O(1)."""
         with self.slots_lock:
             self._check_open()
             if not 0 <= size <= U64_MAX:

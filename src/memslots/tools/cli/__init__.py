@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from memslots.errors import KvmUnavailable, MemslotError
 
@@ -61,9 +61,34 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, like every other error of the tool:
+    ``memslots replay: error: argument --impl: invalid choice: ... (memslots replay
+    --help lists the options)``, exit status 2. Subcommands' parsers are of this class
+    too."""
+
+    #: the subcommands' parsers, by name (on the top-level parser)
+    subcommands: dict[str, argparse.ArgumentParser]
+
+    def error(self, message: str) -> NoReturn:
+        _say(f"{self.prog}: error: {message} ({self.prog} --help lists the options)")
+        raise SystemExit(2)
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        """As argparse's, with arguments left over reported by the subcommand they were
+        given to (``memslots replay: error: unrecognized arguments: ...``)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            sub = getattr(self, "subcommands", {}).get(getattr(parsed, "command", None))
+            (sub or self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="memslots",
         description="KVM's tree-based memslots: replay traces, benchmark, check conformance.",
     )
@@ -72,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"memslots.tools.cli.{name}")
         module.register(sub)
+    parser.subcommands = dict(sub.choices)
     return parser
 
 
@@ -216,7 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif out is None and args.command not in _NO_STDOUT:
                     raise CliError("standard output is closed")
                 else:
-                    status = args.func(args)
+                    try:
+                        status = args.func(args)
+                    except SystemExit as exc:  # rich ends a run whose stdout reader left
+                        failed = out.failed if out is not None else None
+                        if failed is not None and failed.errno == errno.EPIPE:
+                            status = 0
+                        else:
+                            status = exc.code if isinstance(exc.code, int) else 1
             if out is not None:
                 out.flush()
             reported = False

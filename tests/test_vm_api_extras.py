@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import AnyVm
-from memslots import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, HostMemory, MemslotError, MemslotSet, Vm
+from memslots import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, HostMemory, MemslotSet, Vm
 from memslots.baseline import ArrayMemslotSet, ArrayVm
 from memslots.dirty_log import dirty_pages
 from memslots.guest_memory import GuestRegion, check_ctype, obj_bytes
+from test_guest_memory import errno_of
 
 P = PAGE_SIZE
 MakeVm = Callable[..., AnyVm]
@@ -38,14 +39,6 @@ class BeHeader(ctypes.BigEndianStructure):
 
 class WithPointer(ctypes.Structure):
     _fields_ = (("n", ctypes.c_int), ("p", ctypes.POINTER(ctypes.c_int)))
-
-
-def errno_of(fn: Callable[[], object]) -> int:
-    try:
-        fn()
-    except MemslotError as exc:
-        return exc.errno or 0
-    return 0
 
 
 def vm_with_memory(make_vm: MakeVm, size: int = 4 * P, flags: int = 0) -> tuple[AnyVm, HostMemory]:

@@ -567,7 +567,12 @@ def check_ctype(ctype: type) -> None:
 
 def new_obj(ctype: type[_CT]) -> _CT:
     """A zeroed instance of the plain-data ctypes type ``ctype`` (:func:`check_ctype`),
-    ready to be filled by :func:`read_guest_into`. O(size)."""
+    ready to be filled by :func:`read_guest_into`. O(size).
+
+    >>> import ctypes
+    >>> list(new_obj(ctypes.c_uint32 * 3))
+    [0, 0, 0]
+    """
     check_ctype(ctype)
     return ctype()
 
@@ -689,7 +694,14 @@ class GuestRegion:
 
 def region_of(slot: Memslot) -> GuestRegion:
     """``slot`` with the live :class:`HostMemory` holding all of it, if any. O(log
-    mappings)."""
+    mappings).
+
+    >>> with HostMemory(0x3000) as mem:
+    ...     region_of(Memslot(0, 0, 0x10, 2, 0, mem.addr + 0x1000)).offset
+    ...     region_of(Memslot(0, 0, 0x10, 3, 0, mem.addr + 0x1000)).memory is None
+    4096
+    True
+    """
     found = resolve_hva(slot.userspace_addr)
     if found is not None:
         mem, off, avail = found

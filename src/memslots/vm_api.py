@@ -370,7 +370,17 @@ class VmApi(Generic[SetT]):
         :meth:`write_guest` (same errors, same dirty logging), as rust-vmm vm-memory's
         ``Bytes::write_obj``. A value that does not fit its type is a ValueError, never
         truncated; see :func:`memslots.guest_memory.obj_bytes`. O(size + runs x log n).
-        Example: :meth:`read_obj`."""
+
+        >>> import ctypes
+        >>> from memslots import Vm
+        >>> with Vm() as vm:
+        ...     mem = vm.host_memory(0x1000)
+        ...     vm.set_user_memory_region(0, 0, 0, mem.size, mem.addr)
+        ...     vm.write_obj(0x10, 0x1234, ctypes.c_uint16)
+        ...     vm.write_obj(0x12, (ctypes.c_uint8 * 2)(0xAB, 0xCD))
+        ...     vm.read_guest(0x10, 4).hex()
+        '3412abcd'
+        """
         self.write_guest(gpa, _guest_memory.obj_bytes(obj, ctype), as_id=as_id)
 
     # ==================================================================================
@@ -405,7 +415,17 @@ class VmApi(Generic[SetT]):
         """A new :class:`memslots.HostMemory` of ``size`` bytes (rounded up to whole
         pages) owned by this VM: :meth:`close` unmaps it (on ``KvmVm`` after deleting,
         in the kernel, the slots over it). EBADF once the VM is closed. O(live
-        mappings)."""
+        mappings).
+
+        >>> from memslots import Vm
+        >>> vm = Vm()
+        >>> mem = vm.host_memory(5000)
+        >>> mem.size, mem.closed
+        (8192, False)
+        >>> vm.close()
+        >>> mem.closed, vm.closed
+        (True, True)
+        """
         with self.slots_lock:
             self._check_open()
             mem = HostMemory(size)

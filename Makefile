@@ -11,6 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PURE := $(VENV)/pure
 PURE_STAMP := $(PURE)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 #: the modules mypyc compiles (src/memslots/_build.py); their doctests run on the pure build
 COMPILED_MODULES := $(shell $(PYTHON) -c "import runpy; \
 	print(*runpy.run_path('src/memslots/_build.py')['COMPILED_MODULES'])")
@@ -19,9 +20,9 @@ ENGINE_SRC := setup.py $(wildcard src/memslots/*.py)
 ENGINE_TESTS := tests/test_indexes.py tests/test_engine_errno.py tests/test_engine_model.py \
 	tests/test_engine_protocol.py tests/test_dirty_log.py tests/test_guest_memory.py \
 	tests/test_guest_memfd.py tests/test_sync.py tests/test_baseline.py tests/test_build.py \
-	tests/test_dirty_ring.py
+	tests/test_dirty_ring.py tests/test_vm_api_extras.py
 
-.PHONY: test run lint typecheck pytest pytest-pure build pure bench clean
+.PHONY: test run lint typecheck pytest pytest-pure build pure bench clean docs
 
 $(STAMP): pyproject.toml $(ENGINE_SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,13 +36,20 @@ $(PURE_STAMP): $(STAMP)
 		--target $(PURE) .
 	touch $(PURE_STAMP)
 
+#: the docs extra of pyproject.toml, installed into .venv (the package is not rebuilt)
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -c "import subprocess, sys, tomllib; \
+		deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; \
+		subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', *deps['docs']])"
+	touch $(DOCS_STAMP)
+
 build: $(STAMP)
 
 pure: $(PURE_STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check setup.py src tests benchmarks examples
-	$(BIN)/ruff format --check setup.py src tests benchmarks examples
+	$(BIN)/ruff check setup.py src tests benchmarks examples docs/conf.py
+	$(BIN)/ruff format --check setup.py src tests benchmarks examples docs/conf.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src tests benchmarks examples
@@ -53,7 +61,17 @@ pytest-pure: $(PURE_STAMP)
 	PYTHONPATH=$(PURE) MEMSLOTS_EXPECT_BUILD=pure $(BIN)/python -m pytest -q -rs $(ENGINE_TESTS) \
 		$(addprefix $(PURE)/memslots/,$(addsuffix .py,$(COMPILED_MODULES)))
 
-test: lint typecheck pytest pytest-pure
+# the site: user guide (docs/*.md, README.md) and API reference, read from the pure build
+# (compiled modules hide their docstrings from autodoc); warnings and unresolved
+# references are errors; always built afresh (autodoc does not track the sources)
+docs: $(DOCS_STAMP) $(PURE_STAMP)
+	rm -rf build/docs build/doctrees
+	PYTHONPATH=$(PURE) $(BIN)/python -m sphinx -W --keep-going -n -q -b html \
+		-d build/doctrees docs build/docs
+	rm -rf build/doctrees
+	@echo "docs: build/docs/index.html"
+
+test: lint typecheck pytest pytest-pure docs
 
 run: $(STAMP)
 	$(BIN)/memslots replay

@@ -336,14 +336,15 @@ def main(argv: list[str] | None = None) -> int:
 
             src: Vm = KvmVm()
             dst: Vm = KvmVm()
-            cleanup += [src, dst]
-            build_vm(src, src.host_memory, ring_bytes)  # type: ignore[attr-defined]
-            build_vm(dst, dst.host_memory)  # type: ignore[attr-defined]
+        else:
+            src, dst = Vm(), Vm()
+        cleanup += [src, dst]  # close() unmaps the memory each made with host_memory()
+        build_vm(src, src.host_memory, ring_bytes)
+        build_vm(dst, dst.host_memory)
+        if use_kvm:
             guest: Guest = KvmGuest(src)
             print("source and destination: KvmVm on /dev/kvm; guest: real code on a vCPU")
         else:
-            src, dst = Vm(), Vm()
-            cleanup += build_vm(src, HostMemory, ring_bytes) + build_vm(dst, HostMemory)
             guest = PythonGuest(src)
             print("source and destination: the engine; guest: a Python thread (write_guest)")
         tracker: BitmapTracker | RingTracker = BitmapTracker(src)

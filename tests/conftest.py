@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,22 @@ from memslots.kvm import kvm_available
 
 #: either design: the tree engine (``KvmVm`` too) or the array baseline
 AnyVm = Vm | ArrayVm
+
+#: what every command and KvmVm() say when /dev/kvm refuses with EACCES
+EACCES_REASON = (
+    "permission denied: add yourself to the kvm group (sudo usermod -aG kvm $USER, then"
+    " log in again) or run as root"
+)
+
+
+def refuse(err: int) -> Callable[[str], int]:
+    """A stand-in for ``memslots.kvm.abi._open_device``: a device that refuses to open
+    with ``err`` (the tests run as root, whom file permissions do not stop)."""
+
+    def open_device(path: str) -> int:
+        raise OSError(err, os.strerror(err), path)
+
+    return open_device
 
 
 def engine_impls() -> list[Any]:

@@ -54,21 +54,21 @@ def test_update_memslots_keeps_the_array_sorted_and_indexed() -> None:
     s = ArrayMemslotSet(0, 0)
     # create in descending, ascending and middle positions (insert_back + move_forward)
     for id, base in [(0, 50), (1, 10), (2, 90), (3, 30), (4, 70)]:
-        s.update_memslots(id, _slot(id, base))
+        s._update_memslots(id, _slot(id, base))
         s.check_invariants()
     assert _ids(s) == [1, 3, 0, 4, 2]
     # move toward higher gfns (move_backward) and toward lower gfns (move_forward)
-    s.update_memslots(1, _slot(1, 80))
+    s._update_memslots(1, _slot(1, 80))
     s.check_invariants()
     assert _ids(s) == [3, 0, 4, 1, 2]
-    s.update_memslots(2, _slot(2, 0))
+    s._update_memslots(2, _slot(2, 0))
     s.check_invariants()
     assert _ids(s) == [2, 3, 0, 4, 1]
     # a move that keeps the position, then deletes at both ends and in the middle
-    s.update_memslots(0, _slot(0, 51))
+    s._update_memslots(0, _slot(0, 51))
     assert _ids(s) == [2, 3, 0, 4, 1]
     for id in (2, 1, 0):
-        s.update_memslots(id, None)
+        s._update_memslots(id, None)
         s.check_invariants()
     assert _ids(s) == [3, 4]
     assert s.id_to_memslot(0) is None and s.id_to_memslot(4) is not None
@@ -77,7 +77,7 @@ def test_update_memslots_keeps_the_array_sorted_and_indexed() -> None:
 def test_lookups_binary_search_behind_lru_slot() -> None:
     s = ArrayMemslotSet(0, 0)
     for id, base in [(0, 0), (1, 10), (2, 20)]:
-        s.update_memslots(id, _slot(id, base, 5))
+        s._update_memslots(id, _slot(id, base, 5))
     assert s.gfn_to_memslot(22) is s.id_to_memslot(2)
     assert s.last_used_slot is s.id_to_memslot(2) and s.lru_slot == 2
     assert s.gfn_to_memslot(7) is None  # a hole: the cache is kept
@@ -86,7 +86,7 @@ def test_lookups_binary_search_behind_lru_slot() -> None:
     assert s.lru_slot == 2  # search_memslots does not touch the cache
     assert s.gfn_to_memslot(25) is None and s.gfn_to_memslot(-1) is None
     # deleting past the cached index resets it to 0, as kvm_memslot_delete does
-    s.update_memslots(2, None)
+    s._update_memslots(2, None)
     assert s.lru_slot == 0
     assert [x.id for x in s.iter_gfn_range(4, 11)] == [0, 1]
     assert [x.id for x in s.iter_gfn_range(5, 10)] == []

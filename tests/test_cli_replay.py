@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import re
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import memslots.tools.cli.replay as cli_replay
+import memslots.kvm.abi as abi
+from conftest import EACCES_REASON, refuse
 from memslots import Vm
 from memslots.tools.cli import main
 from memslots.tools.traces import Recorder, read_embedded_trace
@@ -145,11 +147,11 @@ def test_impl_array_is_the_primary(capsys: pytest.CaptureFixture[str]) -> None:
 def test_kvm_required_but_missing(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli_replay, "kvm_available", lambda: False)
+    monkeypatch.setattr(abi, "_open_device", refuse(errno.EACCES))
     status, out, err = run(capsys, "--kvm")
     assert status == 2
     assert out == ""
-    assert err == "memslots replay: error: --kvm: /dev/kvm is not usable here\n"
+    assert err == f"memslots replay: error: /dev/kvm: {EACCES_REASON}\n"
 
 
 def test_calls_lists_every_call(capsys: pytest.CaptureFixture[str]) -> None:

@@ -74,7 +74,7 @@ class Rig:
 
     def memory(self, size: int) -> HostMemory:
         if self.kvm:
-            return self.vm.host_memory(size)  # type: ignore[attr-defined, no-any-return]
+            return self.vm.host_memory(size)
         mem = HostMemory(size)
         self._mems.append(mem)
         return mem
@@ -148,7 +148,7 @@ class Rig:
     def close(self) -> None:
         if self.kvm:
             assert self.vm.disagreements == []  # type: ignore[attr-defined]
-            self.vm.close()  # type: ignore[attr-defined]
+            self.vm.close()
         for m in self._mems:
             m.close()
 

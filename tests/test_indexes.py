@@ -121,7 +121,7 @@ def test_set_ranges_and_inclusive_hva_last() -> None:
     b = Memslot(1, 0, 0x30, 0x10, 0, 0x100000)  # same hva as a
     c = Memslot(2, 0, 0x50, 1, 0, 0x200000)
     for x in (a, b, c):
-        s.replace(None, x)
+        s._replace(None, x)
     s.check_invariants()
     assert list(s.iter_gfn_range(0, 0x10)) == []
     assert list(s.iter_gfn_range(0x1F, 0x31)) == [a, b]

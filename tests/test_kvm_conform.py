@@ -536,7 +536,7 @@ def test_cli_replays_ring_operations(capsys: pytest.CaptureFixture[str], tmp_pat
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["conform", "--device", "/nonexistent/kvm"], "/nonexistent/kvm is not usable"),
+        (["conform", "--device", "/nonexistent/kvm"], "/nonexistent/kvm: no such device"),
         (["conform", "--replay", "/nonexistent/file"], "cannot read /nonexistent/file"),
     ],
 )
@@ -552,7 +552,5 @@ def test_cli_errors_are_one_line(
 
 
 def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["conform", "--ops", "0"])
-    assert info.value.code == 2
+    assert main(["conform", "--ops", "0"]) == 2  # argparse's exit is returned, not raised
     assert "must be positive" in capsys.readouterr().err

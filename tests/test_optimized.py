@@ -62,7 +62,7 @@ def structure(vm):
         s._gfns[0] += 1  # a stale key in the sorted array
     else:
         other = vm._sets[0][s.node_idx ^ 1]
-        other.replace(other.id_to_memslot(1), None)  # the two sets disagree
+        other._replace(other.id_to_memslot(1), None)  # the two sets disagree
 
 
 def test_runs_optimised():

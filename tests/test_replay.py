@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+import memslots.kvm.abi as abi
 import memslots.tools.replay as replay_mod
 import memslots.tools.replay.run as run_mod
+from conftest import refuse
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE, Vm
 from memslots.baseline import ArrayVm
 from memslots.constants import X86_TASK_SIZE_MAX
@@ -201,9 +203,10 @@ def test_a_crashing_implementation_is_reported(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_kernel_auto_without_dev_kvm_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(run_mod, "kvm_available", lambda: False)
+    monkeypatch.setattr(abi, "_open_device", refuse(errno.ENOENT))
     report = replay(churn())
     assert report.runs["kernel"].status == "unavailable"
+    assert str(report.runs["kernel"].note).startswith("/dev/kvm: no such device: KVM is not")
     assert report.limits_source == "defaults"
     assert report.relocation is None
     assert report.ok

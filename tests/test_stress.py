@@ -284,7 +284,10 @@ def test_cli_stress_json(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--seconds", "0"], "--seconds must be > 0"),
+        (["--seconds", "0"], "--seconds must be in (0, 1e+06], not 0"),
+        (["--seconds", "inf"], "--seconds must be in (0, 1e+06], not inf"),
+        (["--seconds", "nan"], "--seconds must be in (0, 1e+06], not nan"),
+        (["--seconds", "-1"], "--seconds must be in (0, 1e+06], not -1"),
         (["--readers", "0"], "--readers must be in 1..64"),
         (["--fault-rate", "2"], "--fault-rate must be in 0..1"),
         (["--max-slots", "0"], "--max-slots must be in 1..512"),

@@ -371,7 +371,7 @@ def test_closed_stdin_and_stdout_are_one_error_line(tmp_path: Path) -> None:
         ["sh", "-c", f"exec {cmd} replay --json --no-kvm >&-"], capture_output=True, text=True
     )
     assert closed_out.returncode == 2
-    assert closed_out.stderr == "memslots replay: error: --json: standard output is closed\n"
+    assert closed_out.stderr == "memslots replay: error: standard output is closed\n"
     full = subprocess.run(
         ["sh", "-c", f"exec {cmd} replay --no-kvm >/dev/full"], capture_output=True, text=True
     )

@@ -100,8 +100,8 @@ class ArrayMemslotSet:
     Read side (a published set is never changed except ``lru_slot``): ``gfn_to_memslot``
     O(1) on a cache hit, O(log n) else; ``search`` O(log n); ``id_to_memslot`` O(1);
     ``iter_gfn_range`` O(log n + k); ``iter_hva_range`` O(n + k log k) (a scan of every
-    slot). Write side (only on the unpublished set): ``copy_from`` O(n),
-    ``update_memslots`` O(n) in the worst case (O(distance moved)).
+    slot). Write side (private: only the update protocol, only on the unpublished set):
+    ``_copy_from`` O(n), ``_update_memslots`` O(n) in the worst case (O(distance moved)).
     """
 
     __slots__ = ("_gfns", "_id_to_index", "_slots", "as_id", "generation", "lru_slot", "node_idx")
@@ -215,7 +215,7 @@ class ArrayMemslotSet:
         )
 
     # --- write side (the update protocol only; never on a published set) -------------
-    def copy_from(self, src: ArrayMemslotSet) -> None:
+    def _copy_from(self, src: ArrayMemslotSet) -> None:
         """``kvm_dup_memslots`` / ``kvm_copy_memslots``: this set becomes a fresh copy of
         ``src``'s array, keys, id map and ``lru_slot``. O(n)."""
         self._slots = src._slots.copy()
@@ -223,21 +223,21 @@ class ArrayMemslotSet:
         self._id_to_index = src._id_to_index.copy()
         self.lru_slot = src.lru_slot
 
-    def free(self) -> None:
+    def _free(self) -> None:
         """``kvfree``: drop the array (the set stays usable as an empty one). O(n)."""
         self._slots = []
         self._gfns = []
         self._id_to_index = {}
         self.lru_slot = 0
 
-    def set_slot(self, slot: Memslot) -> None:
+    def _set_slot(self, slot: Memslot) -> None:
         """Put ``slot`` at the index of the slot with the same id, which must have the
         same base_gfn (flagging a slot INVALID or clearing the flag again). O(1)."""
         i = self._id_to_index[slot.id]
         require(self._gfns[i] == slot.base_gfn, f"set_slot would move {slot}")
         self._slots[i] = slot
 
-    def update_memslots(self, id: int, new: Memslot | None) -> None:
+    def _update_memslots(self, id: int, new: Memslot | None) -> None:
         """``update_memslots``: make slot ``id`` be ``new`` (None deletes it), keeping the
         array sorted. O(n) worst case: every slot between the old and the new position
         moves one step and gets its ``id_to_index`` entry fixed."""
@@ -433,7 +433,7 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
         same results). O(n)."""
         with self.slots_lock:
             d = self.check_region(False, slot, flags, guest_phys_addr, memory_size, userspace_addr)
-            self.apply(d)
+            self._apply(d)
 
     def set_user_memory_region2(
         self,
@@ -452,18 +452,19 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
                 True, slot, flags, guest_phys_addr, memory_size, userspace_addr,
                 guest_memfd_offset, guest_memfd,
             )  # fmt: skip
-            self.apply(d)
+            self._apply(d)
 
-    def apply(self, d: Decision) -> None:
-        """Carry out a validated request (:meth:`check_region`): the part of
+    def _apply(self, d: Decision) -> None:
+        """Carry out a validated request (:meth:`check_region`; private, as
+        ``Vm._apply``): the part of
         ``__kvm_set_memory_region`` after validation. Builds the new slot (binding its
         guest_memfd), runs ``kvm_set_memslot``, undoes the binding if it fails; an
         interrupt that arrived meanwhile is raised at the end. ``RuntimeError`` (and
         nothing changed) inside a read section of this VM."""
         with self.slots_lock:
-            self._apply(d)
+            self._apply_locked(d)
 
-    def _apply(self, d: Decision) -> None:
+    def _apply_locked(self, d: Decision) -> None:
         if d.change is Change.NONE:
             self.last_change = Change.NONE
             return
@@ -509,7 +510,7 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
             assert old is not None
             invalid = old.copy()
             invalid.flags |= KVM_MEMSLOT_INVALID  # in the fresh copy, not in `old`
-            slots.set_slot(invalid)
+            slots._set_slot(invalid)
             self._install_new_memslots(as_id)  # readers now find the INVALID copy
             self._arch_flush_shadow_memslot(old)
             old.arch = invalid.arch
@@ -522,21 +523,21 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
         except MemslotError:
             if invalid is not None:
                 assert old is not None
-                slots.set_slot(old)  # slot->flags &= ~KVM_MEMSLOT_INVALID
+                slots._set_slot(old)  # slot->flags &= ~KVM_MEMSLOT_INVALID
                 self._install_new_memslots(as_id)
-            self._inactive_array(as_id).free()  # kvfree(slots)
+            self._inactive_array(as_id)._free()  # kvfree(slots)
             raise
 
-        slots.update_memslots(id, new)
+        slots._update_memslots(id, new)
         self._install_new_memslots(as_id)
-        self._inactive_array(as_id).free()  # kvfree(old memslots)
+        self._inactive_array(as_id)._free()  # kvfree(old memslots)
         self._commit_memory_region(old, new, change)
 
     def _dup_memslots(self, as_id: int) -> ArrayMemslotSet:
         """``kvm_dup_memslots`` / ``kvm_copy_memslots``: the unpublished array becomes a
         copy of the active one. O(n)."""
         slots = self._inactive_array(as_id)
-        slots.copy_from(self._memslots[as_id])
+        slots._copy_from(self._memslots[as_id])
         return slots
 
     def _install_new_memslots(self, as_id: int) -> None:

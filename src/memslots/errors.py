@@ -61,3 +61,28 @@ def require(condition: object, message: str) -> None:
     """
     if not condition:
         raise InvariantError(message)
+
+
+class KvmUnavailable(OSError):
+    """``/dev/kvm`` (or another KVM device path) cannot be used, and why: raised by
+    :class:`memslots.kvm.KvmVm` and :class:`memslots.kvm.abi.KvmSystem`, returned by
+    :func:`memslots.kvm.abi.kvm_unavailable`, reported as is by every ``memslots``
+    command. ``.errno`` is the failing call's errno (0 for a wrong API version),
+    ``.path`` the device, ``.reason`` what is wrong and what to do about it; ``str()``
+    is the one line ``PATH: REASON``.
+
+    >>> import errno
+    >>> str(KvmUnavailable(errno.EACCES, "/dev/kvm", "permission denied"))
+    '/dev/kvm: permission denied'
+    """
+
+    def __init__(self, err: int, path: str, reason: str) -> None:
+        super().__init__(err, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.errno, self.path, self.reason))

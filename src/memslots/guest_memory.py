@@ -45,14 +45,16 @@ it is collected (before its ``mmap`` unmaps) and its entry is pruned at the next
 Each run's slot lookup and copy happen inside one VM read section (``vm.srcu.read_lock``,
 what ``with vm.read_section():`` does), so a concurrent memslot update waits for the copy
 in flight before it frees or reuses anything the copy looked at, as with the kernel's SRCU.
-Lock order: a read section, then one mapping's lock, then :data:`memslots.dirty_log.
-bitmap_lock`; ``close`` takes the mapping's lock, then the registry's.
+Lock order: a read section, then one mapping's lock, then
+:data:`memslots.dirty_log.bitmap_lock`; ``close`` takes the mapping's lock, then the
+registry's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import mmap
 import threading
 import weakref
@@ -60,7 +62,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from errno import EFAULT, EINVAL
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar, cast
 
 from memslots import dirty_log as _dirty_log
 from memslots.constants import (
@@ -79,14 +81,22 @@ if TYPE_CHECKING:
     from memslots.view import VmView
 
 __all__ = [
+    "GuestRegion",
     "HostMemory",
+    "check_ctype",
     "clear_guest",
     "live_mappings",
+    "new_obj",
+    "obj_bytes",
     "read_guest",
     "read_guest_into",
+    "region_of",
     "resolve_hva",
     "write_guest",
 ]
+
+#: a ctypes type (structure, union, array or scalar) read by ``read_obj``
+_CT = TypeVar("_CT", bound="ctypes._CData")
 
 _PAGE_MASK: Final = PAGE_SIZE - 1
 #: Linux MAP_NORESERVE (the mmap module of Python 3.11 does not export it): large guest
@@ -230,13 +240,29 @@ class HostMemory:
                 raise ValueError("HostMemory is closed")
             self._view[offset : offset + len(src)] = src
 
-    def view(self) -> memoryview:
-        """A writable :class:`memoryview` of the whole mapping (see the class docstring
-        for how it interacts with :meth:`close`). ValueError once closed. O(1)."""
+    def view(self, offset: int = 0, length: int | None = None) -> memoryview:
+        """A writable :class:`memoryview` of ``length`` bytes at ``offset`` (default: the
+        whole mapping), zero-copy; see the class docstring for how it interacts with
+        :meth:`close`. ValueError outside the mapping or once closed. O(1).
+
+        >>> with HostMemory(0x2000) as mem:
+        ...     with mem.view(0x1000, 4) as v:
+        ...         v[:] = b"abcd"
+        ...     mem.read(0x1000, 4)
+        b'abcd'
+        """
+        if length is None:
+            length = self.size - offset
+        self._check_range(offset, length)
         with self._lock:
             if self._mmap is None:
                 raise ValueError("HostMemory is closed")
-            return memoryview(self._mmap)
+            whole = memoryview(self._mmap)
+            if offset == 0 and length == self.size:
+                return whole
+            part = whole[offset : offset + length]
+            whole.release()  # the slice keeps the mapping exported on its own
+            return part
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
@@ -482,3 +508,203 @@ def clear_guest(vm: VmView, gpa: int, length: int, *, as_id: int = 0) -> None:
     O(length + runs x (log slots + log mappings))."""
     _check_args(vm, gpa, length, as_id)
     _access(vm, gpa, length, as_id, True, _Zero())
+
+
+# ======================================================================================
+# Typed objects: ctypes structures, unions, arrays and scalars
+# ======================================================================================
+#: ``_type_`` codes of the ctypes scalar types :func:`new_obj` and :func:`obj_bytes`
+#: accept: integers, floats, bool and char. Pointer types (``c_void_p``, ``c_char_p``,
+#: ``POINTER(...)``, ``py_object``, function pointers) are refused anywhere in a type: an
+#: address read from guest memory would be dereferenced by ctypes, and could crash.
+_SCALAR_CODES: Final = frozenset("bBhHiIlLqQfdg?c")
+#: the base class of every ctypes type (``_ctypes._CData``, which ctypes does not export)
+_CDATA: Final[type] = ctypes.c_int.__mro__[-2]
+#: codes of the signed integer types (range checks of plain ints)
+_SIGNED_CODES: Final = frozenset("bhilq")
+
+
+def _check_ctype(ctype: type, top: type) -> None:
+    if issubclass(ctype, ctypes.Structure | ctypes.Union):
+        for field in getattr(ctype, "_fields_", ()):
+            _check_ctype(field[1], top)
+        return
+    item: Any = getattr(ctype, "_type_", None)
+    if issubclass(ctype, ctypes.Array):
+        _check_ctype(item, top)
+        return
+    if issubclass(ctype, ctypes._SimpleCData) and item in _SCALAR_CODES:
+        return
+    raise TypeError(
+        f"{top.__name__} is not plain data: {ctype.__name__} is not a ctypes integer,"
+        " float, bool, char, or a structure, union or array of them"
+    )
+
+
+_checked_ctypes: Final[set[type]] = set()
+
+
+def check_ctype(ctype: type) -> None:
+    """Raise TypeError unless ``ctype`` is a ctypes type made of plain data only: a
+    scalar (integer, float, bool, char), or a structure, union or array whose fields are,
+    at any depth (no pointers: see :data:`_SCALAR_CODES`). O(fields) the first time for
+    each type, O(1) after.
+
+    >>> import ctypes
+    >>> check_ctype(ctypes.c_uint16 * 4)
+    >>> check_ctype(ctypes.c_char_p)
+    Traceback (most recent call last):
+    ...
+    TypeError: c_char_p is not plain data: c_char_p is not a ctypes integer, float, bool, ...
+    """
+    if ctype in _checked_ctypes:
+        return
+    if not isinstance(ctype, type):
+        raise TypeError(f"{ctype!r} is not a ctypes type")
+    _check_ctype(ctype, ctype)
+    _checked_ctypes.add(ctype)
+
+
+def new_obj(ctype: type[_CT]) -> _CT:
+    """A zeroed instance of the plain-data ctypes type ``ctype`` (:func:`check_ctype`),
+    ready to be filled by :func:`read_guest_into`. O(size).
+
+    >>> import ctypes
+    >>> list(new_obj(ctypes.c_uint32 * 3))
+    [0, 0, 0]
+    """
+    check_ctype(ctype)
+    return ctype()
+
+
+def obj_bytes(obj: object, ctype: type | None = None) -> memoryview:
+    """The bytes :meth:`memslots.vm_api.VmApi.write_obj` writes, without a copy for a
+    ctypes instance:
+
+    - a ctypes instance of a plain-data type (``ctype`` None, or its type): its own
+      bytes, in its own layout (a ``BigEndianStructure`` stays big-endian);
+    - a Python ``int``, ``float`` or ``bool`` with a ctypes scalar type ``ctype``: the
+      value in that type, little-endian; an integer that does not fit (``0x12345`` in a
+      ``c_uint16``, ``-1`` in an unsigned type) is a ValueError, never truncated.
+
+    TypeError for anything else (bytes-like data: use ``write_guest``). O(size).
+
+    >>> import ctypes
+    >>> bytes(obj_bytes(0x1234, ctypes.c_uint16)), bytes(obj_bytes(-2, ctypes.c_int8))
+    (b'4\\x12', b'\\xfe')
+    >>> obj_bytes(0x12345, ctypes.c_uint16)
+    Traceback (most recent call last):
+    ...
+    ValueError: 74565 does not fit c_ushort (2 bytes, unsigned)
+    """
+    if isinstance(obj, _CDATA):
+        if ctype is not None and not isinstance(obj, ctype):
+            raise TypeError(f"{type(obj).__name__} is not a {ctype.__name__}")
+        check_ctype(type(obj))
+        return memoryview(cast("Buffer", obj)).cast("B")
+    if ctype is None:
+        raise TypeError(
+            f"write_obj needs a ctypes type for a {type(obj).__name__} value"
+            " (bytes-like data goes to write_guest)"
+        )
+    check_ctype(ctype)
+    if not issubclass(ctype, ctypes._SimpleCData) or not isinstance(obj, int | float):
+        return _bad(obj, ctype)
+    code: str = getattr(ctype, "_type_", "")
+    size = ctypes.sizeof(ctype)
+    if code == "?":
+        if isinstance(obj, int) and obj in (0, 1):
+            return memoryview(bytes((int(obj),)))
+        raise ValueError(f"{obj!r} is not a bool (0 or 1) for {ctype.__name__}")
+    if isinstance(obj, int) and code not in "fdgc?":
+        signed = code in _SIGNED_CODES
+        try:
+            return memoryview(int(obj).to_bytes(size, "little", signed=signed))
+        except OverflowError:
+            sign = "signed" if signed else "unsigned"
+            raise ValueError(
+                f"{obj} does not fit {ctype.__name__} ({size} bytes, {sign})"
+            ) from None
+    if code in "fdg":
+        try:
+            le: Any = getattr(ctype, "__ctype_le__", ctype)
+            return memoryview(le(obj)).cast("B")
+        except OverflowError:
+            raise ValueError(f"{obj} does not fit {ctype.__name__}") from None
+    return _bad(obj, ctype)
+
+
+def _bad(obj: object, ctype: type) -> memoryview:
+    raise TypeError(f"a {type(obj).__name__} value cannot be written as {ctype.__name__}")
+
+
+# ======================================================================================
+# Regions: every slot with its host memory
+# ======================================================================================
+@dataclasses.dataclass(frozen=True, slots=True)
+class GuestRegion:
+    """One memslot and the host memory behind it, as
+    :meth:`memslots.vm_api.VmApi.regions` lists them (Unicorn's ``mem_regions()``,
+    rust-vmm vm-memory's regions).
+
+    ``slot`` is the :class:`memslots.Memslot` (never changed while published, so it
+    stays a faithful snapshot); ``memory`` the live :class:`HostMemory` that holds the
+    slot's whole hva range, and ``offset`` where in it the slot begins, or ``memory``
+    None and ``offset`` 0 when the slot's memory is not (entirely) one live library
+    mapping: a foreign or unmapped hva, a mapping that was closed, or a slot spanning two
+    mappings. Such a slot has no :meth:`view`; ``read_guest``/``write_guest`` reach the
+    parts that are library memory page by page and give EFAULT for the rest.
+    """
+
+    slot: Memslot
+    memory: HostMemory | None
+    offset: int
+
+    @property
+    def gpa(self) -> int:
+        """Guest physical address of the first byte."""
+        return self.slot.guest_phys_addr
+
+    @property
+    def size(self) -> int:
+        """Bytes of guest memory (``memory_size``)."""
+        return self.slot.memory_size
+
+    @property
+    def hva(self) -> int:
+        """Host virtual address of the first byte (``userspace_addr``)."""
+        return self.slot.userspace_addr
+
+    def view(self) -> memoryview:
+        """A writable zero-copy :class:`memoryview` of the slot's ``size`` bytes in host
+        memory (index 0 is guest physical :attr:`gpa`). Writes through it are the host's:
+        they are not marked dirty (call ``vm.mark_page_dirty``, or use ``write_guest``),
+        and they may change a ``KVM_MEM_READONLY`` slot, as a VMM loading a ROM does.
+        The view is bounds-checked like any memoryview; if the mapping is closed while
+        it is alive, its pages stay mapped (detached from the guest) until the view is
+        released (``with region.view() as v: ...``), as for :meth:`HostMemory.view`.
+        ValueError when the slot has no library memory or the mapping is closed. O(1).
+        """
+        if self.memory is None:
+            raise ValueError(
+                f"slot {self.slot.slot:#x}: hva {self.hva:#x} is not one live HostMemory"
+            )
+        return self.memory.view(self.offset, self.size)
+
+
+def region_of(slot: Memslot) -> GuestRegion:
+    """``slot`` with the live :class:`HostMemory` holding all of it, if any. O(log
+    mappings).
+
+    >>> with HostMemory(0x3000) as mem:
+    ...     region_of(Memslot(0, 0, 0x10, 2, 0, mem.addr + 0x1000)).offset
+    ...     region_of(Memslot(0, 0, 0x10, 3, 0, mem.addr + 0x1000)).memory is None
+    4096
+    True
+    """
+    found = resolve_hva(slot.userspace_addr)
+    if found is not None:
+        mem, off, avail = found
+        if avail >= slot.memory_size and not mem.closed:
+            return GuestRegion(slot, mem, off)
+    return GuestRegion(slot, None, 0)

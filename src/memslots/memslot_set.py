@@ -34,13 +34,19 @@ class MemslotSet:
     ``generation`` (the kernel's generation number, see :mod:`memslots.vm`);
     ``last_used_slot`` (the set-wide cache of the last slot found by gfn, or None).
 
-    >>> from memslots import Memslot
-    >>> s = MemslotSet(as_id=0, node_idx=0)
-    >>> a = Memslot(0, 0, 0x100, 0x10, 0, 0x7F0000000000)
-    >>> s.replace(None, a)   # the writer's side: only on a set that is not published
-    >>> s.gfn_to_memslot(0x10F) is a, s.gfn_to_memslot(0x110), len(s)
+    Callers only read sets (``vm.memslots(as_id)``); the write side (``_replace``) is
+    the update protocol's and has no public name.
+
+    >>> from memslots import Vm
+    >>> vm = Vm()
+    >>> vm.set_user_memory_region(0, 0, 0x100000, 0x10000, 0x7F0000000000)
+    >>> with vm.read_section():
+    ...     s = vm.memslots(0)
+    ...     a = s.id_to_memslot(0)
+    ...     s.gfn_to_memslot(0x10F) is a, s.gfn_to_memslot(0x110), len(s)
     (True, None, 1)
-    >>> [x.id for x in s.iter_hva_range(0x7F0000000000, 0x7F0000000FFF)]
+    >>> with vm.read_section():
+    ...     [x.id for x in vm.memslots(0).iter_hva_range(0x7F0000000000, 0x7F0000000FFF)]
     [0]
     """
 
@@ -122,15 +128,16 @@ class MemslotSet:
         )
 
     # --- write side (the update protocol only; never on a published set) -------------
-    def replace(self, old: Memslot | None, new: Memslot | None) -> None:
-        """``kvm_replace_memslot`` on this set: put ``new`` where ``old`` was.
+    def _replace(self, old: Memslot | None, new: Memslot | None) -> None:
+        """``kvm_replace_memslot`` on this set: put ``new`` where ``old`` was. Private:
+        only :class:`memslots.vm.Vm`'s update protocol calls it, on the inactive set.
 
         ``old`` None adds ``new``; ``new`` None removes ``old``. A cached ``old`` becomes
         ``new`` in ``last_used_slot``. Equal base_gfn (or hva range) replaces the index
         entry in place. O(log n).
         """
         if old is None and new is None:
-            raise ValueError("replace needs a slot")
+            raise ValueError("_replace needs a slot")
         if old is not None:
             del self._ids[old.id]
             if self.last_used_slot is old:

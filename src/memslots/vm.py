@@ -230,7 +230,7 @@ class Vm(VmApi[MemslotSet]):
         changes nothing (except the generation of a DELETE/MOVE that failed in prepare,
         as in the kernel). O(log n)."""
         with self.slots_lock:
-            self.apply(
+            self._apply(
                 self.check_region(False, slot, flags, guest_phys_addr, memory_size, userspace_addr)
             )
 
@@ -259,10 +259,12 @@ class Vm(VmApi[MemslotSet]):
                 guest_memfd_offset,
                 guest_memfd,
             )
-            self.apply(d)
+            self._apply(d)
 
-    def apply(self, d: Decision) -> None:
-        """Carry out a validated request (the end of ``kvm_set_memory_region``).
+    def _apply(self, d: Decision) -> None:
+        """Carry out a validated request (the end of ``kvm_set_memory_region``). Private:
+        a :class:`Decision` is only valid for the state it was made against, under
+        ``slots_lock``.
         ``RuntimeError`` (and nothing changed) when the calling thread is inside a read
         section of this VM, whose grace period the update would wait for forever (the
         kernel's lockdep reports the same as an illegal ``synchronize_srcu``)."""
@@ -366,7 +368,7 @@ class Vm(VmApi[MemslotSet]):
         """``kvm_replace_memslot``: on the inactive set only."""
         s = old if old is not None else new
         assert s is not None
-        self._inactive_memslots(s.as_id).replace(old, new)
+        self._inactive_memslots(s.as_id)._replace(old, new)
 
     def _swap_active_memslots(self, as_id: int) -> None:
         """``kvm_swap_active_memslots``: publish the inactive set, wait for every reader of
@@ -432,7 +434,7 @@ class Vm(VmApi[MemslotSet]):
 
     def _defer(self, exc: BaseException) -> None:
         """Keep an interrupt (KeyboardInterrupt, SystemExit, ...) that arrived in the middle
-        of an update; :meth:`apply` raises it once the update has completed, like a
+        of an update; ``_apply`` raises it once the update has completed, like a
         signal that the kernel handles when the ioctl returns."""
         if self._deferred is None:
             self._deferred = exc

@@ -37,8 +37,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from errno import EINVAL, ENXIO
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from errno import EBADF, EINVAL, ENXIO
+from types import TracebackType
+from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
 from mypy_extensions import mypyc_attr
 
@@ -49,16 +50,21 @@ from memslots.constants import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
 )
 from memslots.errors import MemslotError, require
 from memslots.faults import FaultInjector
 from memslots.guest_memfd import GuestMemfdTable
+from memslots.guest_memory import GuestRegion, HostMemory
 from memslots.slot import Memslot, gfn_to_hva_memslot_prot
 from memslots.sync import Srcu
 from memslots.validate import Change, Decision, VmLimits, check_set_user_memory_region
 from memslots.view import SlotsView
 
 if TYPE_CHECKING:
+    import ctypes
+
     from typing_extensions import Buffer
 
 __all__ = ["InvalidateCallback", "PublishObserver", "VmApi"]
@@ -68,6 +74,9 @@ InvalidateCallback = Callable[[Memslot], None]
 #: the set type of a design (:class:`memslots.MemslotSet`, ``ArrayMemslotSet``)
 SetT = TypeVar("SetT", bound=SlotsView)
 SetT_contra = TypeVar("SetT_contra", bound=SlotsView, contravariant=True)
+#: a ctypes type read by :meth:`VmApi.read_obj`
+_CT = TypeVar("_CT", bound="ctypes._CData")
+_PAGE_MASK = PAGE_SIZE - 1
 
 
 class PublishObserver(Protocol[SetT_contra]):
@@ -138,6 +147,9 @@ class VmApi(Generic[SetT]):
         self.dirty_rings = _dirty_ring.DirtyRings()
         #: vCPUs ever created (``kvm->created_vcpus``; never drops)
         self.created_vcpus = 0
+        #: mappings made by host_memory(), unmapped by close()
+        self._owned_memory: list[HostMemory] = []
+        self._closed = False
 
     # ==================================================================================
     # Validation
@@ -323,6 +335,222 @@ class VmApi(Generic[SetT]):
     def clear_guest(self, gpa: int, length: int, *, as_id: int = 0) -> None:
         """``kvm_clear_guest``: write zeros, as :meth:`write_guest`."""
         _guest_memory.clear_guest(self, gpa, length, as_id=as_id)
+
+    def read_obj(self, gpa: int, ctype: type[_CT], *, as_id: int = 0) -> _CT:
+        """A new instance of the ctypes type ``ctype`` (a structure, union, array or
+        scalar of plain data: :func:`memslots.guest_memory.check_ctype`) filled with the
+        ``sizeof(ctype)`` bytes at ``gpa``, as rust-vmm vm-memory's ``Bytes::read_obj``;
+        a scalar's value is its ``.value``. Errors as :meth:`read_guest`, TypeError for a
+        type that holds pointers. O(size + runs x log n). (To fill an object you have,
+        pass it to :meth:`read_guest_into`: ctypes objects are writable buffers.)
+
+        >>> import ctypes
+        >>> from memslots import Vm
+        >>> class Entry(ctypes.Structure):
+        ...     _fields_ = [("addr", ctypes.c_uint64), ("len", ctypes.c_uint32)]
+        >>> with Vm() as vm:
+        ...     mem = vm.host_memory(0x1000)
+        ...     vm.set_user_memory_region(0, 0, 0x10000, mem.size, mem.addr)
+        ...     vm.write_obj(0x10000, Entry(0xFEE00000, 0x1000))
+        ...     vm.write_obj(0x10010, 0xAA55, ctypes.c_uint16)
+        ...     e = vm.read_obj(0x10000, Entry)
+        ...     hex(e.addr), e.len, hex(vm.read_obj(0x10010, ctypes.c_uint16).value)
+        ('0xfee00000', 4096, '0xaa55')
+        """
+        obj = _guest_memory.new_obj(ctype)
+        self.read_guest_into(gpa, obj, as_id=as_id)
+        return obj
+
+    def write_obj(
+        self, gpa: int, obj: object, ctype: type | None = None, *, as_id: int = 0
+    ) -> None:
+        """Write a ctypes object (structure, union, array, scalar: its own bytes) or a
+        Python ``int``/``float``/``bool`` in the ctypes scalar type ``ctype``,
+        little-endian (``vm.write_obj(gpa, 0x1234, ctypes.c_uint16)``), at ``gpa``, as
+        :meth:`write_guest` (same errors, same dirty logging), as rust-vmm vm-memory's
+        ``Bytes::write_obj``. A value that does not fit its type is a ValueError, never
+        truncated; see :func:`memslots.guest_memory.obj_bytes`. O(size + runs x log n).
+
+        >>> import ctypes
+        >>> from memslots import Vm
+        >>> with Vm() as vm:
+        ...     mem = vm.host_memory(0x1000)
+        ...     vm.set_user_memory_region(0, 0, 0, mem.size, mem.addr)
+        ...     vm.write_obj(0x10, 0x1234, ctypes.c_uint16)
+        ...     vm.write_obj(0x12, (ctypes.c_uint8 * 2)(0xAB, 0xCD))
+        ...     vm.read_guest(0x10, 4).hex()
+        '3412abcd'
+        """
+        self.write_guest(gpa, _guest_memory.obj_bytes(obj, ctype), as_id=as_id)
+
+    # ==================================================================================
+    # Regions and host memory
+    # ==================================================================================
+    def regions(self, as_id: int = 0) -> list[GuestRegion]:
+        """Every slot of address space ``as_id`` with the host memory behind it, in
+        ascending gpa order (:class:`memslots.guest_memory.GuestRegion`; Unicorn's
+        ``mem_regions()``): a snapshot taken in one read section. A region whose slot
+        lies in one live :class:`memslots.HostMemory` has a zero-copy, writable
+        ``view()``; one whose hva is not library memory has ``memory`` None and no view.
+        EINVAL for an address space that does not exist. O(n log mappings).
+
+        >>> from memslots import Vm
+        >>> with Vm() as vm:
+        ...     mem = vm.host_memory(0x3000)
+        ...     vm.set_user_memory_region(0, 0, 0x100000, 0x2000, mem.addr)
+        ...     vm.set_user_memory_region(1, 0, 0x0, 0x1000, 0x7F0000000000)  # not ours
+        ...     for r in vm.regions():
+        ...         print(hex(r.gpa), r.size, r.memory is mem, r.offset)
+        ...     with vm.regions()[1].view() as v:
+        ...         v[0x1FFF] = 7
+        ...     vm.read_guest(0x101FFF, 1)
+        0x0 4096 False 0
+        0x100000 8192 True 0
+        b'\\x07'
+        """
+        with self.read_section():
+            return [_guest_memory.region_of(s) for s in self.memslots(as_id)]
+
+    def host_memory(self, size: int) -> HostMemory:
+        """A new :class:`memslots.HostMemory` of ``size`` bytes (rounded up to whole
+        pages) owned by this VM: :meth:`close` unmaps it (on ``KvmVm`` after deleting,
+        in the kernel, the slots over it). EBADF once the VM is closed. O(live
+        mappings).
+
+        >>> from memslots import Vm
+        >>> vm = Vm()
+        >>> mem = vm.host_memory(5000)
+        >>> mem.size, mem.closed
+        (8192, False)
+        >>> vm.close()
+        >>> mem.closed, vm.closed
+        (True, True)
+        """
+        with self.slots_lock:
+            self._check_open()
+            mem = HostMemory(size)
+            self._owned_memory.append(mem)
+            return mem
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed
+
+    def close(self) -> None:
+        """Unmap the :class:`memslots.HostMemory` mappings made by :meth:`host_memory`
+        (slots over them then give EFAULT on guest access). The engine holds nothing
+        else: its memslot calls and lookups keep working; only :meth:`host_memory`
+        refuses (EBADF). ``KvmVm`` also closes the kernel VM. Idempotent. O(mappings).
+        Also ``with Vm() as vm: ...``."""
+        with self.slots_lock:
+            self._closed = True
+            owned, self._owned_memory = self._owned_memory, []
+        for mem in owned:
+            mem.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MemslotError(EBADF, "the VM is closed")
+
+    # ==================================================================================
+    # Free guest-physical space and slot ids
+    # ==================================================================================
+    def free_gfn_ranges(
+        self, start: int = 0, end: int | None = None, *, as_id: int = 0
+    ) -> list[tuple[int, int]]:
+        """The gfn ranges ``(first, end)`` (end exclusive) in ``[start, end)`` that no
+        slot of address space ``as_id`` covers, ascending; ``end`` defaults to one past
+        the VM's highest gfn. An INVALID copy of a slot being deleted or moved still
+        counts as covering its range. EINVAL for an address space that does not exist.
+        O(log n + k) for k slots in the range (the gfn index).
+
+        >>> from memslots import Vm
+        >>> vm = Vm()
+        >>> vm.set_user_memory_region(0, 0, 0x2000, 0x2000, 0x7F0000000000)
+        >>> vm.free_gfn_ranges(0, 0x10)
+        [(0, 2), (4, 16)]
+        """
+        if start < 0:
+            raise ValueError(f"start {start:#x} is negative")
+        if end is None:
+            end = self.limits.max_gfn + 1
+        out: list[tuple[int, int]] = []
+        if end <= start:
+            return out
+        pos = start
+        with self.read_section():
+            for s in self.memslots(as_id).iter_gfn_range(start, end):
+                if s.base_gfn > pos:
+                    out.append((pos, s.base_gfn))
+                pos = max(pos, s.base_gfn + s.npages)
+        if pos < end:
+            out.append((pos, end))
+        return out
+
+    def find_free_gpa(
+        self, size: int, *, align: int = PAGE_SIZE, start: int = 0, as_id: int = 0
+    ) -> int | None:
+        """The lowest guest physical address at or above ``start``, a multiple of
+        ``align``, where ``size`` bytes are covered by no slot of ``as_id`` and lie below
+        the VM's highest gfn; None when there is no such place. ``size``: a positive
+        multiple of the page size; ``align``: a power of two, at least the page size
+        (ValueError otherwise). O(log n + k) for the k slots skipped.
+
+        >>> from memslots import Vm
+        >>> vm = Vm()
+        >>> vm.set_user_memory_region(0, 0, 0, 0xA0000, 0x7F0000000000)
+        >>> hex(vm.find_free_gpa(0x200000, align=0x200000))   # 2 MiB, 2 MiB-aligned
+        '0x200000'
+        """
+        if size <= 0 or size & _PAGE_MASK:
+            raise ValueError(f"size {size:#x} is not a positive multiple of {PAGE_SIZE:#x}")
+        if align < PAGE_SIZE or align & (align - 1):
+            raise ValueError(f"align {align:#x} is not a power of two >= {PAGE_SIZE:#x}")
+        if start < 0:
+            raise ValueError(f"start {start:#x} is negative")
+        npages = size >> PAGE_SHIFT
+        step = align >> PAGE_SHIFT
+        limit = self.limits.max_gfn + 1
+        gfn = -(-start // align) * step  # start rounded up to align, in pages
+        with self.read_section():
+            for s in self.memslots(as_id).iter_gfn_range(gfn, limit):
+                if s.base_gfn >= gfn + npages:
+                    break  # the hole before s holds it
+                end = s.base_gfn + s.npages
+                if end > gfn:
+                    gfn = -(-end // step) * step
+        return gfn << PAGE_SHIFT if gfn + npages <= limit else None
+
+    def free_slot_id(self, *, as_id: int = 0) -> int | None:
+        """The lowest slot id (0 .. ``limits.max_user_slots - 1``) that address space
+        ``as_id`` does not use, or None when every id is in use; pass ``as_id << 16 |
+        id`` to ``set_user_memory_region``. O(k) for the k used ids below it.
+
+        >>> from memslots import Vm
+        >>> vm = Vm()
+        >>> for i in (0, 1, 3):
+        ...     vm.set_user_memory_region(i, 0, i << 20, 0x1000, 0x7F0000000000)
+        >>> vm.free_slot_id(), vm.free_slot_id(as_id=1)
+        (2, 0)
+        """
+        with self.read_section():
+            slots = self.memslots(as_id)
+            for i in range(self.limits.max_user_slots):
+                if slots.id_to_memslot(i) is None:
+                    return i
+        return None
 
     # ==================================================================================
     # Checks

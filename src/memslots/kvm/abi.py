@@ -20,13 +20,15 @@ Classes:
 
 * :class:`KvmSystem`: an open ``/dev/kvm`` (API version, capabilities, ``create_vm``).
 * :class:`VmFd`: a VM file descriptor with one method per VM ioctl.
-* :func:`kvm_available`: whether ``/dev/kvm`` opens and speaks API version 12.
+* :func:`kvm_unavailable`: why ``/dev/kvm`` cannot be used here, as a
+  :class:`memslots.errors.KvmUnavailable` (None when it can); :func:`kvm_available`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 from types import TracebackType
@@ -38,7 +40,7 @@ from memslots.constants import (
     KVM_DIRTY_GFN_F_RESET,
     KVM_DIRTY_LOG_PAGE_OFFSET,
 )
-from memslots.errors import MemslotError
+from memslots.errors import KvmUnavailable, MemslotError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -68,9 +70,11 @@ __all__ = [
     "KVM_EXIT_MMIO",
     "KVM_EXIT_SHUTDOWN",
     "KvmSystem",
+    "KvmUnavailable",
     "VmFd",
     "exit_reason_name",
     "kvm_available",
+    "kvm_unavailable",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -639,15 +643,65 @@ class _Fd:
                 self.close()
 
 
+#: what to do when the device is missing or has no driver behind it
+_NO_KVM_HINT: Final = (
+    "load kvm_intel or kvm_amd, with virtualization on in the firmware; in a virtual"
+    " machine, turn on nested virtualization"
+)
+
+
+def _open_device(path: str) -> int:
+    """``open(path, O_RDWR | O_CLOEXEC)``: one place for tests to stand in for a device
+    that refuses (they run as root, whom file permissions do not stop)."""
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+
+def _open_error(path: str, exc: OSError) -> KvmUnavailable:
+    """The :class:`KvmUnavailable` for a failed open of the device."""
+    err = exc.errno or 0
+    if err in (errno.EACCES, errno.EPERM):
+        reason = (
+            "permission denied: add yourself to the kvm group (sudo usermod -aG kvm $USER,"
+            " then log in again) or run as root"
+        )
+    elif err == errno.ENOENT:
+        reason = f"no such device: KVM is not enabled on this machine ({_NO_KVM_HINT})"
+    elif err in (errno.ENXIO, errno.ENODEV):
+        reason = f"no KVM driver behind the device ({_NO_KVM_HINT})"
+    else:
+        reason = exc.strerror or str(exc)
+    return KvmUnavailable(err, path, reason)
+
+
 class KvmSystem(_Fd):
     """An open ``/dev/kvm``: the system ioctls.
 
-    ``KvmSystem()`` opens the device (``OSError`` if it cannot, e.g. ENOENT or EACCES);
-    use it as a context manager or call :meth:`close`.
+    ``KvmSystem()`` opens the device and checks that it speaks KVM API version 12; it
+    raises :class:`memslots.errors.KvmUnavailable` (an :class:`OSError`) naming the
+    cause otherwise: permission denied, no such device, no driver behind it (KVM not
+    loaded, nested virtualization off), not a KVM device, another API version. Use it as
+    a context manager or call :meth:`close`.
     """
 
     def __init__(self, path: str = KVM_DEV_PATH) -> None:
-        super().__init__(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        try:
+            fd = _open_device(path)
+        except OSError as exc:
+            raise _open_error(path, exc) from None
+        super().__init__(fd)
+        try:
+            version = self.api_version()
+        except MemslotError as exc:
+            self.close()
+            err = exc.errno or 0
+            raise KvmUnavailable(
+                err, path, f"not a KVM device (KVM_GET_API_VERSION: {os.strerror(err)})"
+            ) from None
+        if version != KVM_API_VERSION:
+            self.close()
+            raise KvmUnavailable(
+                0, path, f"KVM API version {version}, and memslots needs {KVM_API_VERSION}"
+            )
 
     def api_version(self) -> int:
         """``KVM_GET_API_VERSION``: 12 on every kernel that has KVM. O(1)."""
@@ -855,11 +909,25 @@ class VmFd(_Fd):
         return fd
 
 
-def kvm_available(path: str = KVM_DEV_PATH) -> bool:
-    """True only if ``path`` opens read-write and answers ``KVM_GET_API_VERSION`` with 12.
-    Never raises."""
+def kvm_unavailable(path: str = KVM_DEV_PATH) -> KvmUnavailable | None:
+    """Why ``path`` cannot be used as a KVM device here (the
+    :class:`memslots.errors.KvmUnavailable` that :class:`KvmSystem` would raise), or None
+    when it opens read-write and speaks API version 12. Never raises. O(1): one open and
+    one ioctl.
+
+    >>> print(kvm_unavailable("/nonexistent/kvm"))  # doctest: +ELLIPSIS
+    /nonexistent/kvm: no such device: KVM is not enabled on this machine (load kvm_intel ...
+    """
     try:
-        with KvmSystem(path) as kvm:
-            return kvm.api_version() == KVM_API_VERSION
-    except OSError:
-        return False
+        with KvmSystem(path):
+            return None
+    except KvmUnavailable as exc:
+        return exc
+    except OSError as exc:  # a close that failed, say
+        return KvmUnavailable(exc.errno or 0, path, exc.strerror or str(exc))
+
+
+def kvm_available(path: str = KVM_DEV_PATH) -> bool:
+    """True only if ``path`` opens read-write and answers ``KVM_GET_API_VERSION`` with 12
+    (:func:`kvm_unavailable` is None). Never raises."""
+    return kvm_unavailable(path) is None

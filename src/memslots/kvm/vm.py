@@ -10,9 +10,10 @@ wins. Lookups (``gfn_to_memslot``, ``memslots()``, vCPU caches) and guest memory
 engine, since the kernel does not expose them.
 
 Dirty logs are the union of the kernel's bitmap (pages the guest wrote) and the engine's
-(pages Python wrote with :meth:`write_guest` or marked with :meth:`mark_page_dirty`): this
-is what QEMU does, which keeps its own bitmap for device and host writes and ORs the KVM
-log into it at every sync (``kvm_physical_sync_dirty_bitmap``). Both are cleared together.
+(pages Python wrote with :meth:`KvmVm.write_guest` or marked with
+:meth:`KvmVm.mark_page_dirty`): this is what QEMU does, which keeps its own bitmap for
+device and host writes and ORs the KVM log into it at every sync
+(``kvm_physical_sync_dirty_bitmap``). Both are cleared together.
 
 The bitmaps' contents are checked too, as far as they can be predicted. The engine's bitmap
 holds what the kernel's must hold (bits set by ``KVM_DIRTY_LOG_INITIALLY_SET``, kept or
@@ -36,14 +37,12 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from errno import EBADF, EINVAL
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from errno import EINVAL
+from typing import TYPE_CHECKING, Any
 
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, U32_MAX, U64_MAX
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages
 from memslots.errors import MemslotError, errno_name
-from memslots.guest_memory import HostMemory
 from memslots.kvm.abi import (
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
@@ -219,8 +218,9 @@ class KvmVcpuHandle(Vcpu):
             return self.kernel_ring.harvest() + Vcpu.harvest_dirty_ring(self)
 
     def mark_page_dirty(self, gfn: int) -> None:
-        """A write by this vCPU made from Python (see :meth:`memslots.vm.Vcpu.
-        mark_page_dirty`): into the engine's ring or bitmap; the kernel never sees it."""
+        """A write by this vCPU made from Python (see
+        :meth:`memslots.vm.Vcpu.mark_page_dirty`): into the engine's ring or bitmap; the
+        kernel never sees it."""
         vm = self.vm
         assert isinstance(vm, KvmVm)
         vm._no_host_writes = False
@@ -260,7 +260,10 @@ class KvmVm(Vm):
     the VM fd (destroying the VM and its other slots) and unmaps the
     :class:`HostMemory` mappings made by :meth:`host_memory`.
 
-    Raises :class:`OSError` when ``/dev/kvm`` cannot be opened.
+    Raises :class:`memslots.errors.KvmUnavailable` (an :class:`OSError`) when the device
+    cannot be used, naming the cause: permission denied (join the kvm group or run as
+    root), no such device or no driver behind it (KVM not loaded, nested virtualization
+    off), another API version.
     """
 
     def __init__(self, *, strict: bool = True, path: str = KVM_DEV_PATH) -> None:
@@ -283,13 +286,11 @@ class KvmVm(Vm):
         self.disagreements: list[Disagreement] = []
         #: calls made to the kernel (memslot, dirty log and capability ioctls)
         self.kernel_calls = 0
-        self._owned_memory: list[HostMemory] = []
         self._kvm_vcpus: list[KvmVcpuHandle] = []
         #: no vCPU yet: only Python can have dirtied pages (see the module docstring)
         self._no_guest_writes = True
         #: and Python has not either: kernel and engine bitmaps must be equal
         self._no_host_writes = True
-        self._closed = False
         self._close_lock = threading.Lock()
         #: serialises harvests and resets of the dirty rings (their checks assume it)
         self._ring_lock = threading.RLock()
@@ -474,8 +475,8 @@ class KvmVm(Vm):
     # -- the dirty ring ----------------------------------------------------------------
     def enable_dirty_ring(self, size: int, acq_rel: bool = False) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING[_ACQ_REL], size)`` on both; vCPUs made
-        afterwards map the kernel's ring. Errnos as :meth:`memslots.vm.Vm.
-        enable_dirty_ring`. O(1)."""
+        afterwards map the kernel's ring. Errnos as
+        :meth:`memslots.vm.Vm.enable_dirty_ring`. O(1)."""
         with self.slots_lock:
             self._check_open()
             if not 0 <= size <= U64_MAX:
@@ -561,15 +562,6 @@ class KvmVm(Vm):
         super().clear_guest(gpa, length, as_id=as_id)
 
     # -- memory and vCPUs ------------------------------------------------------------
-    def host_memory(self, size: int) -> HostMemory:
-        """A new :class:`HostMemory` mapping of ``size`` bytes owned by this VM: it is
-        unmapped by :meth:`close`, after the slots over it have been deleted in the
-        kernel."""
-        self._check_open()
-        mem = HostMemory(size)
-        self._owned_memory.append(mem)
-        return mem
-
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """``KVM_CREATE_GUEST_MEMFD`` in the kernel; the engine records the file so that
         it answers later binds as the kernel does. The caller owns the fd."""
@@ -614,21 +606,12 @@ class KvmVm(Vm):
             return handle
 
     # -- lifetime --------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise MemslotError(EBADF, "the VM is closed")
-
     def _check_not_in_read_section(self) -> None:
         """The engine refuses an update from inside one of its read sections (its grace
         period would wait for itself); refuse it before the kernel sees it, so that the
         two stay in step."""
         if self.srcu.in_read_section():
             raise RuntimeError("a memslot update inside a read section of the same VM")
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has run."""
-        return self._closed
 
     def close(self) -> None:
         """Delete the slots over memory this VM owns (:meth:`host_memory`) in the kernel,
@@ -657,19 +640,9 @@ class KvmVm(Vm):
                         v.close()
                     self.fd.close()
                     self._system.close()
-                    for mem in self._owned_memory:
+                    mems, self._owned_memory = self._owned_memory, []
+                    for mem in mems:
                         mem.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):

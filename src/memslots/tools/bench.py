@@ -3,7 +3,7 @@ per-operation cost over slot counts, for the tree engine, the array baseline and
 kernel. ``memslots bench`` is the command line front end; this module is usable on its own:
 
     from memslots.tools.bench import BenchConfig, run
-    results = run(BenchConfig(quick=True))
+    results = run(BenchConfig.quick())
     print(results.criteria)
 
 Implementations (``BenchConfig.impls``):
@@ -28,9 +28,10 @@ Implementations (``BenchConfig.impls``):
     Unicorn's ``mem_map_ptr``/``mem_unmap``/``mem_protect`` (sweep only; needs the
     ``peers`` extra).
 
-Scenarios (reference section 7.2; slot layout as in ``memslot_perf_test``: ``N`` slots
-split ``MEM_SIZE`` = 512 MiB + 64 KiB at guest physical 256 MiB, the last slot takes the
-remainder; times are per iteration, the best of the repetitions):
+Scenarios (those of the kernel's ``tools/testing/selftests/kvm/memslot_perf_test.c``, with
+its slot layout: ``N`` slots split ``MEM_SIZE`` = 512 MiB + 64 KiB at guest physical
+256 MiB, the last slot takes the remainder; times are per iteration, the best of the
+repetitions):
 
 ``setup``
     create the ``N`` slots (seconds for all of them).
@@ -80,7 +81,7 @@ import memslots
 from memslots.baseline import ArrayVcpu, ArrayVm
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_USER_MEM_SLOTS_X86, PAGE_SHIFT
 from memslots.guest_memory import HostMemory
-from memslots.kvm.abi import kvm_available
+from memslots.kvm.abi import kvm_unavailable
 from memslots.slot import gfn_to_hva_memslot_prot, kvm_is_error_hva
 from memslots.tools.bench_peers import (
     PureEngine,
@@ -149,6 +150,8 @@ SCENARIO_IMPLS: Final = {
 }
 OPS: Final = ("create", "delete", "move", "flags")
 DEFAULT_COUNTS: Final = (16, 64, 256, 1024, 4096, 16384, 32764)
+#: slots of the scenarios, and the array's largest sweep count, with ``--quick``
+QUICK_SLOTS: Final = 8192
 #: the smallest number of operation pairs (or calls) in any measurement
 MIN_PAIRS: Final = 3
 
@@ -160,7 +163,9 @@ class BenchConfig:
     made); ``repetitions``: measurements per number, the best is kept; ``impls`` and
     ``scenarios``: subsets of :data:`IMPLS` and :data:`SCENARIOS`; ``cpu``: pin the
     process to this CPU (None: do not pin; the kernel's grace periods are cheapest for a
-    caller on CPU 0 on this machine, see the reference on /dev/kvm)."""
+    caller on CPU 0 on the machine this was measured on: docs/benchmarks.md);
+    ``array_limit``: most slots the array design is swept to (None: all counts; its O(n)
+    updates make building 32764 slots take about 20 s)."""
 
     slots: int = KVM_USER_MEM_SLOTS_X86
     counts: tuple[int, ...] = DEFAULT_COUNTS
@@ -169,17 +174,36 @@ class BenchConfig:
     impls: tuple[str, ...] = IMPLS
     scenarios: tuple[str, ...] = SCENARIOS
     cpu: int | None = 0
+    array_limit: int | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
-        """The ``--quick`` preset: every scenario and count, short measurements, one
-        repetition (about 30 s on a 2-core machine)."""
-        values: dict[str, Any] = {"duration": 0.03, "repetitions": 1}
+        """The ``--quick`` preset: every scenario with :data:`QUICK_SLOTS` slots, the
+        sweep over every count (the array to :data:`QUICK_SLOTS`), short measurements,
+        one repetition: about 12 s on a loaded 2-core machine (docs/benchmarks.md)."""
+        values: dict[str, Any] = {
+            "duration": 0.03,
+            "repetitions": 1,
+            "slots": QUICK_SLOTS,
+            "array_limit": QUICK_SLOTS,
+        }
         values.update(overrides)
         return cls(**values)
 
     def validate(self) -> None:
         """Raise ValueError for values the benchmark cannot run with."""
+        if not self.counts:
+            raise ValueError("no slot counts to sweep")
+        if not self.impls:
+            raise ValueError("no implementation to measure")
+        if not self.scenarios:
+            raise ValueError("no scenario to run")
+        if not 0 < self.duration <= 60:  # also refuses nan
+            raise ValueError(f"duration must be in (0, 60] seconds, not {self.duration}")
+        if not 1 <= self.repetitions <= 1000:
+            raise ValueError(f"repetitions must be in 1..1000, not {self.repetitions}")
+        if self.array_limit is not None and self.array_limit < 4:
+            raise ValueError("array_limit must be at least 4")
         if not 4 <= self.slots <= KVM_USER_MEM_SLOTS_X86:
             raise ValueError(f"slots must be in 4..{KVM_USER_MEM_SLOTS_X86}")
         for c in self.counts:
@@ -187,8 +211,6 @@ class BenchConfig:
                 raise ValueError(f"slot counts must be in 4..{KVM_USER_MEM_SLOTS_X86}, not {c}")
         if list(self.counts) != sorted(set(self.counts)):
             raise ValueError("slot counts must be increasing")
-        if self.duration <= 0 or self.repetitions < 1:
-            raise ValueError("duration must be > 0 and repetitions >= 1")
         for name in self.impls:
             if name not in IMPLS:
                 raise ValueError(f"unknown implementation {name!r}; known: {', '.join(IMPLS)}")
@@ -401,13 +423,13 @@ def available_impls(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
     """The implementations of ``wanted`` that can run here, and a note for each one that
     cannot."""
     ok, notes = [], []
-    kvm = None
+    checked, unavailable = False, None
     for name in wanted:
         if name in ("kvm", "ioctl"):
-            if kvm is None:
-                kvm = kvm_available()
-            if not kvm:
-                notes.append(f"{IMPL_LABELS[name]}: skipped, /dev/kvm is not usable here")
+            if not checked:
+                checked, unavailable = True, kvm_unavailable()
+            if unavailable is not None:
+                notes.append(f"{IMPL_LABELS[name]}: skipped, {unavailable}")
                 continue
         if name == "pure" and not memslots.COMPILED:
             notes.append("pure: skipped, this install is itself pure Python (the tree column)")
@@ -483,7 +505,10 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
-    if kvm_available():
+    unavailable = kvm_unavailable()
+    if unavailable is not None:
+        info["kvm_unavailable"] = str(unavailable)
+    else:
         from memslots.kvm.abi import (
             KVM_CAP_MULTI_ADDRESS_SPACE,
             KVM_CAP_NR_MEMSLOTS,
@@ -708,11 +733,15 @@ class _Runner:
         step = SWEEP_SLOT_PAGES << PAGE_SHIFT
         size = step
         duration = cfg.duration / 3
-        capped = [i for i in impls if SWEEP_LIMITS.get(i, counts[-1]) < counts[-1]]
+        limits = dict(SWEEP_LIMITS)
+        reasons = dict(SWEEP_LIMIT_REASONS)
+        if cfg.array_limit is not None:
+            limits["array"] = min(limits.get("array", cfg.array_limit), cfg.array_limit)
+            reasons["array"] = "its updates cost O(n): building 32764 slots takes about 20 s"
+        capped = [i for i in impls if limits.get(i, counts[-1]) < counts[-1]]
         for impl in capped:
             self.results.notes.append(
-                f"{IMPL_LABELS[impl]}: measured up to {SWEEP_LIMITS[impl]} slots "
-                f"({SWEEP_LIMIT_REASONS[impl]})"
+                f"{IMPL_LABELS[impl]}: measured up to {limits[impl]} slots ({reasons[impl]})"
             )
         try:
             for impl in impls:
@@ -721,7 +750,7 @@ class _Runner:
                 else:
                     targets[impl] = make_target(impl)
             for count in counts:
-                active = [i for i in impls if count <= SWEEP_LIMITS.get(i, count)]
+                active = [i for i in impls if count <= limits.get(i, count)]
                 for impl in active:
                     if impl == "pure":
                         assert pure is not None
@@ -948,6 +977,7 @@ __all__ = [
     "MEM_GPA",
     "MEM_SIZE",
     "OPS",
+    "QUICK_SLOTS",
     "SCENARIOS",
     "BenchConfig",
     "BenchResults",

@@ -265,13 +265,16 @@ def _kernel(sc: Scenario, repeats: int) -> dict[str, float]:
 def run(repeats: int = 5, *, kernel: bool | None = None) -> DirtyBenchResult:
     """Measure every scenario on the engine and (``kernel`` None: when /dev/kvm is
     usable) on the kernel. Takes a few seconds per repetition with the kernel."""
-    from memslots.kvm.abi import kvm_available
+    from memslots.kvm.abi import kvm_unavailable
 
-    if kernel is None:
-        kernel = kvm_available()
     result = DirtyBenchResult(repeats)
-    if not kernel:
-        result.notes.append("no /dev/kvm: engine only")
+    if kernel is None:
+        unavailable = kvm_unavailable()
+        kernel = unavailable is None
+        if unavailable is not None:
+            result.notes.append(f"engine only: {unavailable}")
+    elif not kernel:
+        result.notes.append("engine only: the kernel was not asked")
     for sc in SCENARIOS:
         r: dict[str, float] = {"dirty_pages": len(sc.dirty()), "slots": sc.nslots}
         r.update(_engine(sc, repeats))

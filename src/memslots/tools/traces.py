@@ -43,13 +43,15 @@ version 1. :class:`Recorder` wraps a ``Vm`` (or ``KvmVm``, ``ArrayVm``) and reco
 memslot call made on it.
 
 All readers are generators over lines and cost O(1) per line (O(length of the line)), in
-memory bounded by the longest line.
+memory bounded by the longest line; :func:`load_trace` keeps at most :data:`MAX_RECORDS`
+records.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno as _errno
+import itertools
 import json
 import os
 import re
@@ -75,6 +77,7 @@ __all__ = [
     "EMBEDDED_TRACE_NAME",
     "FORMATS",
     "MAX_LINE",
+    "MAX_RECORDS",
     "TRACE_FORMAT_NAME",
     "TRACE_VERSION",
     "ClearDirtyLog",
@@ -97,6 +100,7 @@ __all__ = [
     "TraceFormat",
     "TraceFormatError",
     "TraceVm",
+    "TraceWriteError",
     "TraceWriter",
     "call_to_json",
     "detect_format",
@@ -128,6 +132,14 @@ TRACE_VERSION: Final = 2
 #: longest line any reader accepts, in characters (a 16 GiB slot's dirty bitmap, written
 #: as runs, fits many times over); a longer line is an error, never a memory hog
 MAX_LINE: Final = 16 << 20
+
+#: most records (plus malformed lines skipped) a trace may hold: replay keeps them all in
+#: memory (about 1 KiB each on three implementations), so memory stays bounded; ten times
+#: the longest traces measured (docs/trace-format.md, "Speed")
+MAX_RECORDS: Final = 1_000_000
+
+#: most lines read to detect a format (blank and comment lines before the first record)
+_MAX_DETECT_LINES: Final = 100_000
 
 #: longest number (in digits) the readers parse: far more than a u64 needs, far fewer than
 #: Python's own limit for converting text to int
@@ -633,11 +645,16 @@ class _Reader:
         self.errors = errors
 
     def bad(self, line: int, message: str) -> None:
-        """Raise, or (with ``skip_bad``) note, a malformed line."""
+        """Raise, or (with ``skip_bad``) note, a malformed line (at most
+        :data:`MAX_RECORDS` are noted: more is an error)."""
         error = TraceFormatError(self.source, line, message)
         if not self.skip_bad:
             raise error
         if self.errors is not None:
+            if len(self.errors) >= MAX_RECORDS:
+                raise TraceFormatError(
+                    self.source, line, f"more than {MAX_RECORDS} malformed lines: not a trace"
+                )
             self.errors.append(error)
 
     def lines(self, lines: Iterable[str]) -> Iterator[tuple[int, str]]:
@@ -1516,14 +1533,19 @@ def header_json(recorder: dict[str, Any], host: dict[str, Any] | None = None) ->
     return obj
 
 
+class TraceWriteError(OSError):
+    """:class:`TraceWriter` could not write to its file descriptor (a full disk, a pipe
+    whose reader went away): the OS error's errno and text."""
+
+
 class TraceWriter:
     """Writes a version 2 trace to the file descriptor ``fd`` as records arrive.
 
     The header goes out at once; :meth:`write` writes one record a line, each with a
     single ``write`` system call, so every line is complete in the file as soon as it is
     written (the process may be killed at any moment after that); :meth:`end` writes the
-    end record. Lines are never buffered in this process. O(1) per record (O(runs) for a
-    dirty log).
+    end record. Lines are never buffered in this process. A failed write raises
+    :class:`TraceWriteError`. O(1) per record (O(runs) for a dirty log).
     """
 
     def __init__(self, fd: int, header: dict[str, Any]) -> None:
@@ -1536,7 +1558,10 @@ class TraceWriter:
         data = (json.dumps(obj, separators=(", ", ": ")) + "\n").encode()
         view = memoryview(data)
         while view:
-            written = os.write(self.fd, view)
+            try:
+                written = os.write(self.fd, view)
+            except OSError as exc:
+                raise TraceWriteError(exc.errno or 0, exc.strerror or str(exc)) from None
             view = view[written:]
 
     def write(self, record: Record) -> None:
@@ -1583,9 +1608,14 @@ StrPath = str | os.PathLike[str]
 
 def _detect_in(lines: Iterable[str], source: str) -> TraceFormat | None:
     """The format of the first line that tells; ``"jsonl"`` when nothing but blank and
-    comment lines; None when no line tells."""
+    comment lines; None when no line tells. Reads at most :data:`_MAX_DETECT_LINES`
+    lines (more is an error)."""
     only_comments = True
-    for _, raw in _Reader(source, False, None).lines(lines):
+    for number, raw in _Reader(source, False, None).lines(lines):
+        if number > _MAX_DETECT_LINES:
+            raise TraceFormatError(
+                source, number, f"no memslot record in the first {_MAX_DETECT_LINES} lines"
+            )
         text = raw.strip()
         if not text or text.startswith("#"):
             continue
@@ -1665,7 +1695,9 @@ def load_trace(
     (:func:`detect_format`). ``source`` (default: the path, or ``"<trace>"``) names it in
     errors and in each record's ``.source``. Raises :class:`TraceFormatError` for a
     malformed line (unless ``skip_bad``) or an unrecognisable input, OSError when the file
-    cannot be read. O(n) time; memory O(records) plus the longest line.
+    cannot be read. Lines that are not a sequence (standard input) are read once, as
+    they come. O(n) time; memory O(records) plus the longest line, records (and skipped
+    lines) being at most :data:`MAX_RECORDS`: more is a :class:`TraceFormatError`.
     """
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown trace format {fmt!r} (one of {', '.join(FORMATS)})")
@@ -1676,12 +1708,36 @@ def load_trace(
         with _open(path_or_lines) as fp:
             return _parse(_bounded(fp), label, fmt, skip_bad, errors)
     label = source or "<trace>"
-    seq: Sequence[str] = (
-        path_or_lines if isinstance(path_or_lines, Sequence) else list(path_or_lines)
-    )
+    if isinstance(path_or_lines, Sequence):
+        if fmt is None:
+            fmt = detect_format(path_or_lines, label)
+        return _parse(path_or_lines, label, fmt, skip_bad, errors)
+    it = iter(path_or_lines)  # a stream (standard input): read once, never held whole
+    head: list[str] = []
     if fmt is None:
-        fmt = detect_format(seq, label)
-    return _parse(seq, label, fmt, skip_bad, errors)
+        fmt = detect_format(_kept(it, head), label)
+    return _parse(itertools.chain(head, it), label, fmt, skip_bad, errors)
+
+
+def _kept(lines: Iterator[str], kept: list[str]) -> Iterator[str]:
+    """``lines``, each also appended to ``kept`` (what format detection read)."""
+    for line in lines:
+        kept.append(line)
+        yield line
+
+
+def _at_most(records: Iterable[Record], source: str) -> list[Record]:
+    """The records, or TraceFormatError past :data:`MAX_RECORDS` of them."""
+    out: list[Record] = []
+    for record in records:
+        if len(out) >= MAX_RECORDS:
+            raise TraceFormatError(
+                source,
+                record.line,
+                f"more than {MAX_RECORDS} records: too long to replay (split the trace)",
+            )
+        out.append(record)
+    return out
 
 
 def _parse(
@@ -1694,12 +1750,12 @@ def _parse(
     reader = _Reader(source, skip_bad, errors)
     if fmt == "jsonl":
         jsonl = _JsonlReader(reader)
-        records: list[Record] = list(jsonl.records(lines))
+        records = _at_most(jsonl.records(lines), source)
         return Trace(records, source, fmt, jsonl.header, jsonl.end)
     if fmt == "qemu":
-        records = list(read_qemu_log(lines, source, skip_bad=skip_bad, errors=errors))
+        records = _at_most(read_qemu_log(lines, source, skip_bad=skip_bad, errors=errors), source)
     else:
-        records = list(read_strace(lines, source, skip_bad=skip_bad, errors=errors))
+        records = _at_most(read_strace(lines, source, skip_bad=skip_bad, errors=errors), source)
     return Trace(records, source, fmt)
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -100,7 +102,8 @@ def register(sub: Any) -> None:
     )
     d = BenchConfig()
     p.add_argument("--quick", action="store_true",
-                   help="short measurements, one repetition (under a minute)")  # fmt: skip
+                   help=f"short measurements, one repetition, {_bench.QUICK_SLOTS} slots in the"
+                   " scenarios, the array swept to as many (about 15 s)")  # fmt: skip
     p.add_argument("--slots", type=int, default=None, metavar="N",
                    help=f"slots in the scenarios (default {d.slots})")  # fmt: skip
     p.add_argument("--counts", type=_ints, default=None, metavar="N,N,...",
@@ -311,7 +314,7 @@ def print_results(results: BenchResults, console: Console) -> None:
         f"/dev/kvm API {kvm['api_version']}, {kvm['nr_memslots']} memslots, "
         f"{kvm['address_spaces']} address space(s)"
         if kvm
-        else "no /dev/kvm"
+        else f"no KVM ({m.get('kvm_unavailable', 'not usable')})"
     )
     pinned = m.get("pinned_cpu")
     console.print(
@@ -326,12 +329,27 @@ def print_results(results: BenchResults, console: Console) -> None:
     for line in criteria_lines(results):
         console.print(line)
     for note in results.notes:
-        console.print(f"[yellow]note[/yellow]: {note}")
+        console.print(f"[yellow]note[/yellow]: {escape(note)}")
     console.print(f"[dim]{results.seconds:.1f} s in total[/dim]")
+
+
+def check_output_file(option: str, path: str) -> None:
+    """Raise :class:`CliError` now, before a long run, when ``path`` cannot be written
+    at its end: its directory is missing or not writable, or it is a directory."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise CliError(f"{option} {path}: no such directory: {directory}")
+    if os.path.isdir(path):
+        raise CliError(f"{option} {path}: is a directory")
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CliError(f"{option} {path}: permission denied")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print, save and plot the results."""
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(option, path)
     if getattr(args, "dirty", False):
         from memslots.tools.cli.bench_dirty import run_dirty
 

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from memslots.tools import bench_dirty as _bench_dirty
@@ -41,7 +42,7 @@ def print_dirty(result: DirtyBenchResult, console: Console) -> None:
             t.add_row(scenario, str(int(r["dirty_pages"])), side, _ms(b), _ms(g), f"{b / g:.1f}x")
     console.print(t)
     for note in result.notes:
-        console.print(f"[yellow]note[/yellow]: {note}")
+        console.print(f"[yellow]note[/yellow]: {escape(note)}")
 
 
 def run_dirty(args: argparse.Namespace) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -25,19 +26,21 @@ from rich.progress import (
 )
 
 from memslots.errors import errno_name
-from memslots.kvm.abi import KVM_API_VERSION, KVM_DEV_PATH, KvmSystem
+from memslots.kvm.abi import KVM_DEV_PATH, kvm_unavailable
 from memslots.kvm.vm import ENGINE_RAISED
 from memslots.tools.cli import CliError
 from memslots.tools.conform import (
     RING_OPS,
     ConformReport,
     Finding,
+    Op,
     is_compared,
     op_to_json,
     read_ops,
     replay_ops,
     run_conform,
 )
+from memslots.tools.traces import MAX_LINE
 
 #: the operation kinds the dirty-ring line of the report counts, in this order
 RING_OP_NAMES = tuple(cls.name for cls in RING_OPS)
@@ -90,28 +93,21 @@ def _positive(text: str) -> int:
 
 
 def check_kvm(path: str) -> None:
-    """Raise :class:`CliError` (one line, status 2) unless ``path`` is a usable KVM."""
-    why = ""
-    try:
-        with KvmSystem(path) as kvm:
-            version = kvm.api_version()
-            if version != KVM_API_VERSION:
-                why = f"it speaks KVM API version {version}, not {KVM_API_VERSION}"
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-    if why:
-        raise CliError(
-            f"{path} is not usable ({why}); conform checks the engine against a real "
-            "kernel and needs KVM",
-            status=2,
-        )
+    """Raise :class:`memslots.errors.KvmUnavailable` (one line, status 2, as every
+    command reports it) unless ``path`` is a usable KVM: conform checks the engine
+    against a real kernel."""
+    unavailable = kvm_unavailable(path)
+    if unavailable is not None:
+        raise unavailable
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; the exit status."""
-    check_kvm(args.device)
     if args.replay:
-        return _replay(args)
+        ops = _load_reproducer(Path(args.replay))  # the file's problems first: no KVM needed
+        check_kvm(args.device)
+        return _replay(args, ops)
+    check_kvm(args.device)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     console = Console(stderr=True)
     columns = (
@@ -203,15 +199,42 @@ def _print_finding(i: int, f: Finding) -> None:
         print(op_to_json(op))
 
 
-def _replay(args: argparse.Namespace) -> int:
-    path = Path(args.replay)
+def _bounded_lines(fp: IO[str], source: str) -> Iterator[str]:
+    """The lines of ``fp``, none read whole past :data:`MAX_LINE` characters (an error
+    then: memory stays bounded, ``/dev/zero`` included)."""
+    number = 0
+    while line := fp.readline(MAX_LINE + 1):
+        number += 1
+        if len(line) > MAX_LINE:
+            raise CliError(f"{source}:{number}: line longer than {MAX_LINE >> 20} MiB: {NOT_REPRO}")
+        yield line
+
+
+#: what a file that is not a reproducer is told
+NOT_REPRO = "not a conform reproducer (one JSON operation a line; traces go to memslots replay)"
+
+
+def _load_reproducer(path: Path) -> list[Op]:
+    """The operations of a reproducer file, or one-line :class:`CliError` naming the file
+    and the problem: unreadable, not UTF-8 text, a line that is no operation, or no
+    operation at all."""
+    source = str(path)
     try:
         with path.open(encoding="utf-8-sig") as fp:
-            ops = list(read_ops(fp, str(path)))
+            ops = list(read_ops(_bounded_lines(fp, source), source))
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path}: not UTF-8 text: {NOT_REPRO}") from None
     except ValueError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(f"{exc}: {NOT_REPRO}") from None
+    if not ops:
+        raise CliError(f"{path}: no operations (empty, or only comments): {NOT_REPRO}")
+    return ops
+
+
+def _replay(args: argparse.Namespace, ops: list[Op]) -> int:
+    path = Path(args.replay)
     done, found = replay_ops(ops, path=args.device)
     calls = sum(map(is_compared, done))
     bad = {i for i, _ in found}

@@ -27,6 +27,7 @@ import sys
 from typing import Any, Final
 
 from memslots.tools.cli import CliError
+from memslots.tools.traces import TraceWriteError
 
 #: where the trace goes without ``-o``
 DEFAULT_OUTPUT: Final = "memslots-trace.jsonl"
@@ -96,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             result = record(fd, argv=command) if command else record(fd, pid=args.pid)
+        except TraceWriteError as exc:
+            raise CliError(f"-o {args.output}: {exc.strerror}", 1) from None
         except PermissionError as exc:
             raise CliError(
                 f"cannot trace: {exc.strerror or exc} (needs ptrace rights)", 1

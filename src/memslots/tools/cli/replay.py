@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import IO, Any, Final, cast
 
 from rich import box
@@ -44,8 +45,8 @@ from rich.table import Table
 from rich.text import Text
 
 from memslots.constants import PAGE_SIZE
-from memslots.errors import errno_name
-from memslots.kvm import kvm_available
+from memslots.errors import KvmUnavailable, errno_name
+from memslots.kvm import kvm_unavailable
 from memslots.tools.cli import CliError
 from memslots.tools.mapview import PNG_EXTRA, build, matplotlib_available, render_html, render_png
 from memslots.tools.replay import (
@@ -165,19 +166,19 @@ def _load(args: argparse.Namespace) -> tuple[Trace, bool, list[TraceFormatError]
         raise CliError(f"{label}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _stdin_lines() -> list[str]:
-    """Standard input's lines, none longer than the readers accept (they stop there)."""
+def _stdin_lines() -> Iterator[str]:
+    """Standard input's lines as they come (never held whole), none longer than the
+    readers accept (they stop there)."""
     from memslots.tools.traces import MAX_LINE
 
-    lines: list[str] = []
     stdin = sys.stdin
     while True:
         line = stdin.readline(MAX_LINE + 1)
         if not line:
-            return lines
-        lines.append(line)
+            return
+        yield line
         if len(line) > MAX_LINE:
-            return lines
+            return
 
 
 # =========================================================================== formatting
@@ -669,8 +670,9 @@ def run(args: argparse.Namespace) -> int:
     if not trace.calls and not trace.records:
         bad = f", {len(skipped)} malformed line(s) skipped" if skipped else ""
         raise CliError(f"{trace.source}: no memslot calls found ({trace.fmt} format{bad})")
-    if args.kvm and not kvm_available():
-        raise CliError("--kvm: /dev/kvm is not usable here")
+    unavailable = kvm_unavailable() if args.kvm else None
+    if unavailable is not None:
+        raise unavailable  # one line, as every command reports it
     _check_pictures(args)
     impls: tuple[ImplName, ...] = ("engine", "array") if args.impl == "all" else (args.impl,)
     total = len(trace.records)
@@ -688,6 +690,8 @@ def run(args: argparse.Namespace) -> int:
             )
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    except KvmUnavailable:
+        raise
     except OSError as exc:
         raise CliError(f"/dev/kvm: {exc}", status=1) from None
 

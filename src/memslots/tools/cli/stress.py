@@ -30,6 +30,9 @@ from typing import Any
 from memslots.tools.cli import CliError
 from memslots.tools.stress import StressProgress, StressReport, run_stress
 
+#: the longest run ``--seconds`` accepts (11.6 days)
+MAX_SECONDS = 1e6
+
 
 def register(sub: Any) -> None:
     """Add the `stress` subcommand."""
@@ -61,8 +64,8 @@ def register(sub: Any) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if not args.seconds > 0:
-        raise CliError(f"--seconds must be > 0, not {args.seconds:g}")
+    if not 0 < args.seconds <= MAX_SECONDS:  # also refuses nan and inf
+        raise CliError(f"--seconds must be in (0, {MAX_SECONDS:g}], not {args.seconds:g}")
     if not 1 <= args.readers <= 64:
         raise CliError(f"--readers must be in 1..64, not {args.readers}")
     if not 1 <= args.max_slots <= 512:

@@ -21,7 +21,8 @@ from typing import Any, Final, cast
 
 from memslots.baseline import ArrayVm
 from memslots.dirty_log import dirty_runs, pages_to_bitmap
-from memslots.kvm import kvm_available
+from memslots.errors import KvmUnavailable
+from memslots.kvm import kvm_unavailable
 from memslots.kvm.abi import (
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
@@ -436,9 +437,11 @@ def replay(
 
     runs: dict[str, ImplRun] = {n: ImplRun(n, "off") for n in ("engine", "array", "kernel")}
     session: KernelSession | None = None
-    if kernel is None and not kvm_available():
-        kernel = False
-        runs["kernel"] = ImplRun("kernel", "unavailable", note="/dev/kvm is not usable here")
+    if kernel is None:
+        unavailable = kvm_unavailable()
+        if unavailable is not None:
+            kernel = False
+            runs["kernel"] = ImplRun("kernel", "unavailable", note=str(unavailable))
     relocation: tuple[HvaCluster, ...] | None = None
     bitmaps: dict[str, dict[int, bytes]] = {}
     try:
@@ -446,7 +449,8 @@ def replay(
             try:
                 session = open_kernel(memslot_calls)
             except OSError as exc:
-                runs["kernel"] = ImplRun("kernel", "unavailable", note=f"/dev/kvm: {exc}")
+                note = str(exc) if isinstance(exc, KvmUnavailable) else f"/dev/kvm: {exc}"
+                runs["kernel"] = ImplRun("kernel", "unavailable", note=note)
         elif kernel:
             session = open_kernel(memslot_calls)
         if session is not None:
@@ -620,7 +624,8 @@ def replay_trace(
     slots). Arguments as in :func:`replay`; without the kernel, the models get the limits
     the trace's header gives (``memslots record`` writes them), else the x86-64 defaults.
     O(n) records overall on each implementation."""
-    if kernel is None and not kvm_available():
+    unavailable = kvm_unavailable() if kernel is None else None
+    if unavailable is not None:
         kernel = False
     limits = trace.limits()
     reports: list[ReplayReport] = []
@@ -647,6 +652,8 @@ def replay_trace(
             attached=attached,
             hazards=hazards,
         )
+        if unavailable is not None:
+            report.runs["kernel"] = ImplRun("kernel", "unavailable", note=str(unavailable))
         if kernel is None and report.runs["kernel"].status == "unavailable":
             kernel = False  # do not try again for every VM
         reports.append(report)

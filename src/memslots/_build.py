@@ -24,6 +24,8 @@ COMPILED_MODULES = (
     "faults",
     "guest_memfd",
     "dirty_log",
+    "grace_period",
+    "lockdep",
     "vm_api",
     "vm",
 )

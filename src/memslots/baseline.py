@@ -86,8 +86,8 @@ from memslots.constants import (
 )
 from memslots.dirty_log import alloc_dirty_bitmap
 from memslots.errors import MemslotError, require
+from memslots.lockdep import lockdep_assert_held
 from memslots.slot import Memslot
-from memslots.sync import lockdep_assert_held
 from memslots.validate import Change, Decision, VmLimits
 from memslots.vm_api import VmApi
 

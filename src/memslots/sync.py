@@ -89,8 +89,9 @@ the window of ``counter.append(None)`` again (entry counted, token lost). Interp
 before the count) and returns without a check, to interpreted and compiled callers alike;
 the compiled engine's lookups make no interrupt checks of their own between that return
 and their ``try``, nor before ``read_unlock`` (compiled code checks only where it calls
-back into Python or into C that checks, like ``time.sleep``). The writer side costs about
-1 us per grace period interpreted and is not worth a second module.
+back into Python or into C that checks, like ``time.sleep``). The writer side has none of
+these concerns and runs on every update, so its fast path lives in
+:mod:`memslots.grace_period`, which the compiled build compiles.
 
 Registration: a thread's first read section creates its counters and appends weak
 references to them to two registry lists (under the GIL a list append is atomic, so no
@@ -132,7 +133,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Self, cast
 
-from memslots.errors import InvariantError
+from memslots import grace_period as _grace_period
 
 #: True on free-threaded (PEP 703) builds: :class:`Srcu` then builds a :class:`LockedSrcu`
 FREE_THREADED_BUILD = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
@@ -274,28 +275,25 @@ class Srcu:
         return len(self._registry[0])
 
     # --- write side ---------------------------------------------------------------------
+    #: whether a counter may only be read under its lock (:class:`LockedSrcu`)
+    _counters_need_lock = False
+
     def synchronize(self) -> None:
         """Wait for a grace period (see the class docstring). Never call it inside a read
-        section; a writer holding a lock that readers take would deadlock as well."""
-        if self.in_read_section():
-            raise RuntimeError("synchronize() called inside a read section")
-        with self._lock:
-            if self._all_idle():
-                self.grace_periods += 1
-                return
-            idx = self._idx
-            self._idx = idx ^ 1
-            self._wait_for_readers(idx)
-            self._idx = idx
-            self._wait_for_readers(idx ^ 1)
-            self.grace_periods += 1
+        section; a writer holding a lock that readers take would deadlock as well. The
+        work is :func:`memslots.grace_period.synchronize`'s (compiled in the compiled
+        build): when every reader is outside its sections it ends at once, else it runs
+        the two flips of ``idx`` with :meth:`_wait_for_readers`."""
+        _grace_period.synchronize(self)
 
     def _all_idle(self) -> bool:
         """True when every registered counter of both indices is empty right now. Then
         every read section that may have loaded a set published before the call has
         ended (the safety argument above, with both waits finding their counters empty
         at once), so the grace period is over without flipping ``idx``; the flips are
-        only needed, for termination, when readers are inside. O(reader threads)."""
+        only needed, for termination, when readers are inside. O(reader threads).
+        (:func:`memslots.grace_period.synchronize` tests this itself for the counters
+        that need no lock.)"""
         busy = self._busy
         for idx in (0, 1):
             for r in self._registered(idx):
@@ -355,6 +353,8 @@ class LockedSrcu(Srcu):
 
     __slots__ = ("_reg_lock",)
 
+    _counters_need_lock = True
+
     def __init__(self, *, locked: bool | None = None, expedited: bool = False) -> None:
         super().__init__()
         self._reg_lock = threading.Lock()  # orders registrations against registry copies
@@ -382,30 +382,10 @@ class LockedSrcu(Srcu):
             return bool(c)
 
 
-def lockdep_assert_held(lock: threading.RLock, what: str) -> None:
-    """The kernel's ``lockdep_assert_held(lock)``: raise
-    :class:`memslots.errors.InvariantError` unless the calling thread holds ``lock`` (a
-    :func:`threading.RLock`). Callers write ``if __debug__: lockdep_assert_held(...)``,
-    so that the check costs nothing under ``python -O``. O(1).
-
-    >>> import threading
-    >>> lock = threading.RLock()
-    >>> with lock:
-    ...     lockdep_assert_held(lock, "swap")
-    >>> lockdep_assert_held(lock, "swap")
-    Traceback (most recent call last):
-    ...
-    memslots.errors.InvariantError: swap: lock not held by this thread
-    """
-    if not lock._is_owned():  # type: ignore[attr-defined]
-        raise InvariantError(f"{what}: lock not held by this thread")
-
-
 __all__ = [
     "FREE_THREADED_BUILD",
     "ExpeditedSrcu",
     "LockedSrcu",
     "Srcu",
     "SrcuToken",
-    "lockdep_assert_held",
 ]

@@ -47,9 +47,10 @@ from memslots.constants import (
     X86_TASK_SIZE_MAX,
 )
 from memslots.errors import MemslotError, require
+from memslots.lockdep import lockdep_assert_held
 from memslots.memslot_set import MemslotSet
 from memslots.slot import Memslot
-from memslots.sync import FREE_THREADED_BUILD, lockdep_assert_held
+from memslots.sync import FREE_THREADED_BUILD
 from memslots.validate import Change, Decision, VmLimits
 from memslots.vm_api import VmApi
 

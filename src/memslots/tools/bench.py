@@ -84,7 +84,7 @@ from memslots.guest_memory import HostMemory
 from memslots.kvm.abi import kvm_unavailable
 from memslots.slot import gfn_to_hva_memslot_prot, kvm_is_error_hva
 from memslots.tools.bench_peers import (
-    PureEngine,
+    EngineWorker,
     UnicornTarget,
     VmMemoryModel,
     unicorn_available,
@@ -125,6 +125,15 @@ IMPL_LABELS: Final = {
 SWEEP_ONLY: Final = ("pure", "vmmemory", "unicorn")
 #: the largest slot count the sweep measures an implementation at, and why
 SWEEP_LIMITS: Final = {"unicorn": 2048}
+#: the sweep's implementations measured in a worker process of their own, as ``(design,
+#: pure build)``: the pure build (the sweep's process runs the compiled one) and the
+#: array, whose O(n) copies of large arrays churn the heap of the process they run in
+#: (measured in the sweep's own process, they doubled the compiled tree's cost at 32764
+#: slots); see :class:`~memslots.tools.bench_peers.EngineWorker`
+WORKER_IMPLS: Final[dict[str, tuple[str, bool]]] = {
+    "pure": ("tree", True),
+    "array": ("array", False),
+}
 SWEEP_LIMIT_REASONS: Final = {
     "unicorn": "each mem_map rebuilds the emulator's memory map: mapping 4000 regions "
     "took 17 s on this project's machine, 32764 would take many minutes",
@@ -407,8 +416,8 @@ def make_target(impl: str) -> RegionTarget:
         return VmMemoryModel()
     if impl == "unicorn":
         return UnicornTarget()
-    if impl == "pure":
-        raise ValueError("the pure build runs in a worker process: use PureEngine")
+    if impl in WORKER_IMPLS:
+        raise ValueError(f"{impl} runs in a worker process: use EngineWorker")
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -724,7 +733,7 @@ class _Runner:
         cfg = self.cfg
         counts = cfg.counts
         targets: dict[str, RegionTarget] = {}
-        pure: PureEngine | None = None
+        workers: dict[str, EngineWorker] = {}
         present = dict.fromkeys(impls, 0)
         self.progress.phase(
             "per-operation sweep", len(counts) * (len(impls) + cfg.repetitions * len(impls))
@@ -745,16 +754,16 @@ class _Runner:
             )
         try:
             for impl in impls:
-                if impl == "pure":
-                    pure = PureEngine()
+                if impl in WORKER_IMPLS:
+                    design, pure = WORKER_IMPLS[impl]
+                    workers[impl] = EngineWorker(design, pure=pure)
                 else:
                     targets[impl] = make_target(impl)
             for count in counts:
                 active = [i for i in impls if count <= limits.get(i, count)]
                 for impl in active:
-                    if impl == "pure":
-                        assert pure is not None
-                        pure.grow(count, base, step)
+                    if impl in workers:
+                        workers[impl].grow(count, base, step)
                         present[impl] = count
                         self.progress.advance()
                         continue
@@ -775,9 +784,8 @@ class _Runner:
                 samples: dict[tuple[str, str], list[tuple[float, int]]] = {}
                 for _ in range(cfg.repetitions):
                     for impl in active:
-                        if impl == "pure":
-                            assert pure is not None
-                            ops = pure.time_ops(count, base, step, duration)
+                        if impl in workers:
+                            ops = workers[impl].time_ops(count, base, step, duration)
                         else:
                             ops = time_ops(targets[impl], count, base, step, duration)
                         for op, us, n in ops:
@@ -792,8 +800,8 @@ class _Runner:
         finally:
             for t in targets.values():
                 close_target(t)
-            if pure is not None:
-                pure.close()
+            for w in workers.values():
+                w.close()
 
 
 def time_ops(
@@ -855,10 +863,11 @@ def time_ops(
     return out
 
 
-def pure_worker() -> None:
-    """The loop of :class:`~memslots.tools.bench_peers.PureEngine`'s worker process: one
-    JSON request per line on stdin, one answer per line on stdout."""
-    vm = Vm(nr_address_spaces=1)
+def engine_worker(impl: str = "tree") -> None:
+    """The loop of :class:`~memslots.tools.bench_peers.EngineWorker`'s worker process, on
+    a VM of design ``impl`` (``"tree"`` or ``"array"``): one JSON request per line on
+    stdin, one answer per line on stdout."""
+    vm: EngineVm = Vm(nr_address_spaces=1) if impl == "tree" else ArrayVm(nr_address_spaces=1)
     present = 0
     for line in sys.stdin:
         msg = json.loads(line)

@@ -6,12 +6,17 @@ memory_size, userspace_addr)`` so that the sweep of :mod:`memslots.tools.bench` 
 them exactly as it drives the engine and the kernel; each maps the four memslot operations
 onto its own calls:
 
-``pure`` (:class:`PureEngine`)
+``pure`` (:class:`EngineWorker` with ``pure=True``)
     :class:`memslots.Vm` from the package's Python sources with no compiled module, in a
     worker process that the sweep tells what to time (so its numbers are taken in the
     same run, interleaved with the others). A compiled install ships its ``.py`` sources
     beside the extensions; :func:`pure_sources` copies them, without the extensions, to a
     temporary directory the worker imports from.
+``array`` (:class:`EngineWorker` for ``ArrayVm``)
+    the array baseline in a worker process too: its O(n) copies of 32764-entry arrays
+    churn the heap of the process they run in, and measured in the sweep's own process
+    they made the compiled tree, measured between them, cost twice as much at 32764
+    slots as when measured alone.
 ``vmmemory`` (:class:`VmMemoryModel`)
     a model of rust-vmm vm-memory's ``GuestRegionCollection`` (the guest-memory map of
     Firecracker and Cloud Hypervisor), in Python: a vector of regions sorted by start
@@ -45,7 +50,7 @@ from typing import Any
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES
 
 __all__ = [
-    "PureEngine",
+    "EngineWorker",
     "UnicornTarget",
     "VmMemoryModel",
     "pure_sources",
@@ -181,27 +186,36 @@ def pure_sources(dest: str) -> str:
     return dest
 
 
-class PureEngine:
-    """:class:`memslots.Vm` of the pure-Python build, in a worker process. The sweep asks
-    it to :meth:`grow` to a slot count and to :meth:`time_ops` there; it answers what
-    :func:`memslots.tools.bench.time_ops` measured in the worker
-    (:func:`memslots.tools.bench.pure_worker`). Close it with
+class EngineWorker:
+    """A VM of one design (``impl``: ``"tree"``, :class:`memslots.Vm`, or ``"array"``,
+    :class:`memslots.baseline.ArrayVm`) in a worker process; with ``pure``, of the
+    pure-Python build. The sweep asks it to :meth:`grow` to a slot count and to
+    :meth:`time_ops` there; it answers what :func:`memslots.tools.bench.time_ops`
+    measured in the worker (:func:`memslots.tools.bench.engine_worker`). Close it with
     :meth:`close`. Raises RuntimeError when the worker does not start."""
 
-    def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="memslots-pure-")
-        path = pure_sources(self._dir)
+    def __init__(self, impl: str = "tree", *, pure: bool = False) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+        self._dir: str | None = None
+        if pure:
+            self._dir = tempfile.mkdtemp(prefix="memslots-pure-")
+            path = pure_sources(self._dir)
+            env["PYTHONPATH"] = path + (
+                os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else ""
+            )
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from memslots.tools.bench import pure_worker; pure_worker()"],
+            [
+                sys.executable,
+                "-c",
+                f"from memslots.tools.bench import engine_worker; engine_worker({impl!r})",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env=env,
         )
         hello = self._call({"cmd": "hello"})
-        if hello.get("compiled") is not False:
+        if pure and hello.get("compiled") is not False:
             self.close()
             raise RuntimeError(f"the pure worker did not load the pure build: {hello}")
 
@@ -211,10 +225,10 @@ class PureEngine:
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()
         if not line:
-            raise RuntimeError("the pure-Python worker exited")
+            raise RuntimeError("the benchmark's worker process exited")
         reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"pure-Python worker: {reply['error']}")
+            raise RuntimeError(f"the benchmark's worker process: {reply['error']}")
         return reply
 
     def grow(self, count: int, base: int, step: int) -> None:
@@ -231,7 +245,7 @@ class PureEngine:
         return [(op, float(us), int(n)) for op, us, n in reply["ops"]]
 
     def close(self) -> None:
-        """Stop the worker and remove its copy of the sources."""
+        """Stop the worker and remove its copy of the sources (if pure)."""
         proc = self._proc
         if proc.poll() is None:
             with suppress(OSError):
@@ -244,4 +258,5 @@ class PureEngine:
                 proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)

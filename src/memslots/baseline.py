@@ -456,37 +456,32 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
 
     def _apply(self, d: Decision) -> None:
         """Carry out a validated request (:meth:`check_region`; private, as
-        ``Vm._apply``): the part of
-        ``__kvm_set_memory_region`` after validation. Builds the new slot (binding its
-        guest_memfd), runs ``kvm_set_memslot``, undoes the binding if it fails; an
-        interrupt that arrived meanwhile is raised at the end. ``RuntimeError`` (and
-        nothing changed) inside a read section of this VM."""
+        ``Vm._apply``): the part of ``__kvm_set_memory_region`` after validation. Builds
+        the new slot (binding its guest_memfd), runs ``kvm_set_memslot``, undoes the
+        binding if it fails; an interrupt that arrived meanwhile is raised at the end.
+        ``RuntimeError`` (and nothing changed) inside a read section of this VM."""
         with self.slots_lock:
-            self._apply_locked(d)
-
-    def _apply_locked(self, d: Decision) -> None:
-        if d.change is Change.NONE:
-            self.last_change = Change.NONE
-            return
-        if self.srcu.in_read_section():  # install_new_memslots would wait for us forever
-            raise RuntimeError("a memslot update inside a read section of the same VM")
-        new: Memslot | None = None
-        if d.change is not Change.DELETE:
-            self.faults.check("kzalloc_new")
-            new = Memslot(d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr)
-            if d.flags & KVM_MEM_GUEST_MEMFD:
-                self.guest_memfds.bind(new, d.guest_memfd, d.guest_memfd_offset)
-        try:
-            self._set_memslot(d.as_id, d.id, d.old, new, d.change)
-        except MemslotError:
-            if new is not None:
-                self.guest_memfds.unbind(new)
-            raise
-        finally:
-            pending, self._pending_interrupt = self._pending_interrupt, None
-            if pending is not None:
-                raise pending
-        self.last_change = d.change
+            if d.change is Change.NONE:
+                self.last_change = Change.NONE
+                return
+            self._check_not_in_read_section()  # install_new_memslots would wait forever
+            new: Memslot | None = None
+            if d.change is not Change.DELETE:
+                self.faults.check("kzalloc_new")
+                new = Memslot(d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr)
+                if d.flags & KVM_MEM_GUEST_MEMFD:
+                    self.guest_memfds.bind(new, d.guest_memfd, d.guest_memfd_offset)
+            try:
+                self._set_memslot(d.as_id, d.id, d.old, new, d.change)
+            except MemslotError:
+                if new is not None:
+                    self.guest_memfds.unbind(new)
+                raise
+            finally:
+                pending, self._pending_interrupt = self._pending_interrupt, None
+                if pending is not None:
+                    raise pending
+            self.last_change = d.change
 
     # ==================================================================================
     # The update protocol of v5.15: kvm_set_memslot with kvm_dup_memslots
@@ -564,8 +559,8 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
             observer.published(as_id, slots)
 
     def _hold_interrupt(self, exc: BaseException) -> None:
-        """Keep the first interrupt of an update for :meth:`_set_memory_region` to raise
-        once the update is complete (a signal taken when the ioctl returns)."""
+        """Keep the first interrupt of an update for :meth:`_apply` to raise once the
+        update is complete (a signal taken when the ioctl returns)."""
         if self._pending_interrupt is None:
             self._pending_interrupt = exc
 

@@ -273,8 +273,7 @@ class Vm(VmApi[MemslotSet]):
             if d.change is Change.NONE:
                 self.last_change = Change.NONE
                 return
-            if self.srcu.in_read_section():  # the grace period would wait for us forever
-                raise RuntimeError("a memslot update inside a read section of the same VM")
+            self._check_not_in_read_section()
             new: Memslot | None = None
             if d.change is not Change.DELETE:
                 self.faults.check("kzalloc_new")

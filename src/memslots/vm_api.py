@@ -464,6 +464,14 @@ class VmApi(Generic[SetT]):
         if self._closed:
             raise MemslotError(EBADF, "the VM is closed")
 
+    def _check_not_in_read_section(self) -> None:
+        """``RuntimeError`` when the calling thread is inside a read section of this VM:
+        a memslot update would wait in its grace period for that section, that is
+        forever (the kernel's lockdep reports the same as an illegal
+        ``synchronize_srcu``). Called before an update changes anything. O(1)."""
+        if self.srcu.in_read_section():
+            raise RuntimeError("a memslot update inside a read section of the same VM")
+
     # ==================================================================================
     # Free guest-physical space and slot ids
     # ==================================================================================

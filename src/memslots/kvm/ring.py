@@ -37,16 +37,13 @@ from __future__ import annotations
 import mmap
 import threading
 from collections.abc import Callable
-from typing import Final
 
 from memslots.constants import KVM_DIRTY_GFN_F_MASK, U32_MAX
 from memslots.dirty_ring import DirtyRing
+from memslots.kvm.abi import KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_INTR
 from memslots.kvm.vcpu import VcpuExit
 
 __all__ = ["KernelRing", "LoggingSlots"]
-
-_EXIT_DIRTY_RING_FULL: Final = 31
-_EXIT_INTR: Final = 10
 
 #: ``{slot number: npages}`` of the slots that log dirty pages now
 LoggingSlots = Callable[[], dict[int, int]]
@@ -101,10 +98,10 @@ class KernelRing:
             self.sync()
             ring = self.ring
             reason = exit.reason
-            if reason == _EXIT_INTR:  # KVM_RUN stopped before looking at requests
+            if reason == KVM_EXIT_INTR:  # KVM_RUN stopped before looking at requests
                 return
             if self._predict_full:
-                if reason != _EXIT_DIRTY_RING_FULL or self.pushes != self._pushes_before:
+                if reason != KVM_EXIT_DIRTY_RING_FULL or self.pushes != self._pushes_before:
                     self._report(
                         "KVM_RUN",
                         f"the ring was soft-full with the request pending (used {ring.used}"
@@ -112,7 +109,7 @@ class KernelRing:
                         f" entry, got exit {reason} and {self.pushes - self._pushes_before}"
                         " entries",
                     )
-            elif reason == _EXIT_DIRTY_RING_FULL and not ring.check_request():
+            elif reason == KVM_EXIT_DIRTY_RING_FULL and not ring.check_request():
                 self._report(
                     "KVM_RUN",
                     f"KVM_EXIT_DIRTY_RING_FULL with used {ring.used} < soft limit "

@@ -435,14 +435,12 @@ class KvmVcpu(_Fd):
             with self._lock:
                 self._thread_id = None
         if ret < 0:
-            if err == 4:  # EINTR
-                run.immediate_exit = 0
-                ex = VcpuExit(KVM_EXIT_INTR)
-                if observer is not None:
-                    observer.after_run(ex)
-                return ex
-            raise MemslotError(err, "KVM_RUN")
-        ex = self._decode(run)
+            if err != 4:  # EINTR
+                raise MemslotError(err, "KVM_RUN")
+            run.immediate_exit = 0
+            ex = VcpuExit(KVM_EXIT_INTR)
+        else:
+            ex = self._decode(run)
         if observer is not None:
             observer.after_run(ex)
         return ex

@@ -349,7 +349,7 @@ class KvmVm(Vm):
         args = (slot, flags, guest_phys_addr, memory_size, userspace_addr)
         with self.slots_lock:
             self._check_open()
-            self._check_not_in_read_section()
+            self._check_not_in_read_section()  # before the kernel: the two stay in step
             k, _, _ = self._mirror(
                 lambda: _fmt_call("set_user_memory_region", args),
                 lambda: self.fd.set_user_memory_region(*args),
@@ -378,7 +378,7 @@ class KvmVm(Vm):
         args = (slot, flags, guest_phys_addr, memory_size, userspace_addr)
         with self.slots_lock:
             self._check_open()
-            self._check_not_in_read_section()
+            self._check_not_in_read_section()  # before the kernel: the two stay in step
             k, _, _ = self._mirror(
                 lambda: (
                     _fmt_call("set_user_memory_region2", args)[:-1]
@@ -606,13 +606,6 @@ class KvmVm(Vm):
             return handle
 
     # -- lifetime --------------------------------------------------------------------
-    def _check_not_in_read_section(self) -> None:
-        """The engine refuses an update from inside one of its read sections (its grace
-        period would wait for itself); refuse it before the kernel sees it, so that the
-        two stay in step."""
-        if self.srcu.in_read_section():
-            raise RuntimeError("a memslot update inside a read section of the same VM")
-
     def close(self) -> None:
         """Delete the slots over memory this VM owns (:meth:`host_memory`) in the kernel,
         so that no slot outlives its memory even if something else keeps the VM alive

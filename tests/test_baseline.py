@@ -532,3 +532,19 @@ def test_bench_kernel_columns() -> None:
     assert r.scenario("move-active", "ioctl") is None  # no lookups without the engine
     assert r.point("ioctl", 16, "move") is not None
     assert "tree_vs_ioctl_at_top" in r.criteria
+
+
+@pytest.mark.parametrize("design", [Vm, ArrayVm])
+def test_vcpu_creation_has_the_kernels_checks_in_both_designs(design: type[Vm | ArrayVm]) -> None:
+    vm = design()
+    vm.create_vcpu(0)
+    for bad, err in ((0, errno.EEXIST), (4096, errno.EINVAL), (-1, errno.EINVAL)):
+        with pytest.raises(MemslotError) as exc:
+            vm.create_vcpu(bad)
+        assert exc.value.errno == err
+    assert vm.created_vcpus == 1  # failures are not counted
+    for i in range(1, 1024):
+        vm.create_vcpu(i)
+    with pytest.raises(MemslotError) as exc:
+        vm.create_vcpu(2000)  # a free id, but KVM_MAX_VCPUS are there
+    assert exc.value.errno == errno.EINVAL

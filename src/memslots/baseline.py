@@ -70,7 +70,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
-from errno import EEXIST, EINVAL
+from errno import EINVAL
 from itertools import pairwise
 
 from memslots.constants import (
@@ -647,12 +647,14 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
     # vCPUs and checks
     # ==================================================================================
     def create_vcpu(self, id: int) -> ArrayVcpu:
-        """A vCPU with its own last-used-slot cache (address space 0 to start with)."""
-        if id in self._vcpus:
-            raise MemslotError(EEXIST, f"vCPU {id} exists")
-        vcpu = self._vcpus[id] = ArrayVcpu(self, id)
-        self.created_vcpus += 1
-        return vcpu
+        """``KVM_CREATE_VCPU``: a vCPU with its own last-used-slot cache (address space 0
+        to start with), with the kernel's checks (as :meth:`memslots.Vm.create_vcpu`:
+        EINVAL for an id at or past 4096 or past 1024 vCPUs, EEXIST for an id in use)."""
+        with self.slots_lock:
+            self._check_new_vcpu(id, self._vcpus)
+            vcpu = self._vcpus[id] = ArrayVcpu(self, id)
+            self.created_vcpus += 1
+            return vcpu
 
     def _check_address_space(self, as_id: int) -> None:
         """The array part of :meth:`check_invariants`: the active array is one of the

@@ -26,7 +26,7 @@ they use :class:`~memslots.sync.Srcu` read sections, which never block.
 
 from __future__ import annotations
 
-from errno import EEXIST, EINVAL
+from errno import EINVAL
 from typing import TYPE_CHECKING
 
 from mypy_extensions import mypyc_attr
@@ -36,8 +36,6 @@ from memslots import dirty_ring as _dirty_ring
 from memslots import guest_memory as _guest_memory
 from memslots.constants import (
     KVM_ADDRESS_SPACE_NUM_X86,
-    KVM_MAX_VCPU_IDS_X86,
-    KVM_MAX_VCPUS_X86,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
@@ -516,20 +514,11 @@ class Vm(VmApi[MemslotSet]):
         past ``KVM_MAX_VCPU_IDS`` (4096) or past ``KVM_MAX_VCPUS`` (1024) vCPUs, EEXIST for
         an id in use; a failure is not counted in :attr:`created_vcpus`."""
         with self.slots_lock:
-            self._check_new_vcpu(id)
+            self._check_new_vcpu(id, self._vcpus)
             vcpu = Vcpu(self, id)
             self._vcpus[id] = vcpu
             self.created_vcpus += 1
             return vcpu
-
-    def _check_new_vcpu(self, id: int) -> None:
-        """``kvm_vm_ioctl_create_vcpu``'s checks, in order."""
-        if not 0 <= id < KVM_MAX_VCPU_IDS_X86:
-            raise MemslotError(EINVAL, f"vCPU id {id} is not below {KVM_MAX_VCPU_IDS_X86}")
-        if self.created_vcpus >= KVM_MAX_VCPUS_X86:
-            raise MemslotError(EINVAL, f"the VM has {KVM_MAX_VCPUS_X86} vCPUs already")
-        if id in self._vcpus:
-            raise MemslotError(EEXIST, f"vCPU {id} exists")
 
     # ==================================================================================
     # The dirty ring (memslots.dirty_ring)

@@ -35,9 +35,9 @@ True
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import AbstractContextManager
-from errno import EBADF, EINVAL, ENXIO
+from errno import EBADF, EEXIST, EINVAL, ENXIO
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
@@ -47,6 +47,8 @@ from memslots import dirty_log as _dirty_log
 from memslots import dirty_ring as _dirty_ring
 from memslots import guest_memory as _guest_memory
 from memslots.constants import (
+    KVM_MAX_VCPU_IDS_X86,
+    KVM_MAX_VCPUS_X86,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
@@ -257,6 +259,18 @@ class VmApi(Generic[SetT]):
     # ==================================================================================
     # guest_memfd and invalidation callbacks (the MMU-notifier side)
     # ==================================================================================
+    def _check_new_vcpu(self, id: int, vcpus: Container[int]) -> None:
+        """``kvm_vm_ioctl_create_vcpu``'s checks, in order, for a design's
+        ``create_vcpu`` (under ``slots_lock``; ``vcpus`` holds the ids in use): EINVAL for
+        an id at or past ``KVM_MAX_VCPU_IDS`` or past ``KVM_MAX_VCPUS`` vCPUs ever
+        created, EEXIST for an id in use. O(1)."""
+        if not 0 <= id < KVM_MAX_VCPU_IDS_X86:
+            raise MemslotError(EINVAL, f"vCPU id {id} is not below {KVM_MAX_VCPU_IDS_X86}")
+        if self.created_vcpus >= KVM_MAX_VCPUS_X86:
+            raise MemslotError(EINVAL, f"the VM has {KVM_MAX_VCPUS_X86} vCPUs already")
+        if id in vcpus:
+            raise MemslotError(EEXIST, f"vCPU {id} exists")
+
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """``KVM_CREATE_GUEST_MEMFD``: a guest_memfd of ``size`` bytes for this VM's
         ``KVM_MEM_GUEST_MEMFD`` slots. The engine alone stands in a memfd for it; the

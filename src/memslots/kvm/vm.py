@@ -586,7 +586,7 @@ class KvmVm(Vm):
                 k, _, _ = self._mirror(
                     lambda: f"create_vcpu({id})",
                     lambda: made.append(KvmVcpu(self.fd, id)),
-                    lambda: self._check_new_vcpu(id),
+                    lambda: self._check_new_vcpu(id, self._vcpus),
                 )
             except ConformanceError:
                 for v in made:

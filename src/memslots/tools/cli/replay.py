@@ -614,15 +614,14 @@ def _write_record(args: argparse.Namespace, report: TraceReport, trace: Trace) -
                 )
                 write_jsonl(report.vms[0].recorded_calls(), fp, header=header)
                 return
-            replayed: dict[int, list[MemslotCall]] = {
-                vm.vm: vm.recorded_calls() for vm in report.vms
+            # each VM's calls, in its trace order: taken one by one, O(1) each
+            replayed: dict[int | None, Iterator[MemslotCall]] = {
+                vm.vm: iter(vm.recorded_calls()) for vm in report.vms
             }
             records: list[Record] = []
             for rec in trace.records:
-                if isinstance(rec, MemslotCall) and rec.vm is not None and replayed.get(rec.vm):
-                    records.append(replayed[rec.vm].pop(0))
-                else:
-                    records.append(rec)
+                calls = replayed.get(rec.vm) if isinstance(rec, MemslotCall) else None
+                records.append(rec if calls is None else next(calls, rec))
             out = Trace(records, trace.source, "jsonl", trace.header, trace.end)
             write_trace(out, fp, {"name": "memslots replay --record", "from": report.source})
     except OSError as exc:

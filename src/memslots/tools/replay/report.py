@@ -638,15 +638,7 @@ class ReplayReport:
                 name: {"status": r.status, "description": r.description, "note": r.note}
                 for name, r in self.runs.items()
             },
-            "limits": {
-                "nr_address_spaces": self.limits.nr_address_spaces,
-                "max_user_slots": self.limits.max_user_slots,
-                "max_gfn": self.limits.max_gfn,
-                "readonly_mem": self.limits.readonly_mem,
-                "private_mem": self.limits.private_mem,
-                "task_size_max": self.limits.task_size_max,
-                "source": self.limits_source,
-            },
+            "limits": {**dataclasses.asdict(self.limits), "source": self.limits_source},
             "hva_relocation": None
             if self.relocation is None
             else {

@@ -361,15 +361,8 @@ _DESCRIPTIONS: Final = {
 
 
 def _make_model(name: ImplName, limits: VmLimits) -> Vm | ArrayVm:
-    """A fresh model VM with ``limits``."""
-    kwargs: dict[str, Any] = {
-        "nr_address_spaces": limits.nr_address_spaces,
-        "max_user_slots": limits.max_user_slots,
-        "max_gfn": limits.max_gfn,
-        "readonly_mem": limits.readonly_mem,
-        "private_mem": limits.private_mem,
-        "task_size_max": limits.task_size_max,
-    }
+    """A fresh model VM with ``limits`` (the models take its fields as keywords)."""
+    kwargs = dataclasses.asdict(limits)
     return Vm(**kwargs) if name == "engine" else ArrayVm(**kwargs)
 
 

@@ -102,6 +102,7 @@ __all__ = [
     "TraceVm",
     "TraceWriteError",
     "TraceWriter",
+    "bounded_lines",
     "call_to_json",
     "detect_format",
     "embedded_trace_path",
@@ -1639,10 +1640,11 @@ def _name(path: StrPath | Traversable) -> str:
     return os.fspath(path) if isinstance(path, str | os.PathLike) else str(path)
 
 
-def _bounded(fp: IO[str]) -> Iterator[str]:
-    """The lines of ``fp``, none read whole if it is longer than :data:`MAX_LINE`
-    characters (the readers then stop with an error), so memory stays bounded whatever the
-    file (``/dev/zero`` included)."""
+def bounded_lines(fp: IO[str]) -> Iterator[str]:
+    """The lines of the text file ``fp`` (a trace file, standard input) as they come, none
+    read whole if it is longer than :data:`MAX_LINE` characters (the readers then stop
+    with an error), so memory stays bounded whatever the input (``/dev/zero`` included).
+    O(1) memory besides the line."""
     while True:
         line = fp.readline(MAX_LINE + 1)
         if not line:
@@ -1668,7 +1670,7 @@ def detect_format(
     if isinstance(path_or_first_lines, str | os.PathLike | Traversable):
         label = source or _name(path_or_first_lines)
         with _open(path_or_first_lines) as fp:
-            fmt = _detect_in(_bounded(fp), label)
+            fmt = _detect_in(bounded_lines(fp), label)
     else:
         label = source or "<trace>"
         fmt = _detect_in(path_or_first_lines, label)
@@ -1706,7 +1708,7 @@ def load_trace(
         if fmt is None:
             fmt = detect_format(path_or_lines, label)
         with _open(path_or_lines) as fp:
-            return _parse(_bounded(fp), label, fmt, skip_bad, errors)
+            return _parse(bounded_lines(fp), label, fmt, skip_bad, errors)
     label = source or "<trace>"
     if isinstance(path_or_lines, Sequence):
         if fmt is None:

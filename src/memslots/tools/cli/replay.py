@@ -68,6 +68,7 @@ from memslots.tools.traces import (
     Trace,
     TraceFormat,
     TraceFormatError,
+    bounded_lines,
     embedded_trace_path,
     load_trace,
     write_jsonl,
@@ -154,7 +155,7 @@ def _load(args: argparse.Namespace) -> tuple[Trace, bool, list[TraceFormatError]
             label = "<stdin>"
             if sys.stdin is None:
                 raise CliError("<stdin>: standard input is closed")
-            lines = _stdin_lines()
+            lines = bounded_lines(sys.stdin)  # read as it comes, never held whole
             trace = load_trace(lines, fmt=fmt, skip_bad=args.skip_bad, errors=errors, source=label)
             return trace, False, errors
         path = embedded_trace_path() if args.trace is None else args.trace
@@ -164,21 +165,6 @@ def _load(args: argparse.Namespace) -> tuple[Trace, bool, list[TraceFormatError]
         raise CliError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise CliError(f"{label}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def _stdin_lines() -> Iterator[str]:
-    """Standard input's lines as they come (never held whole), none longer than the
-    readers accept (they stop there)."""
-    from memslots.tools.traces import MAX_LINE
-
-    stdin = sys.stdin
-    while True:
-        line = stdin.readline(MAX_LINE + 1)
-        if not line:
-            return
-        yield line
-        if len(line) > MAX_LINE:
-            return
 
 
 # =========================================================================== formatting

@@ -59,7 +59,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
 from importlib.resources.abc import Traversable
-from typing import IO, Any, Final, Generic, Literal, TypeAlias, TypeVar
+from typing import IO, Any, ClassVar, Final, Generic, Literal, TypeAlias, TypeVar
 
 from memslots.constants import (
     KVM_MEM_GUEST_MEMFD,
@@ -190,7 +190,9 @@ class _Meta:
     order; None for calls that are not made on a VM), the process (``pid``, the thread
     group id) and thread (``tid``) that made it, a monotonic timestamp (``time_ns``, 0 when
     unknown) and where the record was read from (``line``, 1-based, and ``source``). Only
-    ``vm`` takes part in equality, so the same calls read from two files compare equal."""
+    ``vm`` takes part in equality, so the same calls read from two files compare equal.
+    Each record class names its ``kind`` in a version 2 trace (``"create_vm"``...): a
+    class attribute, a property of :class:`MemslotCall` (REGION or REGION2)."""
 
     vm: int | None = 0
     pid: int = dataclasses.field(default=0, compare=False)
@@ -294,10 +296,7 @@ class CreateVm(_Meta):
     result: int | None = None
     attached: bool = False
 
-    @property
-    def kind(self) -> str:
-        """``"create_vm"``."""
-        return "create_vm"
+    kind: ClassVar[str] = "create_vm"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -308,10 +307,7 @@ class CreateVcpu(_Meta):
     fd: int | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"create_vcpu"``."""
-        return "create_vcpu"
+    kind: ClassVar[str] = "create_vcpu"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -325,10 +321,7 @@ class CreateGuestMemfd(_Meta):
     fd: int | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"create_guest_memfd"``."""
-        return "create_guest_memfd"
+    kind: ClassVar[str] = "create_guest_memfd"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -341,10 +334,7 @@ class EnableCap(_Meta):
     args: tuple[int, int, int, int] = (0, 0, 0, 0)
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"enable_cap"``."""
-        return "enable_cap"
+    kind: ClassVar[str] = "enable_cap"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -356,10 +346,7 @@ class GetDirtyLog(_Meta):
     dirty: Runs | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"get_dirty_log"``."""
-        return "get_dirty_log"
+    kind: ClassVar[str] = "get_dirty_log"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -373,10 +360,7 @@ class ClearDirtyLog(_Meta):
     dirty: Runs | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"clear_dirty_log"``."""
-        return "clear_dirty_log"
+    kind: ClassVar[str] = "clear_dirty_log"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -386,10 +370,7 @@ class ResetDirtyRings(_Meta):
     value: int | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"reset_dirty_rings"``."""
-        return "reset_dirty_rings"
+    kind: ClassVar[str] = "reset_dirty_rings"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -399,10 +380,7 @@ class ReleaseVm(_Meta):
 
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"release_vm"``."""
-        return "release_vm"
+    kind: ClassVar[str] = "release_vm"
 
 
 def _pages_up(length: int) -> int:
@@ -418,10 +396,7 @@ class Munmap(_Meta):
     length: int
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"munmap"``."""
-        return "munmap"
+    kind: ClassVar[str] = "munmap"
 
     def removed(self) -> list[tuple[int, int]]:
         """The hva ranges ``[start, end)`` whose mappings the call took away (none when
@@ -444,10 +419,7 @@ class Mremap(_Meta):
     value: int | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"mremap"``."""
-        return "mremap"
+    kind: ClassVar[str] = "mremap"
 
     def removed(self) -> list[tuple[int, int]]:
         """The old hva ranges the call unmapped or emptied: all of it when the mapping
@@ -472,10 +444,7 @@ class Madvise(_Meta):
     advice: int
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"madvise"``."""
-        return "madvise"
+    kind: ClassVar[str] = "madvise"
 
     def removed(self) -> list[tuple[int, int]]:
         """The hva range whose pages were discarded (none when the call failed). O(1)."""

@@ -71,6 +71,8 @@ PROGRESS_EVERY: Final = 256
 _NO_FD: Final = 0x7FFFFFFF
 
 _HVA_KINDS: Final = (Munmap, Mremap, Madvise)
+#: the records that are not replayed (they only feed the hazard check)
+_NOT_REPLAYED: Final = (*_HVA_KINDS, ReleaseVm)
 _RING_CAPS: Final = (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
 #: the kinds of memslot calls that change the map (a :class:`SlotChange` each)
 _CHANGES: Final = frozenset(("create", "delete", "move", "flags"))
@@ -366,19 +368,14 @@ def _make_model(name: ImplName, limits: VmLimits) -> Vm | ArrayVm:
     return Vm(**kwargs) if name == "engine" else ArrayVm(**kwargs)
 
 
-def _first_vcpu(steps: Sequence[Record], attached: bool) -> int:
-    """Index (among the replayed records) of the traced VM's first vCPU: dirty bitmaps
-    before it are predictable exactly. 0 for a VM that existed before the recording."""
+def _first_vcpu(replayed: Sequence[Record], attached: bool) -> int:
+    """Index among the ``replayed`` records of the traced VM's first vCPU (their number
+    when there is none): dirty bitmaps before it are predictable exactly. 0 for a VM that
+    existed before the recording."""
     if attached:
         return 0
-    index = 0
-    for rec in steps:
-        if isinstance(rec, (*_HVA_KINDS, ReleaseVm)):
-            continue
-        if isinstance(rec, CreateVcpu) and rec.result == 0:
-            return index
-        index += 1
-    return index
+    created = (i for i, r in enumerate(replayed) if isinstance(r, CreateVcpu) and r.result == 0)
+    return next(created, len(replayed))
 
 
 def replay(
@@ -424,9 +421,10 @@ def replay(
         primary = cast(ImplName, models[0])
     if primary not in models:
         raise ValueError(f"primary {primary!r} is not among the models replayed")
-    n_records = sum(not isinstance(r, (*_HVA_KINDS, ReleaseVm)) for r in steps)
-    exact_until = _first_vcpu(steps, attached)
-    memslot_calls = [r for r in steps if isinstance(r, MemslotCall)]
+    replayed: list[Record] = [r for r in steps if not isinstance(r, _NOT_REPLAYED)]
+    n_records = len(replayed)
+    exact_until = _first_vcpu(replayed, attached)
+    memslot_calls = [r for r in replayed if isinstance(r, MemslotCall)]
 
     runs: dict[str, ImplRun] = {n: ImplRun(n, "off") for n in ("engine", "array", "kernel")}
     session: KernelSession | None = None
@@ -536,7 +534,7 @@ def replay(
             " calls that depend on them may disagree"
         )
     return ReplayReport(
-        calls_and_records=[r for r in steps if not isinstance(r, (*_HVA_KINDS, ReleaseVm))],
+        calls_and_records=replayed,
         runs=runs,
         primary=primary,
         limits=limits,

@@ -20,7 +20,7 @@ from errno import EINVAL
 from typing import Any, Final, cast
 
 from memslots.baseline import ArrayVm
-from memslots.dirty_log import dirty_runs, pages_to_bitmap
+from memslots.dirty_log import pages_to_bitmap
 from memslots.errors import KvmUnavailable
 from memslots.kvm import kvm_unavailable
 from memslots.kvm.abi import (
@@ -92,6 +92,8 @@ class _Ctx:
 
 
 def _mask(runs: Iterable[tuple[int, int]]) -> int:
+    """The pages of ``runs`` as an integer, bit ``p`` for page ``p``: what a KVM bitmap
+    (bit ``p & 7`` of byte ``p >> 3``) is read as with ``int.from_bytes(bitmap, "little")``."""
     value = 0
     for first, count in runs:
         value |= ((1 << count) - 1) << first
@@ -116,7 +118,7 @@ def _compare_bitmap(recorded: Runs | None, got: bytes, exact: bool) -> str:
     if recorded is None:
         return ""
     want = _mask(recorded)
-    have = _mask(dirty_runs(got))
+    have = int.from_bytes(got, "little")
     if have == want or (not exact and not have & ~want):
         return ""
     if exact:
@@ -562,7 +564,7 @@ def _compare_replayed_bitmaps(
         mbits = bitmaps.get(primary, {}).get(index)
         if mbits is None or mbits == kbits:
             continue
-        k, m = _mask(dirty_runs(kbits)), _mask(dirty_runs(mbits))
+        k, m = int.from_bytes(kbits, "little"), int.from_bytes(mbits, "little")
         if k != m:
             runs["kernel"].details.setdefault(
                 index,

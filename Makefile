@@ -4,7 +4,9 @@
 # into src/memslots/*.so; `MEMSLOTS_PURE_PYTHON=1` builds pure Python. .venv holds the
 # compiled editable install, rebuilt whenever an engine source or the build changes (a
 # stale .so would run instead of the edited .py); .venv/pure holds a pure install of the
-# same sources, used for the engine's tests and by `memslots bench` for the pure column.
+# same sources (the tools too), rebuilt whenever any of them changes, for the engine's tests
+# on the pure build and for the API reference of the docs. (`memslots bench` and
+# benchmarks/bench_engine.py make their own pure copy: memslots.tools.bench_peers.)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,6 +18,8 @@ DOCS_STAMP := $(VENV)/.docs-installed
 COMPILED_MODULES := $(shell $(PYTHON) -c "import runpy; \
 	print(*runpy.run_path('src/memslots/_build.py')['COMPILED_MODULES'])")
 ENGINE_SRC := setup.py $(wildcard src/memslots/*.py)
+#: everything a pure install copies: the engine, the tools and the package data
+PACKAGE_SRC := setup.py $(shell find src/memslots -type f -not -name '*.so' -not -name '*.pyc')
 #: the engine's own tests, also run on the pure build
 ENGINE_TESTS := tests/test_indexes.py tests/test_engine_errno.py tests/test_engine_model.py \
 	tests/test_engine_protocol.py tests/test_dirty_log.py tests/test_guest_memory.py \
@@ -30,7 +34,7 @@ $(STAMP): pyproject.toml $(ENGINE_SRC)
 	$(BIN)/python -m pip install -q -e '.[test,plot]'
 	touch $(STAMP)
 
-$(PURE_STAMP): $(STAMP)
+$(PURE_STAMP): $(STAMP) $(PACKAGE_SRC)
 	rm -rf $(PURE)
 	MEMSLOTS_PURE_PYTHON=1 $(BIN)/python -m pip install -q --no-deps --no-build-isolation \
 		--target $(PURE) .
@@ -76,7 +80,7 @@ test: lint typecheck pytest pytest-pure docs
 run: $(STAMP)
 	$(BIN)/memslots replay
 
-bench: $(PURE_STAMP)
+bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py
 
 clean:

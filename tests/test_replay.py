@@ -420,3 +420,22 @@ def test_progress_is_reported_per_implementation() -> None:
     replay(calls, impls=("engine",), kernel=False, progress=lambda *a: seen.append(a))
     n = len(calls)
     assert seen == [("engine", 0, n), ("engine", replay_mod.PROGRESS_EVERY, n), ("engine", n, n)]
+
+
+def test_replayed_bitmaps_are_compared_page_by_page() -> None:
+    from memslots.dirty_log import pages_to_bitmap
+
+    compare = run_mod._compare_bitmap
+    bits = bytes(pages_to_bitmap([1, 2, 9, 70], 128))
+    recorded = ((1, 2), (9, 1), (70, 1))
+    assert compare(recorded, bits, exact=True) == ""
+    assert compare(None, bits, exact=True) == ""  # the trace does not say
+    more = (*recorded, (100, 3))  # a guest dirtied pages no replay can know
+    assert compare(more, bits, exact=False) == ""
+    assert compare(more, bits, exact=True) == (
+        "dirty pages: recorded [1, 2, 9, 70, 100, 101, ...], replayed [1, 2, 9, 70]"
+        " (no vCPU yet: they must be equal)"
+    )
+    assert compare(((1, 2),), bits, exact=False) == (
+        "dirty pages replayed but not recorded: [9, 70]"
+    )

@@ -418,6 +418,38 @@ def test_cli_multi_vm_json_and_exit_status(
     assert doc["disagreements"][0]["vm"] == 1
 
 
+def test_cli_multi_vm_record_keeps_the_order_with_the_replayed_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "two.strace"
+    path.write_text(
+        "\n".join(
+            [
+                "ioctl(3, KVM_CREATE_VM, 0) = 4",
+                region(4, 0, 0, MB, HVA, "?"),  # result unknown: the replay's is recorded
+                "ioctl(3, KVM_CREATE_VM, 0) = 5",
+                region(5, 0, 0, MB, HVA),
+                region(4, 1, 0, MB, HVA + MB, "?"),  # EEXIST when replayed
+                region(5, 1, 4 * MB, MB, HVA + MB),
+            ]
+        )
+        + "\n"
+    )
+    out = tmp_path / "out.jsonl"
+    assert main(["replay", str(path), "--no-kvm", "--record", str(out)]) == 0
+    assert f"Recorded 4 calls with the engine's results to {out}" in capsys.readouterr().out
+    trace = load_trace(out)
+    assert trace.version == 2
+    assert [(r.kind, r.vm, getattr(r, "slot", None), r.result) for r in trace.records] == [
+        ("create_vm", 0, None, 0),
+        ("set_user_memory_region", 0, 0, 0),
+        ("create_vm", 1, None, 0),
+        ("set_user_memory_region", 1, 0, 0),
+        ("set_user_memory_region", 0, 1, errno.EEXIST),
+        ("set_user_memory_region", 1, 1, 0),
+    ]
+
+
 def test_agreement_never_rounds_up_to_100() -> None:
     assert agreement_percent(32765, 32767) == "99.9%"
     assert agreement_percent(1, 1) == "100.0%"

@@ -59,7 +59,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
 from importlib.resources.abc import Traversable
-from typing import IO, Any, Final, Generic, Literal, TypeAlias, TypeVar
+from typing import IO, Any, ClassVar, Final, Generic, Literal, TypeAlias, TypeVar
 
 from memslots.constants import (
     KVM_MEM_GUEST_MEMFD,
@@ -102,6 +102,7 @@ __all__ = [
     "TraceVm",
     "TraceWriteError",
     "TraceWriter",
+    "bounded_lines",
     "call_to_json",
     "detect_format",
     "embedded_trace_path",
@@ -189,7 +190,9 @@ class _Meta:
     order; None for calls that are not made on a VM), the process (``pid``, the thread
     group id) and thread (``tid``) that made it, a monotonic timestamp (``time_ns``, 0 when
     unknown) and where the record was read from (``line``, 1-based, and ``source``). Only
-    ``vm`` takes part in equality, so the same calls read from two files compare equal."""
+    ``vm`` takes part in equality, so the same calls read from two files compare equal.
+    Each record class names its ``kind`` in a version 2 trace (``"create_vm"``...): a
+    class attribute, a property of :class:`MemslotCall` (REGION or REGION2)."""
 
     vm: int | None = 0
     pid: int = dataclasses.field(default=0, compare=False)
@@ -293,10 +296,7 @@ class CreateVm(_Meta):
     result: int | None = None
     attached: bool = False
 
-    @property
-    def kind(self) -> str:
-        """``"create_vm"``."""
-        return "create_vm"
+    kind: ClassVar[str] = "create_vm"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -307,10 +307,7 @@ class CreateVcpu(_Meta):
     fd: int | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"create_vcpu"``."""
-        return "create_vcpu"
+    kind: ClassVar[str] = "create_vcpu"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -324,10 +321,7 @@ class CreateGuestMemfd(_Meta):
     fd: int | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"create_guest_memfd"``."""
-        return "create_guest_memfd"
+    kind: ClassVar[str] = "create_guest_memfd"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -340,10 +334,7 @@ class EnableCap(_Meta):
     args: tuple[int, int, int, int] = (0, 0, 0, 0)
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"enable_cap"``."""
-        return "enable_cap"
+    kind: ClassVar[str] = "enable_cap"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -355,10 +346,7 @@ class GetDirtyLog(_Meta):
     dirty: Runs | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"get_dirty_log"``."""
-        return "get_dirty_log"
+    kind: ClassVar[str] = "get_dirty_log"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -372,10 +360,7 @@ class ClearDirtyLog(_Meta):
     dirty: Runs | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"clear_dirty_log"``."""
-        return "clear_dirty_log"
+    kind: ClassVar[str] = "clear_dirty_log"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -385,10 +370,7 @@ class ResetDirtyRings(_Meta):
     value: int | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"reset_dirty_rings"``."""
-        return "reset_dirty_rings"
+    kind: ClassVar[str] = "reset_dirty_rings"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -398,10 +380,7 @@ class ReleaseVm(_Meta):
 
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"release_vm"``."""
-        return "release_vm"
+    kind: ClassVar[str] = "release_vm"
 
 
 def _pages_up(length: int) -> int:
@@ -417,10 +396,7 @@ class Munmap(_Meta):
     length: int
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"munmap"``."""
-        return "munmap"
+    kind: ClassVar[str] = "munmap"
 
     def removed(self) -> list[tuple[int, int]]:
         """The hva ranges ``[start, end)`` whose mappings the call took away (none when
@@ -443,10 +419,7 @@ class Mremap(_Meta):
     value: int | None = None
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"mremap"``."""
-        return "mremap"
+    kind: ClassVar[str] = "mremap"
 
     def removed(self) -> list[tuple[int, int]]:
         """The old hva ranges the call unmapped or emptied: all of it when the mapping
@@ -471,10 +444,7 @@ class Madvise(_Meta):
     advice: int
     result: int | None = None
 
-    @property
-    def kind(self) -> str:
-        """``"madvise"``."""
-        return "madvise"
+    kind: ClassVar[str] = "madvise"
 
     def removed(self) -> list[tuple[int, int]]:
         """The hva range whose pages were discarded (none when the call failed). O(1)."""
@@ -1639,10 +1609,11 @@ def _name(path: StrPath | Traversable) -> str:
     return os.fspath(path) if isinstance(path, str | os.PathLike) else str(path)
 
 
-def _bounded(fp: IO[str]) -> Iterator[str]:
-    """The lines of ``fp``, none read whole if it is longer than :data:`MAX_LINE`
-    characters (the readers then stop with an error), so memory stays bounded whatever the
-    file (``/dev/zero`` included)."""
+def bounded_lines(fp: IO[str]) -> Iterator[str]:
+    """The lines of the text file ``fp`` (a trace file, standard input) as they come, none
+    read whole if it is longer than :data:`MAX_LINE` characters (the readers then stop
+    with an error), so memory stays bounded whatever the input (``/dev/zero`` included).
+    O(1) memory besides the line."""
     while True:
         line = fp.readline(MAX_LINE + 1)
         if not line:
@@ -1668,7 +1639,7 @@ def detect_format(
     if isinstance(path_or_first_lines, str | os.PathLike | Traversable):
         label = source or _name(path_or_first_lines)
         with _open(path_or_first_lines) as fp:
-            fmt = _detect_in(_bounded(fp), label)
+            fmt = _detect_in(bounded_lines(fp), label)
     else:
         label = source or "<trace>"
         fmt = _detect_in(path_or_first_lines, label)
@@ -1706,7 +1677,7 @@ def load_trace(
         if fmt is None:
             fmt = detect_format(path_or_lines, label)
         with _open(path_or_lines) as fp:
-            return _parse(_bounded(fp), label, fmt, skip_bad, errors)
+            return _parse(bounded_lines(fp), label, fmt, skip_bad, errors)
     label = source or "<trace>"
     if isinstance(path_or_lines, Sequence):
         if fmt is None:

@@ -306,11 +306,10 @@ def is_compared(op: Op) -> bool:
 
 
 def op_kind(op: Op) -> str:
-    """``"set_user_memory_region"``, ``"set_user_memory_region2"``, or the operation's
-    ``"op"`` name. O(1)."""
-    if isinstance(op, MemslotCall):
-        return "set_user_memory_region2" if op.v2 else "set_user_memory_region"
-    return op.name
+    """``"set_user_memory_region"``, ``"set_user_memory_region2"`` (the call's own
+    :attr:`~memslots.tools.traces.MemslotCall.kind`), or the operation's ``"op"`` name.
+    O(1)."""
+    return op.kind if isinstance(op, MemslotCall) else op.name
 
 
 def _result_json(result: int) -> int | str:

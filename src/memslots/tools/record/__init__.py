@@ -54,15 +54,7 @@ def host_info() -> dict[str, Any]:
         from memslots.kvm import KvmVm
 
         with KvmVm(strict=False) as vm:
-            lim = vm.limits
-            info["limits"] = {
-                "nr_address_spaces": lim.nr_address_spaces,
-                "max_user_slots": lim.max_user_slots,
-                "max_gfn": lim.max_gfn,
-                "readonly_mem": lim.readonly_mem,
-                "private_mem": lim.private_mem,
-                "task_size_max": lim.task_size_max,
-            }
+            info["limits"] = dataclasses.asdict(vm.limits)  # what Trace.limits() reads back
     except Exception:  # no /dev/kvm: the trace just does not say
         pass
     return info

@@ -638,15 +638,7 @@ class ReplayReport:
                 name: {"status": r.status, "description": r.description, "note": r.note}
                 for name, r in self.runs.items()
             },
-            "limits": {
-                "nr_address_spaces": self.limits.nr_address_spaces,
-                "max_user_slots": self.limits.max_user_slots,
-                "max_gfn": self.limits.max_gfn,
-                "readonly_mem": self.limits.readonly_mem,
-                "private_mem": self.limits.private_mem,
-                "task_size_max": self.limits.task_size_max,
-                "source": self.limits_source,
-            },
+            "limits": {**dataclasses.asdict(self.limits), "source": self.limits_source},
             "hva_relocation": None
             if self.relocation is None
             else {
@@ -736,15 +728,15 @@ class TraceReport:
 
     def to_json(self) -> dict[str, Any]:
         """The document ``memslots replay --json`` prints (see :mod:`memslots.tools.replay`).
-        For a one-VM trace it is that VM's document plus ``vms`` and ``hazards``. O(n)."""
+        For a one-VM trace it is that VM's document plus ``vms`` and ``hazards``. O(n):
+        each VM's document is made once (the entry of ``vms`` shares its parts)."""
+        docs = [vm.to_json() for vm in self.vms]
         vm_docs = []
-        for vm in self.vms:
-            doc = vm.to_json()
-            rows = doc.pop("calls")
-            doc["records"] = rows
-            doc["calls"] = len(vm.calls)
-            vm_docs.append(doc)
-        agreeing, compared = self.agreement()
+        for vm, doc in zip(self.vms, docs, strict=True):
+            vm_doc = {k: v for k, v in doc.items() if k != "calls"}
+            vm_doc["records"] = doc["calls"]  # the rows, under their own name
+            vm_doc["calls"] = len(vm.calls)
+            vm_docs.append(vm_doc)
         trace_info: dict[str, Any] = {
             "source": self.source,
             "embedded": self.embedded,
@@ -757,24 +749,26 @@ class TraceReport:
                 {"source": e.source, "line": e.line, "message": e.message} for e in self.skipped
             ],
         }
-        summary: dict[str, Any] = {
-            "version": JSON_VERSION,
-            "trace": trace_info,
-            "agreement": {
-                "calls": compared,
-                "agreeing": agreeing,
-                "rate": agreeing / compared if compared else None,
-            },
-            "kinds": self.kinds(),
-            "disagreements": [d for vm in self.vms for d in vm.disagreements_json()],
-        }
+        out: dict[str, Any]
         if len(self.vms) == 1:
-            out = self.vms[0].to_json()
-            out["trace"].update(
-                {k: v for k, v in trace_info.items() if k not in ("calls", "records")}
-            )
+            out = docs[0]
+            out["trace"] = {
+                **out["trace"],
+                **{k: v for k, v in trace_info.items() if k not in ("calls", "records")},
+            }
         else:
-            out = summary
+            agreeing, compared = self.agreement()
+            out = {
+                "version": JSON_VERSION,
+                "trace": trace_info,
+                "agreement": {
+                    "calls": compared,
+                    "agreeing": agreeing,
+                    "rate": agreeing / compared if compared else None,
+                },
+                "kinds": self.kinds(),
+                "disagreements": [d for doc in docs for d in doc["disagreements"]],
+            }
         out["vms"] = vm_docs
         out["hazards"] = [h.to_json() for h in self.hazards]
         return out

@@ -20,7 +20,7 @@ from errno import EINVAL
 from typing import Any, Final, cast
 
 from memslots.baseline import ArrayVm
-from memslots.dirty_log import dirty_runs, pages_to_bitmap
+from memslots.dirty_log import pages_to_bitmap
 from memslots.errors import KvmUnavailable
 from memslots.kvm import kvm_unavailable
 from memslots.kvm.abi import (
@@ -71,6 +71,8 @@ PROGRESS_EVERY: Final = 256
 _NO_FD: Final = 0x7FFFFFFF
 
 _HVA_KINDS: Final = (Munmap, Mremap, Madvise)
+#: the records that are not replayed (they only feed the hazard check)
+_NOT_REPLAYED: Final = (*_HVA_KINDS, ReleaseVm)
 _RING_CAPS: Final = (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
 #: the kinds of memslot calls that change the map (a :class:`SlotChange` each)
 _CHANGES: Final = frozenset(("create", "delete", "move", "flags"))
@@ -90,6 +92,8 @@ class _Ctx:
 
 
 def _mask(runs: Iterable[tuple[int, int]]) -> int:
+    """The pages of ``runs`` as an integer, bit ``p`` for page ``p``: what a KVM bitmap
+    (bit ``p & 7`` of byte ``p >> 3``) is read as with ``int.from_bytes(bitmap, "little")``."""
     value = 0
     for first, count in runs:
         value |= ((1 << count) - 1) << first
@@ -114,7 +118,7 @@ def _compare_bitmap(recorded: Runs | None, got: bytes, exact: bool) -> str:
     if recorded is None:
         return ""
     want = _mask(recorded)
-    have = _mask(dirty_runs(got))
+    have = int.from_bytes(got, "little")
     if have == want or (not exact and not have & ~want):
         return ""
     if exact:
@@ -361,31 +365,19 @@ _DESCRIPTIONS: Final = {
 
 
 def _make_model(name: ImplName, limits: VmLimits) -> Vm | ArrayVm:
-    """A fresh model VM with ``limits``."""
-    kwargs: dict[str, Any] = {
-        "nr_address_spaces": limits.nr_address_spaces,
-        "max_user_slots": limits.max_user_slots,
-        "max_gfn": limits.max_gfn,
-        "readonly_mem": limits.readonly_mem,
-        "private_mem": limits.private_mem,
-        "task_size_max": limits.task_size_max,
-    }
+    """A fresh model VM with ``limits`` (the models take its fields as keywords)."""
+    kwargs = dataclasses.asdict(limits)
     return Vm(**kwargs) if name == "engine" else ArrayVm(**kwargs)
 
 
-def _first_vcpu(steps: Sequence[Record], attached: bool) -> int:
-    """Index (among the replayed records) of the traced VM's first vCPU: dirty bitmaps
-    before it are predictable exactly. 0 for a VM that existed before the recording."""
+def _first_vcpu(replayed: Sequence[Record], attached: bool) -> int:
+    """Index among the ``replayed`` records of the traced VM's first vCPU (their number
+    when there is none): dirty bitmaps before it are predictable exactly. 0 for a VM that
+    existed before the recording."""
     if attached:
         return 0
-    index = 0
-    for rec in steps:
-        if isinstance(rec, (*_HVA_KINDS, ReleaseVm)):
-            continue
-        if isinstance(rec, CreateVcpu) and rec.result == 0:
-            return index
-        index += 1
-    return index
+    created = (i for i, r in enumerate(replayed) if isinstance(r, CreateVcpu) and r.result == 0)
+    return next(created, len(replayed))
 
 
 def replay(
@@ -431,9 +423,10 @@ def replay(
         primary = cast(ImplName, models[0])
     if primary not in models:
         raise ValueError(f"primary {primary!r} is not among the models replayed")
-    n_records = sum(not isinstance(r, (*_HVA_KINDS, ReleaseVm)) for r in steps)
-    exact_until = _first_vcpu(steps, attached)
-    memslot_calls = [r for r in steps if isinstance(r, MemslotCall)]
+    replayed: list[Record] = [r for r in steps if not isinstance(r, _NOT_REPLAYED)]
+    n_records = len(replayed)
+    exact_until = _first_vcpu(replayed, attached)
+    memslot_calls = [r for r in replayed if isinstance(r, MemslotCall)]
 
     runs: dict[str, ImplRun] = {n: ImplRun(n, "off") for n in ("engine", "array", "kernel")}
     session: KernelSession | None = None
@@ -543,7 +536,7 @@ def replay(
             " calls that depend on them may disagree"
         )
     return ReplayReport(
-        calls_and_records=[r for r in steps if not isinstance(r, (*_HVA_KINDS, ReleaseVm))],
+        calls_and_records=replayed,
         runs=runs,
         primary=primary,
         limits=limits,
@@ -571,7 +564,7 @@ def _compare_replayed_bitmaps(
         mbits = bitmaps.get(primary, {}).get(index)
         if mbits is None or mbits == kbits:
             continue
-        k, m = _mask(dirty_runs(kbits)), _mask(dirty_runs(mbits))
+        k, m = int.from_bytes(kbits, "little"), int.from_bytes(mbits, "little")
         if k != m:
             runs["kernel"].details.setdefault(
                 index,

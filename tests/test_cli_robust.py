@@ -374,3 +374,47 @@ def test_errno_messages_name_the_file(capsys: pytest.CaptureFixture[str]) -> Non
     status, _, err = in_process(capsys, "replay", "/nonexistent/trace.log")
     assert status == 2
     assert assert_one_line(err, "replay") == f"/nonexistent/trace.log: {os.strerror(errno.ENOENT)}"
+
+
+@pytest.mark.kvm
+def test_tables_into_a_pipe_keep_every_column() -> None:
+    """Into a pipe or file rich would lay tables out on 80 columns and cut the bench's
+    eleven columns to "slo…" and "27…"; the tool lays them out on its pipe width."""
+    impls = "tree,pure,array,kvm,ioctl,vmmemory"
+    argv = ["bench", "--scenario", "sweep", "--counts", "16", "--impl", impls, "--duration",
+            "0.001", "--repetitions", "1", "--no-progress", "--cpu", "none"]  # fmt: skip
+    r = run_cli(argv)
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout
+    header = next(line for line in r.stdout.splitlines() if line.startswith("┃"))
+    for column in ("tree", "pure", "array", "KvmVm", "ioctl", "vm-mem*", "tree/ioctl"):
+        assert f" {column} " in header, header
+    assert "flags" in r.stdout and "mean" in r.stdout
+
+
+def test_console_width_follows_the_stream() -> None:
+    """A terminal keeps its own width (here a pseudo-terminal 97 columns wide); a file
+    gets the pipe width."""
+    import fcntl
+    import io
+    import struct
+    import termios
+
+    from memslots.tools.cli import PIPE_WIDTH, console
+
+    assert console(file=io.StringIO()).width == PIPE_WIDTH
+    leader, follower = os.openpty()
+    try:
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 97, 0, 0))
+        code = (
+            "import sys; from memslots.tools.cli import console as c; "
+            "print(c().width, file=sys.stderr)"
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        r = subprocess.run([PYTHON, "-c", code], stdout=follower, stderr=subprocess.PIPE,
+                           text=True, env=env, timeout=60)  # fmt: skip
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.split() == ["97"]

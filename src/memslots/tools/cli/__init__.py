@@ -20,9 +20,12 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from memslots.errors import KvmUnavailable, MemslotError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 #: subcommand modules, in the order ``memslots --help`` lists them
 SUBCOMMANDS = ("replay", "record", "bench", "conform", "stress", "demo")
@@ -48,6 +51,26 @@ def version_text() -> str:
 
     build = "compiled build (mypyc)" if memslots.COMPILED else "pure-Python build"
     return f"memslots {memslots.__version__}, {build}, Python {platform.python_version()}"
+
+
+#: the width of rich's output when it goes to a file or a pipe: wide enough for every
+#: table of the tool (a terminal's own width is used)
+PIPE_WIDTH = 160
+
+
+def console(*, stderr: bool = False, file: IO[str] | None = None) -> Console:
+    """A ``rich.console.Console`` for a subcommand's output (standard output, standard
+    error with ``stderr=True``, or ``file``): the terminal's width on a terminal,
+    :data:`PIPE_WIDTH` columns otherwise, so that ``memslots bench > results.txt`` keeps
+    every column instead of rich's 80 columns and cells cut short."""
+    from rich.console import Console
+
+    stream = file if file is not None else (sys.stderr if stderr else sys.stdout)
+    try:
+        tty = stream.isatty()
+    except (ValueError, OSError):  # a closed stream: its writes are reported elsewhere
+        tty = False
+    return Console(file=file, stderr=stderr, width=None if tty else PIPE_WIDTH)
 
 
 class _Version(argparse.Action):

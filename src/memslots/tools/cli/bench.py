@@ -24,6 +24,7 @@ from memslots.tools.bench import (
     BenchResults,
 )
 from memslots.tools.cli import CliError
+from memslots.tools.cli import console as cli_console
 
 #: what one iteration of each scenario is, for the table's legend
 ITERATION: dict[str, str] = {
@@ -359,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--plot needs matplotlib: pip install 'memslots[plot]'")
     if args.plot and "sweep" not in cfg.scenarios:
         raise CliError("--plot draws the sweep: add 'sweep' to --scenario")
-    console = Console()
+    console = cli_console()
     try:
         if args.no_progress:
             results = _bench.run(cfg)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from memslots.tools import bench_dirty as _bench_dirty
 from memslots.tools.bench_dirty import DirtyBenchResult
+from memslots.tools.cli import console as cli_console
 
 __all__ = ["print_dirty", "run_dirty"]
 
@@ -49,7 +50,7 @@ def run_dirty(args: argparse.Namespace) -> int:
     """Run the dirty-harvest benchmark for ``memslots bench --dirty`` (``--quick``: 3
     repetitions, else ``--repetitions`` or 10; ``--json FILE``)."""
     repeats = args.repetitions or (3 if args.quick else 10)
-    console = Console()
+    console = cli_console()
     result = _bench_dirty.run(repeats)
     print_dirty(result, console)
     if args.json:

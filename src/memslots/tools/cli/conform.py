@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,6 +28,7 @@ from memslots.errors import errno_name
 from memslots.kvm.abi import KVM_DEV_PATH, kvm_unavailable
 from memslots.kvm.vm import ENGINE_RAISED
 from memslots.tools.cli import CliError
+from memslots.tools.cli import console as cli_console
 from memslots.tools.conform import (
     RING_OPS,
     ConformReport,
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         return _replay(args, ops)
     check_kvm(args.device)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
-    console = Console(stderr=True)
+    console = cli_console(stderr=True)
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),

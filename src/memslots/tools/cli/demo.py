@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotError, Vm
 from memslots.errors import errno_name
+from memslots.tools.cli import console as cli_console
 
 MB = 1 << 20
 
@@ -55,7 +55,7 @@ def memory_map(vm: Vm, title: str) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     """Run the tour."""
-    con = Console()
+    con = cli_console()
     vm = Vm()
     steps: list[tuple[str, tuple[int, int, int, int, int]]] = [
         ("create slot 0: 640 KiB of low RAM", (0, 0, 0, 640 * 1024, 0x7F0000000000)),

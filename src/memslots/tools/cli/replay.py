@@ -47,6 +47,7 @@ from memslots.constants import PAGE_SIZE
 from memslots.errors import KvmUnavailable, errno_name
 from memslots.kvm import kvm_unavailable
 from memslots.tools.cli import CliError
+from memslots.tools.cli import console as cli_console
 from memslots.tools.mapview import PNG_EXTRA, build, matplotlib_available, render_html, render_png
 from memslots.tools.replay import (
     KINDS,
@@ -79,9 +80,6 @@ EMBEDDED_DESCRIPTION: Final = "QEMU 7.2 booting SeaBIOS with 512 MiB, std VGA an
 
 #: most clusters / skipped lines listed before "... and N more"
 _LIST_LIMIT: Final = 8
-
-#: rich's width when the output is not a terminal (a terminal's own width is used)
-_PIPE_WIDTH: Final = 110
 
 
 def register(sub: Any) -> None:
@@ -515,7 +513,7 @@ def render(
     kind, errors, disagreements, final memory map and timings, then the hazards. O(n)."""
     if isinstance(report, ReplayReport):
         report = TraceReport([report], [], report.source, report.embedded, report.fmt)
-    con = Console(file=out, width=None if out.isatty() else _PIPE_WIDTH)
+    con = cli_console(file=out)
     several = len(report.vms) > 1
     _header(con, report, report.vms[0], embedded)
     for vm in report.vms:
@@ -560,7 +558,7 @@ class _ProgressBar:
             TextColumn("replaying on {task.description:<6}"),
             BarColumn(),
             MofNCompleteColumn(),
-            console=Console(stderr=True),
+            console=cli_console(stderr=True),
             transient=True,
             auto_refresh=False,
         )

@@ -31,7 +31,7 @@ ENGINE_TESTS := tests/test_indexes.py tests/test_engine_errno.py tests/test_engi
 $(STAMP): pyproject.toml $(ENGINE_SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e '.[test,plot]'
+	$(BIN)/python -m pip install -q -e '.[test,plot,peers]'
 	touch $(STAMP)
 
 $(PURE_STAMP): $(STAMP) $(PACKAGE_SRC)

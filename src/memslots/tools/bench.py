@@ -126,13 +126,15 @@ SWEEP_ONLY: Final = ("pure", "vmmemory", "unicorn")
 #: the largest slot count the sweep measures an implementation at, and why
 SWEEP_LIMITS: Final = {"unicorn": 2048}
 #: the sweep's implementations measured in a worker process of their own, as ``(design,
-#: pure build)``: the pure build (the sweep's process runs the compiled one) and the
-#: array, whose O(n) copies of large arrays churn the heap of the process they run in
-#: (measured in the sweep's own process, they doubled the compiled tree's cost at 32764
-#: slots); see :class:`~memslots.tools.bench_peers.EngineWorker`
+#: pure build)``: the pure build (the sweep's process runs the compiled one), the array
+#: and the vm-memory model, whose O(n) copies of large lists churn the heap and the
+#: caches of the process they run in (measured in the sweep's own process, either
+#: doubled the compiled tree's cost at 32764 slots); see
+#: :class:`~memslots.tools.bench_peers.EngineWorker`
 WORKER_IMPLS: Final[dict[str, tuple[str, bool]]] = {
     "pure": ("tree", True),
     "array": ("array", False),
+    "vmmemory": ("vmmemory", False),
 }
 SWEEP_LIMIT_REASONS: Final = {
     "unicorn": "each mem_map rebuilds the emulator's memory map: mapping 4000 regions "
@@ -412,8 +414,6 @@ def make_target(impl: str) -> RegionTarget:
 
         with KvmSystem() as system:
             return system.create_vm()
-    if impl == "vmmemory":
-        return VmMemoryModel()
     if impl == "unicorn":
         return UnicornTarget()
     if impl in WORKER_IMPLS:
@@ -769,16 +769,10 @@ class _Runner:
                         continue
                     t = targets[impl]
                     with _no_gc():
-                        if isinstance(t, VmMemoryModel):
-                            t.preload(
-                                [(MEM_GPA + i * step, size, base + MEM_GPA + i * step)
-                                 for i in range(count)]
-                            )  # fmt: skip
-                        else:
-                            sur = t.set_user_memory_region
-                            for i in range(present[impl], count):
-                                gpa = MEM_GPA + i * step
-                                sur(i, 0, gpa, size, base + gpa)
+                        sur = t.set_user_memory_region
+                        for i in range(present[impl], count):
+                            gpa = MEM_GPA + i * step
+                            sur(i, 0, gpa, size, base + gpa)
                     present[impl] = count
                     self.progress.advance()
                 samples: dict[tuple[str, str], list[tuple[float, int]]] = {}
@@ -865,9 +859,15 @@ def time_ops(
 
 def engine_worker(impl: str = "tree") -> None:
     """The loop of :class:`~memslots.tools.bench_peers.EngineWorker`'s worker process, on
-    a VM of design ``impl`` (``"tree"`` or ``"array"``): one JSON request per line on
-    stdin, one answer per line on stdout."""
-    vm: EngineVm = Vm(nr_address_spaces=1) if impl == "tree" else ArrayVm(nr_address_spaces=1)
+    a VM of design ``impl`` (``"tree"``, ``"array"`` or ``"vmmemory"``): one JSON request
+    per line on stdin, one answer per line on stdout."""
+    vm: EngineVm | VmMemoryModel
+    if impl == "tree":
+        vm = Vm(nr_address_spaces=1)
+    elif impl == "array":
+        vm = ArrayVm(nr_address_spaces=1)
+    else:
+        vm = VmMemoryModel()
     present = 0
     for line in sys.stdin:
         msg = json.loads(line)
@@ -877,9 +877,15 @@ def engine_worker(impl: str = "tree") -> None:
                 out: dict[str, Any] = {"compiled": memslots.COMPILED}
             elif cmd == "grow":
                 base, step = msg["base"], msg["step"]
-                for i in range(present, msg["count"]):
-                    gpa = MEM_GPA + i * step
-                    vm.set_user_memory_region(i, 0, gpa, step, base + gpa)
+                if isinstance(vm, VmMemoryModel):  # from_regions: O(n log n), not O(n^2)
+                    vm.preload(
+                        [(MEM_GPA + i * step, step, base + MEM_GPA + i * step)
+                         for i in range(msg["count"])]
+                    )  # fmt: skip
+                else:
+                    for i in range(present, msg["count"]):
+                        gpa = MEM_GPA + i * step
+                        vm.set_user_memory_region(i, 0, gpa, step, base + gpa)
                 present = max(present, msg["count"])
                 out = {}
             elif cmd == "ops":

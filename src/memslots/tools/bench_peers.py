@@ -19,7 +19,8 @@ onto its own calls:
     slots as when measured alone.
 ``vmmemory`` (:class:`VmMemoryModel`)
     a model of rust-vmm vm-memory's ``GuestRegionCollection`` (the guest-memory map of
-    Firecracker and Cloud Hypervisor), in Python: a vector of regions sorted by start
+    Firecracker and Cloud Hypervisor), in Python, in a worker process as well (its
+    copies churn the heap as the array's do): a vector of regions sorted by start
     address, replaced on every change. ``insert_region`` clones the vector, pushes the
     region, sorts it and checks every neighbouring pair for order and overlap
     (``from_arc_regions``); ``remove_region`` binary-searches, clones and removes. A
@@ -187,8 +188,9 @@ def pure_sources(dest: str) -> str:
 
 
 class EngineWorker:
-    """A VM of one design (``impl``: ``"tree"``, :class:`memslots.Vm`, or ``"array"``,
-    :class:`memslots.baseline.ArrayVm`) in a worker process; with ``pure``, of the
+    """A VM of one design (``impl``: ``"tree"``, :class:`memslots.Vm`, ``"array"``,
+    :class:`memslots.baseline.ArrayVm`, or ``"vmmemory"``, :class:`VmMemoryModel`) in a
+    worker process; with ``pure``, of the
     pure-Python build. The sweep asks it to :meth:`grow` to a slot count and to
     :meth:`time_ops` there; it answers what :func:`memslots.tools.bench.time_ops`
     measured in the worker (:func:`memslots.tools.bench.engine_worker`). Close it with

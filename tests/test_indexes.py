@@ -184,3 +184,21 @@ def test_lookups_stop_at_base_gfn_plus_npages() -> None:
         assert b is not None and b.id == 1
         assert lookup(0x310) is None
         assert lookup(0xFF) is None
+
+
+@given(
+    st.lists(st.integers(0, 1 << 64), max_size=40).map(sorted),
+    st.integers(-1, (1 << 64) + 1),
+)
+def test_gfn_index_typed_bisects_are_bisect(keys: list[int], x: int) -> None:
+    """The typed loops the compiled build searches with give ``bisect``'s answers,
+    duplicates and both ends included."""
+    import bisect
+
+    from memslots import gfn_index
+
+    keys = keys + keys[: len(keys) // 3]
+    keys.sort()
+    for probe in (x, *keys[:3], *(k + 1 for k in keys[-2:])):
+        assert gfn_index._bisect_right(keys, probe) == bisect.bisect_right(keys, probe)
+        assert gfn_index._bisect_left(keys, probe) == bisect.bisect_left(keys, probe)

@@ -55,11 +55,6 @@ myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence"]
 suppress_warnings = ["myst.header"]
 
-#: pages of the user guide that other work adds, and the toctree entry of index.md each
-#: follows: each is put in the toctree when its file exists (a missing page listed there
-#: would be an error)
-OPTIONAL_PAGES = {"memory-map": "trace-format"}
-
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True, "show-inheritance": True}
@@ -205,21 +200,8 @@ def _sets_attribute(module: str, klass: str, name: str) -> bool:
     return False
 
 
-def _optional_pages(app: Any, docname: str, source: list[str]) -> None:
-    """``source-read``: put the :data:`OPTIONAL_PAGES` that exist into index.md's
-    toctree, each after its entry."""
-    if docname != "index":
-        return
-    here = os.path.dirname(__file__)
-    for page, after in OPTIONAL_PAGES.items():
-        listed = f"\n{page}\n" in source[0]
-        if os.path.exists(os.path.join(here, f"{page}.md")) and not listed:
-            source[0] = source[0].replace(f"\n{after}\n", f"\n{after}\n{page}\n", 1)
-
-
 def setup(app: Any) -> dict[str, Any]:
     app.add_directive("memslots-help", MemslotsHelp)
-    app.connect("source-read", _optional_pages)
     app.connect("missing-reference", _resolve)
     return {"parallel_read_safe": True}
 

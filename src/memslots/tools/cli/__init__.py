@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 from memslots.errors import KvmUnavailable, MemslotError
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    import rich.console
 
 #: subcommand modules, in the order ``memslots --help`` lists them
 SUBCOMMANDS = ("replay", "record", "bench", "conform", "stress", "demo")
@@ -58,7 +58,7 @@ def version_text() -> str:
 PIPE_WIDTH = 160
 
 
-def console(*, stderr: bool = False, file: IO[str] | None = None) -> Console:
+def console(*, stderr: bool = False, file: IO[str] | None = None) -> rich.console.Console:
     """A ``rich.console.Console`` for a subcommand's output (standard output, standard
     error with ``stderr=True``, or ``file``): the terminal's width on a terminal,
     :data:`PIPE_WIDTH` columns otherwise, so that ``memslots bench > results.txt`` keeps

@@ -191,7 +191,7 @@ class BenchConfig:
     def quick(cls, **overrides: Any) -> BenchConfig:
         """The ``--quick`` preset: every scenario with :data:`QUICK_SLOTS` slots, the
         sweep over every count (the array to :data:`QUICK_SLOTS`), short measurements,
-        one repetition: about 12 s on a loaded 2-core machine (docs/benchmarks.md)."""
+        one repetition: 15-20 s on a loaded 2-core machine (docs/benchmarks.md)."""
         values: dict[str, Any] = {
             "duration": 0.03,
             "repetitions": 1,

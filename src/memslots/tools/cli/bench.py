@@ -104,7 +104,7 @@ def register(sub: Any) -> None:
     d = BenchConfig()
     p.add_argument("--quick", action="store_true",
                    help=f"short measurements, one repetition, {_bench.QUICK_SLOTS} slots in the"
-                   " scenarios, the array swept to as many (about 15 s)")  # fmt: skip
+                   " scenarios, the array swept to as many (about 20 s)")  # fmt: skip
     p.add_argument("--slots", type=int, default=None, metavar="N",
                    help=f"slots in the scenarios (default {d.slots})")  # fmt: skip
     p.add_argument("--counts", type=_ints, default=None, metavar="N,N,...",

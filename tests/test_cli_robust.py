@@ -190,7 +190,9 @@ def test_ctrl_c_at_any_moment_of_a_real_run() -> None:
     """SIGINT at a spread of moments from the console script's first line on: status
     130 (or the run had finished, or the signal came after the last line of Python),
     never a traceback. (Before that first line the interpreter is still starting: a
-    Ctrl-C there is Python's own.)"""
+    Ctrl-C there is Python's own.) The child gets SIGINT's default disposition, as in a
+    terminal: started from a shell's background job, the tests inherit SIGINT ignored,
+    and Python then installs no KeyboardInterrupt handler at all."""
     wrapper = (
         "import os, sys\n"
         "from memslots.__main__ import console\n"
@@ -203,6 +205,7 @@ def test_ctrl_c_at_any_moment_of_a_real_run() -> None:
         p = subprocess.Popen(
             [PYTHON, "-c", wrapper, str(ready_w), "replay", "--no-kvm"],
             pass_fds=(ready_w,),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

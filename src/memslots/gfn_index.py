@@ -98,18 +98,10 @@ class GfnIndex:
         """The slot containing ``gfn``, or None: ``search_memslots(..., approx=false)``.
         O(log n)."""
         if NATIVE:
-            mins = self._mins
-            lo = 0
-            hi = len(mins)
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if gfn < mins[mid]:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            if lo == 0:
+            c = _bisect_right(self._mins, gfn)
+            if c == 0:
                 return None
-            vals = self._vals[lo - 1]
+            vals = self._vals[c - 1]
             lo = 1  # vals[0].base_gfn is the chunk's minimum, <= gfn
             hi = len(vals)
             while lo < hi:

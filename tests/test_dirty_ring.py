@@ -1324,3 +1324,87 @@ def test_kvm_close_unmaps_the_rings_and_releases_every_fd() -> None:
     assert open_fd_count() == fds and vcpu_maps() == maps
     assert errno_of(vcpus[0].harvest_dirty_ring) == errno.EBADF
     assert errno_of(vm.reset_dirty_rings) == errno.EBADF
+
+
+# --------------------------------------------------------------------------------------
+# KvmVm's ring oracle and a reset made by another thread while the vCPU runs
+# --------------------------------------------------------------------------------------
+def _oracle_with_a_soft_full_ring() -> tuple[Any, Any, list[str], mmap.mmap]:
+    """A KernelRing over an anonymous mapping the test pushes into as the kernel would,
+    made soft-full (64 of 128 entries) and harvested, with the vCPU inside a KVM_RUN
+    that the oracle predicted must exit KVM_EXIT_DIRTY_RING_FULL."""
+    from memslots.kvm.abi import KVM_EXIT_DIRTY_RING_FULL
+    from memslots.kvm.ring import KernelRing
+    from memslots.kvm.vcpu import VcpuExit
+
+    nbytes = 128 * 16
+    mapping = mmap.mmap(-1, nbytes)
+    reports: list[str] = []
+    oracle = KernelRing(mapping, nbytes, lambda: {1: 1000}, lambda call, d: reports.append(d))
+    kernel = DirtyRing(nbytes, mapping)  # the kernel's side, on the same memory
+    oracle.before_run()
+    for offset in range(64):  # the guest's writes fill the ring to its soft limit
+        kernel.push(1, offset)
+    oracle.after_run(VcpuExit(KVM_EXIT_DIRTY_RING_FULL))
+    assert reports == [] and oracle.pushes == 64
+    oracle.before_run()  # the request is pending and nothing was reset
+    assert oracle._predict_full and oracle.running
+    assert len(oracle.harvest()) == 64
+    return oracle, kernel, reports, mapping
+
+
+def test_ring_oracle_a_reset_during_the_run_may_let_the_guest_run() -> None:
+    """Another thread's KVM_RESET_DIRTY_RINGS while the vCPU is in KVM_RUN: the kernel
+    may have checked the soft-full request after the reset freed the ring, and then runs
+    the guest. A run that ends in HLT is no disagreement then, and is one without it."""
+    from memslots.kvm.abi import KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_HLT
+    from memslots.kvm.vcpu import VcpuExit
+
+    oracle, kernel, reports, mapping = _oracle_with_a_soft_full_ring()
+    runs = oracle.runs
+    count = oracle.predict_reset()  # the reset begins while the vCPU runs
+    assert count == 64
+    assert kernel.reset() == 64  # the kernel frees the ring ...
+    oracle.after_run(VcpuExit(KVM_EXIT_HLT))  # ... checks the request after it: runs
+    oracle.apply_reset(count, runs)
+    assert reports == []
+    assert oracle._resets_in_flight == 0
+    # a FULL exit with neither a soft-full ring at the start nor a push stays wrong
+    oracle.before_run()
+    assert not oracle._predict_full
+    assert oracle.predict_reset() == 0  # nothing to reset: no reset in flight
+    oracle.after_run(VcpuExit(KVM_EXIT_DIRTY_RING_FULL))
+    assert len(reports) == 1 and "no request pending" in reports[0]
+    oracle.release()
+    kernel.release()
+    mapping.close()
+
+
+def test_ring_oracle_without_a_reset_the_soft_full_exit_is_required() -> None:
+    from memslots.kvm.abi import KVM_EXIT_HLT
+    from memslots.kvm.vcpu import VcpuExit
+
+    oracle, kernel, reports, mapping = _oracle_with_a_soft_full_ring()
+    oracle.after_run(VcpuExit(KVM_EXIT_HLT))
+    assert len(reports) == 1 and "expected KVM_EXIT_DIRTY_RING_FULL" in reports[0]
+    oracle.release()
+    kernel.release()
+    mapping.close()
+
+
+def test_ring_oracle_a_failed_reset_is_no_longer_in_flight() -> None:
+    """A reset that failed freed nothing: the runs after it are checked in full again."""
+    from memslots.kvm.abi import KVM_EXIT_HLT
+    from memslots.kvm.vcpu import VcpuExit
+
+    oracle, kernel, reports, mapping = _oracle_with_a_soft_full_ring()
+    oracle.after_run(VcpuExit(KVM_EXIT_HLT))  # wrong, as above
+    count = oracle.predict_reset()  # begun between runs ...
+    oracle.end_reset(count)  # ... and failed
+    oracle.before_run()
+    assert oracle._predict_full and not oracle._reset_overlap
+    oracle.after_run(VcpuExit(KVM_EXIT_HLT))
+    assert len(reports) == 2
+    oracle.release()
+    kernel.release()
+    mapping.close()

@@ -18,7 +18,12 @@ the guest's pushes themselves cannot be predicted; everything around them can:
   construction (anything else would not be found), in ring order.
 - **The soft-full exit** is predicted exactly: a ``KVM_RUN`` entered with the request
   pending and the ring still soft-full must return ``KVM_EXIT_DIRTY_RING_FULL`` with no
-  new entry; any ``KVM_EXIT_DIRTY_RING_FULL`` needs the ring soft-full.
+  new entry; any ``KVM_EXIT_DIRTY_RING_FULL`` needs the ring soft-full. Not when another
+  thread's ``KVM_RESET_DIRTY_RINGS`` freed entries of this ring while the run was on
+  (``vcpu_enter_guest`` then looked at the request before or after the reset, which
+  nobody outside the kernel can tell): such a run may exit either way, and its
+  ``KVM_EXIT_DIRTY_RING_FULL`` needs only the ring soft-full at the run's start or a
+  push during it.
 - **Reset counts** are predicted exactly: from the engine's ``reset_index``, the entries
   marked RESET up to the first that is not, summed over the vCPUs in creation order; the
   kernel's ``KVM_RESET_DIRTY_RINGS`` must return that, and (when no vCPU ran meanwhile)
@@ -72,6 +77,10 @@ class KernelRing:
         self._allowed: dict[int, int] = {}
         self._predict_full = False
         self._pushes_before = 0
+        #: resets of this ring begun (:meth:`predict_reset`) and not yet applied
+        self._resets_in_flight = 0
+        #: True when a reset that frees entries overlapped the current (or last) run
+        self._reset_overlap = False
         #: True while the vCPU is inside KVM_RUN; ``runs`` counts the runs started
         self.running = False
         self.runs = 0
@@ -87,6 +96,7 @@ class KernelRing:
             self._widen(self._logging_slots())
             self._predict_full = self.ring.check_request()
             self._pushes_before = self.pushes
+            self._reset_overlap = self._resets_in_flight > 0
             self.running = True
             self.runs += 1
 
@@ -99,6 +109,15 @@ class KernelRing:
             ring = self.ring
             reason = exit.reason
             if reason == KVM_EXIT_INTR:  # KVM_RUN stopped before looking at requests
+                return
+            if self._reset_overlap:  # see the module docstring
+                pushed = self.pushes != self._pushes_before
+                if reason == KVM_EXIT_DIRTY_RING_FULL and not (self._predict_full or pushed):
+                    self._report(
+                        "KVM_RUN",
+                        "KVM_EXIT_DIRTY_RING_FULL although the ring was not soft-full when"
+                        " the run began and the run pushed nothing",
+                    )
                 return
             if self._predict_full:
                 if reason != KVM_EXIT_DIRTY_RING_FULL or self.pushes != self._pushes_before:
@@ -160,15 +179,30 @@ class KernelRing:
             return self.ring.harvest()
 
     def predict_reset(self) -> int:
-        """Learn, then what the kernel's reset of this ring must count. O(count)."""
+        """Learn, then what the kernel's reset of this ring must count; a reset that
+        counts any is in flight until :meth:`apply_reset` or :meth:`end_reset`.
+        O(count)."""
         with self._lock:
             self.sync()
-            return self.ring.count_harvested()
+            count = self.ring.count_harvested()
+            if count:
+                self._resets_in_flight += 1
+                if self.running:
+                    self._reset_overlap = True
+            return count
+
+    def end_reset(self, count: int) -> None:
+        """The reset :meth:`predict_reset` counted ``count`` for is over (applied, or
+        failed and so freed nothing)."""
+        with self._lock:
+            if count:
+                self._resets_in_flight -= 1
 
     def apply_reset(self, count: int, runs_before: int) -> None:
         """The kernel reset ``count`` entries of this ring: advance ``reset_index``; if
         the vCPU has not run since ``runs_before``, check those entries are free now."""
         with self._lock:
+            self.end_reset(count)
             ring = self.ring
             first = ring.reset_index
             ring.reset_index = (first + count) & U32_MAX

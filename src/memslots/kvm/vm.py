@@ -503,24 +503,30 @@ class KvmVm(Vm):
             rings = [v.kernel_ring for v in self._kvm_vcpus if v.kernel_ring is not None]
             runs = [r.runs for r in rings]
             predicted = [r.predict_reset() for r in rings]
-            k, kcount, host = self._mirror(
-                lambda: "reset_dirty_rings()",
-                self.fd.reset_dirty_rings,
-                lambda: Vm.reset_dirty_rings(self),
-            )
-            if k:
-                raise MemslotError(k, "KVM_RESET_DIRTY_RINGS")
-            if kcount != sum(predicted):
-                self._compare(
-                    "reset_dirty_rings()",
-                    0,
-                    0,
-                    f"the kernel reset {kcount} entries, the engine predicted {sum(predicted)}"
-                    f" ({predicted} per vCPU)",
+            applied = 0  # rings whose reset is over: apply_reset ends it before checking
+            try:
+                k, kcount, host = self._mirror(
+                    lambda: "reset_dirty_rings()",
+                    self.fd.reset_dirty_rings,
+                    lambda: Vm.reset_dirty_rings(self),
                 )
-            for ring, count, before in zip(rings, predicted, runs, strict=True):
-                ring.apply_reset(count, before)
-            return int(kcount) + (host or 0)
+                if k:
+                    raise MemslotError(k, "KVM_RESET_DIRTY_RINGS")
+                if kcount != sum(predicted):
+                    self._compare(
+                        "reset_dirty_rings()",
+                        0,
+                        0,
+                        f"the kernel reset {kcount} entries, the engine predicted"
+                        f" {sum(predicted)} ({predicted} per vCPU)",
+                    )
+                for ring, count, before in zip(rings, predicted, runs, strict=True):
+                    applied += 1
+                    ring.apply_reset(count, before)
+                return int(kcount) + (host or 0)
+            finally:  # a failed reset freed nothing: the rest of the resets are over too
+                for ring, count in zip(rings[applied:], predicted[applied:], strict=True):
+                    ring.end_reset(count)
 
     def _report(self, call: str, detail: str) -> None:
         """A kernel ring differs from the engine's model (see :mod:`memslots.kvm.ring`)."""

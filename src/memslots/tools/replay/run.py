@@ -365,9 +365,8 @@ _DESCRIPTIONS: Final = {
 
 
 def _make_model(name: ImplName, limits: VmLimits) -> Vm | ArrayVm:
-    """A fresh model VM with ``limits`` (the models take its fields as keywords)."""
-    kwargs = dataclasses.asdict(limits)
-    return Vm(**kwargs) if name == "engine" else ArrayVm(**kwargs)
+    """A fresh model VM with ``limits``."""
+    return Vm(profile=limits) if name == "engine" else ArrayVm(profile=limits)
 
 
 def _first_vcpu(replayed: Sequence[Record], attached: bool) -> int:

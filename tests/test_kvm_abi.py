@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_feature
 
+from conftest import needs_feature
 from memslots.constants import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from memslots.errors import MemslotError
 from memslots.kvm import abi, guests
@@ -204,9 +204,7 @@ def test_capabilities_say_what_the_kernel_does(system: KvmSystem, vm: VmFd) -> N
     assert errno_of(lambda: vm.set_user_memory_region2(2, 0, 2 * PAGE, PAGE, hva)) == expect2
     gmem = vm.check_extension(abi.KVM_CAP_GUEST_MEMFD)
     fds: list[int] = []
-    assert errno_of(lambda: fds.append(vm.create_guest_memfd(PAGE))) == (
-        "OK" if gmem else "ENOTTY"
-    )
+    assert errno_of(lambda: fds.append(vm.create_guest_memfd(PAGE))) == ("OK" if gmem else "ENOTTY")
     for fd in fds:
         os.close(fd)
     ring = system.check_extension(abi.KVM_CAP_DIRTY_LOG_RING)

@@ -395,8 +395,15 @@ def test_a_planted_bug_in_the_enable_order_is_found_and_shrunk(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(memslots.dirty_ring, "enable_dirty_ring", _enable_e2big_first)
-    report = run_conform(5000, 1)
-    planted = [f for f in report.findings if f.sig == ("enable_dirty_ring", EINVAL, E2BIG, "")]
+    # which operations a seed draws depends on what the kernel offers (a kernel without
+    # guest_memfd answers those calls differently, and the generator follows): the bug
+    # must be found within a few seeds, not by one seed on one kernel
+    for seed in range(1, 6):
+        report = run_conform(5000, seed)
+        sig = ("enable_dirty_ring", EINVAL, E2BIG, "")
+        planted = [f for f in report.findings if f.sig == sig]
+        if planted:
+            break
     assert planted and report.agreement < 1.0, [f.sig for f in report.findings]
     [f] = planted
     assert f.reproducer is not None and len(f.ops) > 1

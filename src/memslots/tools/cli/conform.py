@@ -151,6 +151,9 @@ def _print_report(r: ConformReport) -> None:
         f"memslots conform: {r.operations} operations on {r.vms} VMs, seed {r.seed}"
         f" ({r.seconds:.1f} s)"
     )
+    if r.profile is not None:
+        p = r.profile
+        print(f"kernel: Linux {p.release} ({p.arch}): {p.summary()}")
     print(f"calls answered by kernel and engine: {r.calls} ({r.kernel_calls} ioctls)")
     print(f"agreement: {r.agreed}/{r.calls} ({100 * r.agreement:.3f}%)")
     if r.ring_operations:

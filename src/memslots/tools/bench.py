@@ -792,10 +792,24 @@ class _Runner:
                         )
                     )
         finally:
-            for t in targets.values():
-                close_target(t)
-            for w in workers.values():
-                w.close()
+            # every one closed even if closing one fails or a second Ctrl-C comes
+            _close_all(
+                [lambda t=t: close_target(t) for t in targets.values()]
+                + [w.close for w in workers.values()]
+            )
+
+
+def _close_all(closers: list[Callable[[], None]]) -> None:
+    """Call every closer; the first exception (KeyboardInterrupt included) is raised
+    after all of them ran."""
+    first: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except BaseException as exc:  # re-raised below
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def time_ops(
@@ -860,7 +874,8 @@ def time_ops(
 def engine_worker(impl: str = "tree") -> None:
     """The loop of :class:`~memslots.tools.bench_peers.EngineWorker`'s worker process, on
     a VM of design ``impl`` (``"tree"``, ``"array"`` or ``"vmmemory"``): one JSON request
-    per line on stdin, one answer per line on stdout."""
+    per line on stdin, one answer per line on stdout, until stdin ends (the parent
+    closed it) or stdout fails (the parent went away); both end it quietly."""
     vm: EngineVm | VmMemoryModel
     if impl == "tree":
         vm = Vm(nr_address_spaces=1)
@@ -895,8 +910,14 @@ def engine_worker(impl: str = "tree") -> None:
                 out = {"error": f"unknown command {cmd!r}"}
         except Exception as exc:  # reported to the parent, which raises it
             out = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.write(json.dumps(out) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(out) + "\n")
+            sys.stdout.flush()
+        except OSError:  # the parent went away: end quietly
+            with suppress(OSError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, sys.stdout.fileno())
+            return
 
 
 @contextmanager

@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
-import time
 from typing import Any
 
 from rich.console import Console
@@ -33,14 +31,13 @@ from memslots.tools.bench import (
 from memslots.tools.cli import CliError
 from memslots.tools.cli import console as cli_console
 from memslots.tools.cli.options import int_range
+from memslots.tools.cli.progress import PROGRESS_EVERY, LineProgress, stderr_is_terminal
 
 #: what ``bench --quick`` takes, measured on this project's 2-core machine
 #: (docs/benchmarks.md, "How long a run takes")
-QUICK_TIME = "20-30 s"
+QUICK_TIME = "15-30 s"
 #: what the full run takes there
-FULL_TIME = "3-4 minutes"
-#: seconds between progress lines when standard error is not a terminal
-PROGRESS_EVERY = 5.0
+FULL_TIME = "2-4 minutes"
 
 #: what one iteration of each scenario is, for the table's legend
 ITERATION: dict[str, str] = {
@@ -147,11 +144,11 @@ def register(sub: Any) -> None:
                    metavar="N", help=f"slots in the scenarios, 4..{d.slots} "
                    f"(default {d.slots})")  # fmt: skip
     p.add_argument("--counts", type=_ints, default=None, metavar="N,N,...",
-                   help="slot counts of the sweep (default "
+                   help="slot counts of the sweep, increasing, each 4..32764 (default "
                    + ",".join(map(str, d.counts)) + ")")  # fmt: skip
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
-                   help=f"time per measurement (default {d.duration}; --quick: "
-                   f"{BenchConfig.quick().duration})")  # fmt: skip
+                   help=f"seconds per measurement, above 0 and at most 60 (default "
+                   f"{d.duration}; --quick: {BenchConfig.quick().duration})")  # fmt: skip
     p.add_argument("--repetitions", type=int, default=None, metavar="R",
                    help=f"measurements per number, 1..1000: the median and spread are shown"
                    f", targets judged from {JUDGED_REPETITIONS} on (default {d.repetitions}; "
@@ -212,46 +209,6 @@ class RichProgress:
     def advance(self, steps: int = 1) -> None:
         if self._task is not None:
             self._p.advance(self._task, steps)
-
-
-class LineProgress:
-    """:class:`memslots.tools.bench.Progress` as plain lines on standard error, for a
-    standard error that is no terminal: ``memslots bench: per-operation sweep 12/56,
-    40 s`` when a phase starts and then every ``every`` seconds (at a step's end)."""
-
-    def __init__(self, command: str = "memslots bench", every: float = PROGRESS_EVERY) -> None:
-        self.command = command
-        self.every = every
-        self._start = self._last = time.monotonic()
-        self._description = ""
-        self._total = 0
-        self._done = 0
-
-    def _say(self) -> None:
-        self._last = now = time.monotonic()
-        print(
-            f"{self.command}: {self._description} {self._done}/{self._total}, "
-            f"{now - self._start:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def phase(self, description: str, total: int) -> None:
-        self._description, self._total, self._done = description, total, 0
-        self._say()
-
-    def advance(self, steps: int = 1) -> None:
-        self._done += steps
-        if time.monotonic() - self._last >= self.every:
-            self._say()
-
-
-def stderr_is_terminal() -> bool:
-    """True when standard error is a terminal (a live bar), False otherwise (lines)."""
-    try:
-        return sys.stderr.isatty()
-    except (ValueError, OSError):
-        return False
 
 
 def fmt_time(seconds: float) -> str:

@@ -15,6 +15,7 @@ from memslots.tools.bench import spread
 from memslots.tools.bench_dirty import DirtyBenchResult
 from memslots.tools.cli import CliError
 from memslots.tools.cli import console as cli_console
+from memslots.tools.cli.progress import LineProgress
 
 __all__ = ["print_dirty", "run_dirty"]
 
@@ -66,8 +67,6 @@ def print_dirty(result: DirtyBenchResult, console: Console) -> None:
 def run_dirty(args: argparse.Namespace) -> int:
     """Run the dirty-harvest benchmark for ``memslots bench --dirty`` (``--quick``: 3
     repetitions, else ``--repetitions`` or 10; ``--json FILE``)."""
-    from memslots.tools.cli.bench import LineProgress
-
     repeats = args.repetitions if args.repetitions is not None else 3 if args.quick else 10
     if not 1 <= repeats <= 1000:
         raise CliError(f"repetitions must be in 1..1000, not {repeats}")

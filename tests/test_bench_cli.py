@@ -26,7 +26,8 @@ from memslots.tools.bench import (
     run,
 )
 from memslots.tools.cli import main
-from memslots.tools.cli.bench import LineProgress, criteria_lines, print_results
+from memslots.tools.cli.bench import criteria_lines, print_results
+from memslots.tools.cli.progress import LineProgress
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -251,3 +252,53 @@ def test_stress_reports_progress_within_two_seconds(capsys: pytest.CaptureFixtur
     assert main(["stress", "--seconds", "2.5"]) == 0
     _, err = capsys.readouterr()
     assert any(line.startswith("memslots stress: ") for line in err.splitlines()), err
+
+
+# --- the documented times and counts -------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _measured(command: str) -> str:
+    """The range docs/benchmarks.md's "How long a run takes" table gives for ``command``
+    (the text of its cell up to the first parenthesis or comma)."""
+    import re
+
+    text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    m = re.search(r"^\| " + re.escape(command) + r"[^|]* \| ([^|(,]+?) *[(,|]", text, re.M)
+    assert m is not None, command
+    return m.group(1)
+
+
+def test_the_docs_quote_the_measured_times_and_counts() -> None:
+    """README, the command line's page, the dirty-ring page and ``bench --help`` give
+    the ranges measured in docs/benchmarks.md, not numbers of their own."""
+    from memslots.tools.cli.bench import FULL_TIME, QUICK_TIME
+
+    def words(*path: str) -> str:  # the text with line breaks as spaces
+        return " ".join(ROOT.joinpath(*path).read_text(encoding="utf-8").split())
+
+    readme, cli, ring = words("README.md"), words("docs", "cli.md"), words("docs", "dirty-ring.md")
+    quick = _measured("`memslots bench --quick`")
+    full = _measured("`memslots bench` (the full run)")
+    make = _measured("the first `make run`")
+    assert quick == QUICK_TIME and full == FULL_TIME
+    assert f"`memslots bench --quick` takes {quick} on 2 CPUs" in readme
+    assert f"the full run {full}." in readme
+    assert f"`--quick` takes {quick} on 2 CPUs" in cli and f"the full run {full}." in cli
+    assert f"first `make run` takes {make} on 2 CPUs" in readme
+    conform = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    row = next(line for line in conform.splitlines() if "`memslots conform --ops 20000`" in line)
+    ops = row.split("with ", 1)[1].split(" dirty-ring operations")[0]
+    assert f"({ops} of the operations enable rings" in readme
+    assert f"{ops} ring operations" in ring
+
+
+def test_demo_titles_are_whole_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each step's title is a line of its own above its table, not a rich title that
+    wraps at the table's width."""
+    assert main(["demo"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rejected = "create slot 3 overlapping slot 2 (rejected) -> EEXIST"
+    line = next(line for line in lines if line.startswith(rejected))
+    assert line.endswith("; generation 12"), line
+    assert any(line.startswith("delete slot 0 (DELETE) -> ok (") for line in lines)

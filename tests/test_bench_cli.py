@@ -211,7 +211,7 @@ def test_the_vm_memory_peer_is_named_a_python_model() -> None:
     cfg = BenchConfig(counts=(4, 16), duration=0.001, repetitions=1,
                       impls=("tree", "vmmemory"), scenarios=("sweep",), cpu=None)  # fmt: skip
     text = "\n".join(criteria_lines(run(cfg)))
-    assert "vm-memory model (Python, after rust-vmm's crate; not the crate) vs tree" in text
+    assert "a Python model of rust-vmm's vm-memory (not the crate) vs tree at 16 slots" in text
 
 
 # --- progress ----------------------------------------------------------------------------

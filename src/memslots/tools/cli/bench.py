@@ -400,7 +400,7 @@ def criteria_lines(results: BenchResults) -> list[str]:
             line += "; " + mark(key, "<= 1.0x per operation, goal 0.5x")
         out.append(line)
     for peer, name in (
-        ("vmmemory", "vm-memory model (Python, after rust-vmm's crate; not the crate)"),
+        ("vmmemory", "a Python model of rust-vmm's vm-memory (not the crate)"),
         ("unicorn", "Unicorn"),
     ):
         if f"{peer}_vs_tree" in c:

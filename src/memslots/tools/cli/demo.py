@@ -33,8 +33,9 @@ def flag_names(flags: int) -> str:
     return "|".join(names) or "-"
 
 
-def memory_map(vm: Vm, title: str) -> Table:
-    """A rich table of every slot of every address space."""
+def memory_map(vm: Vm, title: str | None = None) -> Table:
+    """A rich table of every slot of every address space (``title``: a rich title, which
+    wraps at the table's width; the demo prints its titles as lines of their own)."""
     t = Table(title=title, title_justify="left")
     for col in ("as", "slot", "gpa range", "size", "flags", "hva"):
         t.add_column(
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         except MemslotError as exc:
             result = f"{errno_name(exc.errno)}: {exc.detail}"
         gen = vm.memslots(0).generation
-        con.print(memory_map(vm, f"{title} -> {result}; generation {gen}"))
+        con.print(f"{title} -> {result}; generation {gen}", markup=False, highlight=False)
+        con.print(memory_map(vm))
     slot = vm.gfn_to_memslot(0xE0000)
     con.print(
         f"gfn 0xe0000 -> slot {slot.id if slot else None}; gfn_to_hva = {vm.gfn_to_hva(0xE0000):#x}"

@@ -535,9 +535,10 @@ def enable_dirty_ring(vm: RingVmView, size: int, acq_rel: bool = False) -> None:
     ``size`` is ``args[0]``, a u64 (EINVAL outside it), truncated to u32. Holds
     ``vm.slots_lock``, which also serialises vCPU creation. O(1)."""
     limits = vm.limits
-    # kvm_vm_ioctl_enable_cap_generic: a capability the kernel does not offer (no ring
-    # before 5.11, no ACQ_REL before 6.1) is EINVAL whatever the size
-    if not limits.dirty_ring_max or (acq_rel and not limits.dirty_ring_acq_rel):
+    # kvm_vm_ioctl_enable_cap_generic: a capability the kernel does not offer is EINVAL
+    # whatever the size (no ring before 5.11, no ACQ_REL before 6.1; arm64 offers only
+    # ACQ_REL, its plain KVM_CAP_DIRTY_LOG_RING answering 0)
+    if not (limits.dirty_ring_acq_rel if acq_rel else limits.dirty_ring_max):
         cap = "KVM_CAP_DIRTY_LOG_RING" + ("_ACQ_REL" if acq_rel else "")
         raise MemslotError(EINVAL, f"{cap} is not offered by this kernel")
     if not 0 <= size <= U64_MAX:
@@ -548,8 +549,8 @@ def enable_dirty_ring(vm: RingVmView, size: int, acq_rel: bool = False) -> None:
         raise MemslotError(EINVAL, f"ring size {size:#x} is not a power of two")
     if size < rsvd * KVM_DIRTY_GFN_SIZE or size < PAGE_SIZE:
         raise MemslotError(EINVAL, f"ring size {size:#x} is below the minimum")
-    if size > limits.dirty_ring_max:
-        raise MemslotError(E2BIG, f"ring size {size:#x} is over {limits.dirty_ring_max:#x}")
+    if size > KVM_DIRTY_RING_MAX_BYTES:
+        raise MemslotError(E2BIG, f"ring size {size:#x} is over {KVM_DIRTY_RING_MAX_BYTES:#x}")
     rings = vm.dirty_rings
     if rings.size:
         raise MemslotError(EINVAL, "the dirty ring is already enabled")

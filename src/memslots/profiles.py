@@ -185,9 +185,18 @@ class KernelProfile:
             f"vCPU ids < {self.max_vcpu_ids}",
             "REGION2" if self.user_memory2 else "no REGION2",
             "guest_memfd" if self.guest_memfd else "no guest_memfd",
-            ("dirty ring" + (" +ACQ_REL" if self.dirty_ring_acq_rel else ""))
-            if self.dirty_ring_max
-            else "no dirty ring",
+            "dirty ring: "
+            + (
+                "+".join(
+                    name
+                    for name, on in (
+                        ("plain", self.dirty_ring_max),
+                        ("ACQ_REL", self.dirty_ring_acq_rel),
+                    )
+                    if on
+                )
+                or "none"
+            ),
             f"{self.paging_levels}-level paging",
         ]
         return ", ".join(feats)

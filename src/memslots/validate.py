@@ -81,8 +81,9 @@ class VmLimits:
 
     Dirty logging: ``manual_dirty_log_caps`` (``KVM_DIRTY_LOG_MANUAL_CAPS``, the valid
     ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` bits), ``dirty_ring_max`` (the largest ring in
-    bytes, ``KVM_CAP_DIRTY_LOG_RING``; 0: no ring, its ``KVM_ENABLE_CAP`` is EINVAL),
-    ``dirty_ring_acq_rel`` (``KVM_CAP_DIRTY_LOG_RING_ACQ_REL``, 6.1+),
+    bytes, ``KVM_CAP_DIRTY_LOG_RING``; 0: no plain ring, its ``KVM_ENABLE_CAP`` is EINVAL),
+    ``dirty_ring_acq_rel`` (``KVM_CAP_DIRTY_LOG_RING_ACQ_REL`` is offered: x86 6.1+, and
+    the only ring arm64 has),
     ``dirty_ring_with_bitmap`` (``KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP``, arm64 6.3+),
     ``reset_dirty_rings`` (the ``KVM_RESET_DIRTY_RINGS`` ioctl exists: 5.11+).
     """

@@ -54,7 +54,9 @@ from memslots.kvm.abi import (
 )
 from memslots.kvm.ring import KernelRing
 from memslots.kvm.vcpu import DirtyRingFullHandler, IoExit, KvmVcpu, MmioExit, RunResult, VcpuExit
-from memslots.profiles import KernelProfile
+# the module, not the class: importing memslots.profiles first imports this package
+# (for memslots.kvm.abi) while profiles is still half-initialised
+from memslots import profiles as _profiles
 from memslots.validate import check_abi_fields
 from memslots.vm import Vcpu, Vm
 
@@ -114,7 +116,7 @@ def probe_max_gfn(path: str = KVM_DEV_PATH) -> int:
     On x86 this is ``kvm_mmu_max_gfn()``, which depends on the MMU in use and the host's
     physical address width.
     """
-    return KernelProfile.probe(path=path).max_gfn
+    return _profiles.KernelProfile.probe(path=path).max_gfn
 
 
 class KvmVcpuHandle(Vcpu):
@@ -246,16 +248,16 @@ class KvmVm(Vm):
         strict: bool = True,
         path: str = KVM_DEV_PATH,
         system: KvmSystemLike | None = None,
-        profile: KernelProfile | None = None,
+        profile: _profiles.KernelProfile | None = None,
         vm_type: int = 0,
     ) -> None:
         self._system: KvmSystemLike = KvmSystem(path) if system is None else system
         try:
             if profile is None:
                 profile = (
-                    KernelProfile.probe(path=path)
+                    _profiles.KernelProfile.probe(path=path)
                     if system is None
-                    else KernelProfile.probe(self._system)
+                    else _profiles.KernelProfile.probe(self._system)
                 )
             self.fd: VmFd = self._system.create_vm(vm_type)
         except BaseException:

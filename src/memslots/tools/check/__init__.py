@@ -50,7 +50,6 @@ from memslots.tools.check.rules import (
     RuleContext,
     severity_rank,
 )
-from memslots.tools.replay.report import describe_record
 from memslots.tools.traces import Trace
 from memslots.validate import VmLimits
 from memslots.vm import Vm
@@ -242,7 +241,7 @@ class CheckReport:
         print(f"\nFailed calls: {len(failures) or 'none'}", file=out)
         for h, e in failures:
             vm = f"VM {h.vm} " if n > 1 else ""
-            print(f"  {vm}line {e.line}: {describe_record(e.record)}", file=out)
+            print(f"  {vm}line {e.line}: {_describe(e)}", file=out)
             if e.explanation is not None:
                 print(f"    {e.explanation.line()}", file=out)
         counts = self.counts()
@@ -262,6 +261,14 @@ class CheckReport:
         )
 
 
+def _describe(e: Event) -> str:
+    # imported here: memslots.tools.replay imports this package's explain module, which
+    # runs this package first
+    from memslots.tools.replay.report import describe_record
+
+    return describe_record(e.record)
+
+
 def _failure_json(h: VmHistory, e: Event) -> dict[str, Any]:
     explanation = e.explanation or Explanation(e.result or 0, "unknown", "", "")
     return {
@@ -269,7 +276,7 @@ def _failure_json(h: VmHistory, e: Event) -> dict[str, Any]:
         "records": [e.line],
         "where": e.record.where,
         "record": e.record.kind,
-        "call": describe_record(e.record),
+        "call": _describe(e),
         "errno": errno_name(e.result),
         "explanation": explanation.to_json(),
     }

@@ -187,18 +187,19 @@ class Explanation:
 class Placements:
     """Which record put each live slot of a VM where it is: the line of its create or
     of its last move (a change of flags keeps it). :meth:`note` is told every memslot
-    call that succeeded with the slot as it now is (None after a delete). O(1) each."""
+    call that succeeded and what it did (``create``, ``delete``, ``move``...). O(1)
+    each."""
 
     def __init__(self) -> None:
         self._where: dict[int, tuple[int, str]] = {}
 
-    def note(self, call: MemslotCall, before: Memslot | None, after: Memslot | None) -> None:
-        """``call`` succeeded; ``before``/``after`` are its slot before and after it."""
-        if after is None:
+    def note(self, call: MemslotCall, change: str) -> None:
+        """``call`` succeeded and made ``change`` (``Vm.last_change``'s value)."""
+        if change == "delete":
             self._where.pop(call.slot, None)
-        elif before is None:
+        elif change == "create":
             self._where[call.slot] = (call.line, "created")
-        elif before.base_gfn != after.base_gfn:
+        elif change == "move":
             self._where[call.slot] = (call.line, "moved there")
 
     def of(self, slot: int) -> tuple[int, str] | None:

@@ -316,7 +316,7 @@ class _Walker:
             ev.result = 0
         ev.change = change
         ev.after = SlotView.of(new)
-        self.placements.note(rec, old, new)
+        self.placements.note(rec, change)
         if new is not None and change in ("create", "move", "flags"):
             last = new.userspace_addr + (new.npages << PAGE_SHIFT) - 1
             ev.aliases = [

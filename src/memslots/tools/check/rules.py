@@ -120,6 +120,11 @@ def _slot_name(s: SlotView) -> str:
     return f"slot {s.id}" + (f" (as {s.as_id})" if s.as_id else "")
 
 
+def _at_lines(lines: list[int]) -> str:
+    """``line 7`` or ``lines 7, 9``."""
+    return f"line{'s' if len(lines) > 1 else ''} {_lines(lines)}"
+
+
 def _lines(lines: list[int]) -> str:
     if len(lines) <= 4:
         return ", ".join(map(str, lines))
@@ -173,6 +178,10 @@ def unmapped_under_slot(h: VmHistory, ctx: RuleContext) -> list[Finding]:
             f" {len(hits)} live slot{'s' if len(hits) != 1 else ''} ({total} pages) from"
             f" under the guest: {'; '.join(parts)}"
         )
+        if len(hits) > _LIST:
+            low = min(x.gfn_start for x in hits)
+            high = max(x.gfn_end for x in hits)
+            message += f" (all within {_gfns(low, high)})"
         if why:
             message += f" ({why})"
         out.append(
@@ -259,7 +268,7 @@ def remap_window(h: VmHistory, ctx: RuleContext) -> list[Finding]:
             message += (
                 f"; re-created by slot{'s' if len(refill_slots) > 1 else ''}"
                 f" {', '.join(str(s & 0xFFFF) for s in refill_slots)} at"
-                f" line{'s' if len(refill_lines) > 1 else ''} {_lines(refill_lines)}: memory"
+                f" {_at_lines(refill_lines)}: memory"
                 " the guest still sees was missing in between, and a vCPU touching it then"
                 " exits to the VMM or faults"
             )
@@ -449,7 +458,7 @@ def slot_budget(h: VmHistory, ctx: RuleContext) -> list[Finding]:
         message += f"; above {', '.join(names[n] for n in above)}: a vhost backend with"
         message += " that limit refuses this VM's memory map"
     if failed:
-        message += f"; creates failed for lack of slot ids at lines {_lines(failed)}"
+        message += f"; creates failed for lack of slot ids at {_at_lines(failed)}"
     others = {a: p for a, (p, _) in h.peak.items() if a}
     if others:
         message += "; other address spaces: " + ", ".join(
@@ -492,7 +501,7 @@ def slot_id_growth(h: VmHistory, ctx: RuleContext) -> list[Finding]:
             " long before it runs out of slots"
         )
         if failed:
-            message += f"; it did at lines {_lines(failed)}"
+            message += f"; it did at {_at_lines(failed)}"
         out.append(
             Finding(
                 "slot-id-growth",

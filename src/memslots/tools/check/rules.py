@@ -43,8 +43,9 @@ Severity = Literal["info", "warning", "error"]
 SEVERITIES: Final[tuple[Severity, ...]] = ("info", "warning", "error")
 #: vhost's default ``max_mem_regions`` (drivers/vhost/vhost.c)
 VHOST_LIMIT: Final = 64
-#: memory-region limits of common vhost-user backends (``VHOST_USER_MAX_RAM_SLOTS`` of
-#: QEMU's libvhost-user is 509; 8 and 32 are older and small backends' limits)
+#: memory-region limits of common vhost-user backends: 8 (the protocol's table without
+#: ``VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS``), 32 and 509 (libvhost-user's
+#: ``VHOST_USER_MAX_RAM_SLOTS``, older and current)
 VHOST_USER_LIMITS: Final = (8, 32, 509)
 #: slot ids used before :func:`slot_id_growth` looks at them
 _GROWTH_MIN_IDS: Final = 16

@@ -143,10 +143,10 @@ def test_a_failure_the_engine_does_not_reproduce_is_said_so_and_changes_nothing(
         v2=False,
     )
     report = check_trace(t)
-    [(history, failure)] = report.failures()
+    [(_, failure)] = report.failures()
     assert failure.explanation is not None and failure.explanation.check == "unexplained"
     assert "the engine accepts this call" in failure.explanation.text
-    assert history.events[1].change == "create"
+    assert report.vms[0].events[1].change == "create"
 
 
 # --------------------------------------------------------------------------- unmapped-under-slot
@@ -499,3 +499,14 @@ def test_qemu_booting_seabios_recorded_live_shows_remap_windows(tmp_path: Path) 
     assert len(windows) >= 4  # the PAM remaps while SeaBIOS shadows itself
     assert windows[0].records[0] > next(r.line for r in t.records if isinstance(r, CreateVcpu))
     assert not report.failures()
+
+
+def test_every_kind_of_record_failing_is_explained() -> None:
+    from test_traces_v2 import every_kind
+
+    report = check_trace(trace(*every_kind()))
+    failed = [r for r in every_kind() if r.result]
+    assert len(report.failures()) == len(failed) == 3
+    checks = [e.explanation.check for _, e in report.failures() if e.explanation is not None]
+    assert checks == ["ring-after-vcpu", "ring-off", "unexplained"]  # KVM_CREATE_VM: EMFILE
+    assert report.to_json()["failures"][-1]["vm"] is None

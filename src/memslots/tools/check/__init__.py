@@ -155,10 +155,14 @@ class CheckReport:
     rules: list[RuleRun]
     findings: list[Finding]
     notes: list[str]
+    #: failed calls made on no VM (``KVM_CREATE_VM``), explained as not modelled
+    orphans: list[Event] = dataclasses.field(default_factory=list)
 
-    def failures(self) -> list[tuple[VmHistory, Event]]:
-        """Every failed call, each with its VM, in trace order."""
-        out = [(h, e) for h in self.vms for e in h.failures()]
+    def failures(self) -> list[tuple[int | None, Event]]:
+        """Every failed call, each with its VM (None for a call made on no VM: a
+        failed ``KVM_CREATE_VM``), in trace order."""
+        out: list[tuple[int | None, Event]] = [(h.vm, e) for h in self.vms for e in h.failures()]
+        out += [(None, e) for e in self.orphans]
         out.sort(key=lambda pair: pair[1].line)
         return out
 
@@ -204,7 +208,7 @@ class CheckReport:
                 }
                 for r in self.rules
             ],
-            "failures": [_failure_json(h, e) for h, e in self.failures()],
+            "failures": [_failure_json(vm, e) for vm, e in self.failures()],
             "findings": [f.to_json() for f in self.findings],
             "notes": list(self.notes),
             "summary": {
@@ -239,8 +243,8 @@ class CheckReport:
             print(text, file=out)
         failures = self.failures()
         print(f"\nFailed calls: {len(failures) or 'none'}", file=out)
-        for h, e in failures:
-            vm = f"VM {h.vm} " if n > 1 else ""
+        for number, e in failures:
+            vm = f"VM {number} " if n > 1 and number is not None else ""
             print(f"  {vm}line {e.line}: {_describe(e)}", file=out)
             if e.explanation is not None:
                 print(f"    {e.explanation.line()}", file=out)
@@ -269,10 +273,10 @@ def _describe(e: Event) -> str:
     return describe_record(e.record)
 
 
-def _failure_json(h: VmHistory, e: Event) -> dict[str, Any]:
+def _failure_json(vm: int | None, e: Event) -> dict[str, Any]:
     explanation = e.explanation or Explanation(e.result or 0, "unknown", "", "")
     return {
-        "vm": h.vm,
+        "vm": vm,
         "records": [e.line],
         "where": e.record.where,
         "record": e.record.kind,
@@ -319,4 +323,20 @@ def check_trace(
         findings += found
     findings.sort(key=lambda f: (f.vm, f.records[0] if f.records else 0, f.rule))
     notes = [f"VM {h.vm}: {note}" for h in vms for note in h.notes]
-    return CheckReport(trace, source, vms, runs, findings, notes)
+    orphans = [
+        Event(
+            r,
+            r.result,
+            explanation=Explanation(
+                r.result,
+                "unexplained",
+                "",
+                f"{errno_name(r.result)}: {r.kind} failed on no VM; the engine does not model"
+                " it (EMFILE: the process's descriptor limit; EINVAL: a VM type the kernel"
+                " does not offer; ENOMEM)",
+            ),
+        )
+        for r in trace.records
+        if r.vm is None and r.result and not hasattr(r, "removed")
+    ]
+    return CheckReport(trace, source, vms, runs, findings, notes, orphans)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from errno import EINVAL
 from typing import Final
 
@@ -389,13 +389,3 @@ def histories(
             walker.close()
         out.append(history)
     return out
-
-
-def kinds_in(trace: Trace) -> set[str]:
-    """The record kinds ``trace`` holds. O(n)."""
-    return {r.kind for r in trace.records}
-
-
-def flatten(items: Iterable[Iterable[int]]) -> list[int]:
-    """Sorted distinct numbers of ``items``."""
-    return sorted({x for it in items for x in it})

@@ -16,7 +16,6 @@ from typing import Any, Final, Literal
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
 from memslots.tools.check.history import Event, SlotView, VmHistory
 from memslots.tools.traces import (
-    CreateVcpu,
     EnableCap,
     GetDirtyLog,
     Madvise,
@@ -605,6 +604,3 @@ RULES: Final[tuple[Rule, ...]] = (
     ),
     Rule("hva-alias", "two live slots mapping the same host memory", "calls", hva_alias),
 )
-
-#: kinds of records whose presence shows a trace carries vCPU creation
-VCPU_KINDS: Final = frozenset({CreateVcpu.kind})

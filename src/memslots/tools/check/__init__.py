@@ -98,8 +98,9 @@ def resolve_limits(trace: Trace, profile: str | None = None) -> LimitsSource:
     (:meth:`memslots.profiles.KernelProfile.named`; KeyError, listing the names, for an
     unknown one), else the profile in the trace's header (``host.profile``), else its
     ``host.limits``, else the engine's defaults."""
-    # imported here: memslots.profiles and memslots.kvm import each other, and only an
-    # import of memslots.kvm first (the replay modules' imports) resolves that
+    # memslots.profiles and memslots.kvm import each other: only an import of
+    # memslots.kvm first works, so that one comes first here
+    import memslots.kvm  # noqa: F401
     from memslots.profiles import KernelProfile
 
     if profile is not None:

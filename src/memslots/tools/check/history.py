@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from errno import EINVAL
@@ -54,6 +55,9 @@ _KVM_CAP_DIRTY_LOG_RING_ACQ_REL: Final = 223
 #: a guest_memfd number no process has open (a traced fd whose creation the trace lacks)
 _NO_FD: Final = 0x7FFFFFFF
 _HVA_KINDS: Final = (Munmap, Mremap, Madvise)
+#: most other slots noted as aliasing one slot's host memory (a trace mapping every slot
+#: onto the same memory would otherwise cost O(n^2))
+_MAX_ALIASES: Final = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -319,11 +323,12 @@ class _Walker:
         self.placements.note(rec, change)
         if new is not None and change in ("create", "move", "flags"):
             last = new.userspace_addr + (new.npages << PAGE_SHIFT) - 1
+            hits = vm.memslots(new.as_id).iter_hva_range(new.userspace_addr, last)
             ev.aliases = [
                 v
-                for s in vm.memslots(new.as_id).iter_hva_range(new.userspace_addr, last)
+                for s in itertools.islice(hits, _MAX_ALIASES + 1)
                 if s.id != new.id and (v := SlotView.of(s)) is not None
-            ]
+            ][:_MAX_ALIASES]
         as_id = rec.as_id
         if change in ("create", "delete"):
             self.live[as_id] += 1 if change == "create" else -1

@@ -50,6 +50,8 @@ VHOST_USER_LIMITS: Final = (8, 32, 509)
 _GROWTH_MIN_IDS: Final = 16
 #: slots listed in one finding's message before "... and N more"
 _LIST: Final = 6
+#: hva-alias findings per VM before the rest are summed up in one
+_MAX_ALIAS_FINDINGS: Final = 64
 
 
 def severity_rank(severity: str) -> int:
@@ -522,6 +524,7 @@ def hva_alias(h: VmHistory, ctx: RuleContext) -> list[Finding]:
     dirty pages and the other, writable, does not: writes through it escape the dirty
     log and a migration misses them. One finding per pair of slots."""
     found: dict[tuple[int, ...], Finding] = {}
+    more: list[Finding] = []  # pairs past _MAX_ALIAS_FINDINGS, summed up at the end
     for ev in h.events:
         if not ev.aliases or ev.after is None:
             continue
@@ -553,7 +556,7 @@ def hva_alias(h: VmHistory, ctx: RuleContext) -> list[Finding]:
                     "; only one of them logs dirty pages, so writes through the other"
                     " escape the dirty log"
                 )
-            found[key_flat] = Finding(
+            finding = Finding(
                 "hva-alias",
                 "warning" if warn else "info",
                 h.vm,
@@ -561,7 +564,24 @@ def hva_alias(h: VmHistory, ctx: RuleContext) -> list[Finding]:
                 sorted({_abi(a), _abi(b)}),
                 message,
             )
-    return list(found.values())
+            if len(found) < _MAX_ALIAS_FINDINGS:
+                found[key_flat] = finding
+            else:
+                more.append(finding)
+    out = list(found.values())
+    if more:
+        worst: Severity = "warning" if any(f.severity == "warning" for f in more) else "info"
+        out.append(
+            Finding(
+                "hva-alias",
+                worst,
+                h.vm,
+                sorted({line for f in more for line in f.records})[:_MAX_ALIAS_FINDINGS],
+                sorted({s for f in more for s in f.slots}),
+                f"... and {len(more)} more pairs of slots mapping the same host memory",
+            )
+        )
+    return out
 
 
 #: every rule, in report order

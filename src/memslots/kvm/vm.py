@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from errno import EINVAL
 from typing import TYPE_CHECKING, Any
 
+# the module, not the class: importing memslots.profiles first imports this package
+# (for memslots.kvm.abi) while profiles is still half-initialised
+from memslots import profiles as _profiles
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, U32_MAX, U64_MAX
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages
 from memslots.errors import MemslotError, errno_name
@@ -54,9 +57,6 @@ from memslots.kvm.abi import (
 )
 from memslots.kvm.ring import KernelRing
 from memslots.kvm.vcpu import DirtyRingFullHandler, IoExit, KvmVcpu, MmioExit, RunResult, VcpuExit
-# the module, not the class: importing memslots.profiles first imports this package
-# (for memslots.kvm.abi) while profiles is still half-initialised
-from memslots import profiles as _profiles
 from memslots.validate import check_abi_fields
 from memslots.vm import Vcpu, Vm
 

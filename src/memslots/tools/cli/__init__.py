@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import rich.console
 
 #: subcommand modules, in the order ``memslots --help`` lists them
-SUBCOMMANDS = ("replay", "record", "bench", "conform", "stress", "demo", "profiles")
+SUBCOMMANDS = ("replay", "check", "record", "bench", "conform", "stress", "demo", "profiles")
 
 #: subcommands that write nothing to standard output unless asked to (``record -o -``
 #: checks for itself)

@@ -183,6 +183,8 @@ class Column:
     agree: bool
     time_ns: int = 0
     slot: int | None = None
+    #: why the record failed (:mod:`memslots.tools.check.explain`), or ""
+    why: str = ""
 
     @property
     def strip(self) -> str:
@@ -200,7 +202,8 @@ class Column:
             f"{name} {'n/a' if err is None else errno_name(err)}"
             for name, err in self.results.items()
         ]
-        return ", ".join(parts)
+        text = ", ".join(parts)
+        return f"{text}; why: {self.why}" if self.why else text
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -482,6 +485,7 @@ def _columns(report: ReplayReport) -> list[Column]:
                 o.agree,
                 rec.time_ns,
                 rec.slot if isinstance(rec, MemslotCall) else None,
+                why.line() if (why := report.explanation(o.index)) is not None else "",
             )
         )
     return out

@@ -67,9 +67,18 @@ class KernelRing:
     """
 
     def __init__(
-        self, mapping: mmap.mmap, nbytes: int, logging_slots: LoggingSlots, report: Report
+        self,
+        mapping: mmap.mmap | bytearray,
+        nbytes: int,
+        logging_slots: LoggingSlots,
+        report: Report,
     ) -> None:
         self.ring = DirtyRing(nbytes, mapping)
+        # A ring mapped elsewhere (a kernel under QEMU) is a local copy with pull() (copy
+        # the kernel's entries in) and push() (write back the flags changed here); the
+        # local mapping is the kernel's memory itself and has neither.
+        self._pull: Callable[[], None] | None = getattr(mapping, "pull", None)
+        self._push: Callable[[], None] | None = getattr(mapping, "push", None)
         self._logging_slots = logging_slots
         self._report = report
         self._lock = threading.RLock()
@@ -146,6 +155,8 @@ class KernelRing:
         """Learn the entries the kernel published since the last call and check each
         (see the module docstring); returns how many. O(new entries)."""
         with self._lock:
+            if self._pull is not None:
+                self._pull()
             ring = self.ring
             room = ring.size - ring.used
             if room <= 0:
@@ -176,7 +187,10 @@ class KernelRing:
         :meth:`memslots.dirty_ring.DirtyRing.harvest`'s ordering). O(entries)."""
         with self._lock:
             self.sync()
-            return self.ring.harvest()
+            entries = self.ring.harvest()
+            if self._push is not None and entries:
+                self._push()
+            return entries
 
     def predict_reset(self) -> int:
         """Learn, then what the kernel's reset of this ring must count; a reset that
@@ -208,6 +222,8 @@ class KernelRing:
             ring.reset_index = (first + count) & U32_MAX
             if self.running or self.runs != runs_before or not count:
                 return
+            if self._pull is not None:
+                self._pull()
             left = [
                 i for i in range(first, first + count) if ring.entry(i).flags & KVM_DIRTY_GFN_F_MASK
             ]

@@ -585,7 +585,7 @@ class KvmVm(Vm):
             try:
                 k, _, _ = self._mirror(
                     lambda: f"create_vcpu({id})",
-                    lambda: made.append(KvmVcpu(self.fd, id)),
+                    lambda: made.append(_open_vcpu(self.fd, id)),
                     lambda: self._check_new_vcpu(id, self._vcpus),
                 )
             except ConformanceError:
@@ -646,6 +646,14 @@ class KvmVm(Vm):
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self.fd.fd}"
         return f"KvmVm({state}, slots={sum(len(s) for s in self._memslots)}, strict={self.strict})"
+
+
+def _open_vcpu(fd: VmFd, id: int) -> KvmVcpu:
+    """A vCPU of ``fd``: its own ``open_vcpu(id)`` when it has one (a VM of a kernel under
+    QEMU, :meth:`memslots.tools.kernels.remote.RemoteVmFd.open_vcpu`), else a local
+    :class:`memslots.kvm.vcpu.KvmVcpu`."""
+    opener: Callable[[int], KvmVcpu] | None = getattr(fd, "open_vcpu", None)
+    return KvmVcpu(fd, id) if opener is None else opener(id)
 
 
 def _pages(pages: list[int], limit: int = 8) -> str:

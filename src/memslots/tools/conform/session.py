@@ -80,7 +80,7 @@ class Session:
     def _close_alias(self, alias: int) -> None:
         fd = self._fds.pop(alias, None)
         if fd is not None:
-            os.close(fd)
+            self.vm.fd.close_fd(fd)
 
     def _map(self, op: MapMemory) -> None:
         """Map ``op``'s memory unless its range overlaps one mapped already."""
@@ -133,7 +133,7 @@ class Session:
                 self._close_alias(op.fd)
                 self._fds[op.fd] = fd
             elif isinstance(op, OpenDevNull):
-                fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                fd = _open_devnull(self.vm)
                 self._close_alias(op.fd)
                 self._fds[op.fd] = fd
             else:
@@ -182,6 +182,15 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_devnull(vm: KvmVm) -> int:
+    """An fd that is not a guest_memfd, where the VM's kernel is: ``/dev/null`` opened
+    here, or through the VM fd's ``open_devnull`` for a kernel under QEMU."""
+    opener: Callable[[], int] | None = getattr(vm.fd, "open_devnull", None)
+    if opener is not None:
+        return opener()
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _describe(op: HarvestDirtyRing | VcpuMarkPageDirty | VcpuWriteGuest) -> str:

@@ -33,6 +33,7 @@
  *             u32 index, u32 flags, u32 slot, u64 offset (flags read with acquire)
  *   OP_POKE   u32 handle, u32 index, u32 flags -> () (store-release of the entry's flags)
  *   OP_INFO   () -> text "release machine pagesize"
+ *   OP_FSTAT  u32 fd -> u64 st_dev, u64 st_ino (which file a descriptor is)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -51,7 +52,7 @@
 #include <termios.h>
 #include <unistd.h>
 
-enum { OP_IOCTL = 1, OP_OPEN, OP_CLOSE, OP_MMAP, OP_MUNMAP, OP_PEEK, OP_POKE, OP_INFO };
+enum { OP_IOCTL = 1, OP_OPEN, OP_CLOSE, OP_MMAP, OP_MUNMAP, OP_PEEK, OP_POKE, OP_INFO, OP_FSTAT };
 
 #define MAGIC "@MS1 "
 #define REQ_MAGIC "MS1B"
@@ -413,6 +414,19 @@ static void do_call(unsigned op, struct reader *r, struct buf *out, int64_t *ret
 			break;
 		__atomic_store_n((uint32_t *)((unsigned char *)maps[h].addr + 16 * (size_t)i), f,
 				 __ATOMIC_RELEASE);
+		return;
+	}
+	case OP_FSTAT: {
+		uint32_t fd = get_u32(r);
+		struct stat st;
+		if (r->bad)
+			break;
+		*ret = fstat((int)fd, &st);
+		*err = *ret < 0 ? errno : 0;
+		if (*ret == 0) {
+			put_u64(out, (uint64_t)st.st_dev);
+			put_u64(out, (uint64_t)st.st_ino);
+		}
 		return;
 	}
 	case OP_INFO: {

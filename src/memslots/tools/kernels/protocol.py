@@ -42,6 +42,7 @@ from typing import Final
 __all__ = [
     "MAGIC",
     "OP_CLOSE",
+    "OP_FSTAT",
     "OP_INFO",
     "OP_IOCTL",
     "OP_MMAP",
@@ -77,6 +78,7 @@ OP_MUNMAP: Final = 5
 OP_PEEK: Final = 6
 OP_POKE: Final = 7
 OP_INFO: Final = 8
+OP_FSTAT: Final = 9
 
 #: OP_IOCTL flags: return the argument structure after the call / the buffer, sparse
 IOCTL_RETURN_ARG: Final = 1

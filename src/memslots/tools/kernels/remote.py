@@ -35,8 +35,10 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from collections.abc import Callable
+from errno import EBADF
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self, cast
 
 from memslots.constants import KVM_DIRTY_LOG_PAGE_OFFSET
 from memslots.errors import MemslotError
@@ -57,6 +59,7 @@ from memslots.kvm.abi import (
     KVM_SET_USER_MEMORY_REGION,
     KVM_SET_USER_MEMORY_REGION2,
     KVM_X86_DEFAULT_VM,
+    KvmSystemLike,
     kvm_clear_dirty_log,
     kvm_create_guest_memfd,
     kvm_dirty_log,
@@ -65,8 +68,11 @@ from memslots.kvm.abi import (
     kvm_userspace_memory_region2,
 )
 from memslots.kvm.vcpu import DEFAULT_TSS_ADDR, RunObserver
+from memslots.kvm.vm import KvmVm
+from memslots.profiles import KernelProfile
 from memslots.tools.kernels.protocol import (
     OP_CLOSE,
+    OP_FSTAT,
     OP_MMAP,
     OP_MUNMAP,
     OP_OPEN,
@@ -180,6 +186,29 @@ class RemoteKvmSystem(_RemoteFd):
     def vcpu_mmap_size(self) -> int:
         """``KVM_GET_VCPU_MMAP_SIZE``."""
         return self._ioctl("KVM_GET_VCPU_MMAP_SIZE", encode_ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE))
+
+    def profile(self) -> KernelProfile:
+        """The guest kernel's :class:`memslots.profiles.KernelProfile`, probed through
+        this device (scratch VMs; a few hundred calls, about a second), with the guest's
+        release and architecture; what ``KvmVm(system=..., profile=...)`` takes."""
+        info = self.guest.info
+        assert info is not None
+        arch = "arm64" if info.machine == "aarch64" else info.machine
+        return KernelProfile.probe(self, release=info.release, arch=arch)
+
+    def vm_factory(self, profile: KernelProfile | None = None) -> Callable[..., KvmVm]:
+        """A factory of :class:`memslots.kvm.KvmVm` on this kernel (what the tools'
+        ``vm_factory`` parameters take): ``factory(strict=..., path=...)`` gives a
+        ``KvmVm(system=self, profile=profile)``, ``path`` ignored. The profile is probed
+        once (:meth:`profile`) when not given."""
+        chosen = profile if profile is not None else self.profile()
+        # RemoteVmFd has VmFd's calls without being one (the Protocol names VmFd)
+        system = cast(KvmSystemLike, self)
+
+        def factory(*, strict: bool = True, path: str = "", **kwargs: Any) -> KvmVm:
+            return KvmVm(strict=strict, system=system, profile=chosen, **kwargs)
+
+        return factory
 
     def create_vm(self, vm_type: int = KVM_X86_DEFAULT_VM) -> RemoteVmFd:
         """``KVM_CREATE_VM``: a new VM in the guest (one round trip for the mmap size
@@ -385,13 +414,25 @@ class RemoteVmFd(_RemoteFd):
         _check_range("vcpu_id", vcpu_id, _U32)
         return self._ioctl("KVM_CREATE_VCPU", encode_ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id))
 
-    # -- beyond VmFd ----------------------------------------------------------------
+    def fd_identity(self, fd: int) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of a guest descriptor (which file it is);
+        :class:`~memslots.errors.MemslotError` EBADF when it is not open."""
+        if not 0 <= fd <= _U32:
+            raise MemslotError(EBADF, f"guest_memfd {fd} is not open")
+        reply = self.guest.call(Call(OP_FSTAT, struct.pack("<I", fd)))
+        if reply.ret < 0:
+            raise MemslotError(reply.errno, f"guest_memfd {fd} is not open")
+        dev, ino = struct.unpack("<QQ", reply.data)
+        return dev, ino
+
     def close_fd(self, fd: int) -> None:
-        """Close a descriptor of the guest (a guest_memfd, ``/dev/null``)."""
-        reply = self.guest.call(Call(OP_CLOSE, struct.pack("<I", fd)))
+        """Close a descriptor of the guest (a guest_memfd, ``/dev/null``): ``close(2)``
+        there; ``OSError`` with the guest's errno if it fails."""
+        reply = self.guest.call(Call(OP_CLOSE, struct.pack("<I", fd & _U32)))
         if reply.ret < 0:
             raise OSError(reply.errno, os.strerror(reply.errno))
 
+    # -- beyond VmFd ----------------------------------------------------------------
     def open_devnull(self) -> int:
         """Open ``/dev/null`` in the guest (an fd that is not a guest_memfd)."""
         reply = self.guest.call(Call(OP_OPEN, struct.pack("<I", _O_RDONLY) + b"/dev/null"))

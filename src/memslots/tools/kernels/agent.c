@@ -73,9 +73,10 @@ static void die(const char *what)
 {
 	char msg[256];
 	int n = snprintf(msg, sizeof msg, "\nmemslots-agent: fatal: %s: %s\n", what, strerror(errno));
-	if (n > 0)
-		write(2, msg, (size_t)n);
-	reboot(RB_POWER_OFF);
+	if (n > 0 && write(2, msg, (size_t)n) < 0)
+		n = 0;
+	if (getpid() == 1)
+		reboot(RB_POWER_OFF); /* the guest stops; QEMU exits (-no-reboot) */
 	_exit(1);
 }
 
@@ -471,33 +472,45 @@ static void load_modules(struct buf *report)
 	}
 }
 
-int main(void)
+/*
+ * As /init (pid 1, in the guest): mount /dev, /proc and /sys, put the console in raw
+ * mode on fds 0-2, load the modules, open /dev/kvm. Run as an ordinary process (pid
+ * other than 1: the host's tests run it so, with pipes) it touches nothing of the
+ * system: no mounts, no modules, no power-off, and it opens argv[1] (default /dev/kvm)
+ * as the device.
+ */
+int main(int argc, char **argv)
 {
+	int init = getpid() == 1;
+	const char *device = !init && argc > 1 ? argv[1] : "/dev/kvm";
+	struct buf modules = {0}, payload = {0};
+
 	page_size = sysconf(_SC_PAGESIZE);
-	mkdir("/dev", 0755);
-	mkdir("/proc", 0755);
-	mkdir("/sys", 0755);
-	mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
-	mount("proc", "/proc", "proc", 0, NULL);
-	mount("sysfs", "/sys", "sysfs", 0, NULL);
-	int con = open("/dev/console", O_RDWR | O_NOCTTY);
-	if (con >= 0) {
-		dup2(con, 0);
-		dup2(con, 1);
-		dup2(con, 2);
-		if (con > 2)
-			close(con);
-	}
-	struct termios t;
-	if (tcgetattr(0, &t) == 0) {
-		cfmakeraw(&t);
-		tcsetattr(0, TCSANOW, &t);
+	if (init) {
+		mkdir("/dev", 0755);
+		mkdir("/proc", 0755);
+		mkdir("/sys", 0755);
+		mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
+		mount("proc", "/proc", "proc", 0, NULL);
+		mount("sysfs", "/sys", "sysfs", 0, NULL);
+		int con = open("/dev/console", O_RDWR | O_NOCTTY);
+		if (con >= 0) {
+			dup2(con, 0);
+			dup2(con, 1);
+			dup2(con, 2);
+			if (con > 2)
+				close(con);
+		}
+		struct termios t;
+		if (tcgetattr(0, &t) == 0) {
+			cfmakeraw(&t);
+			tcsetattr(0, TCSANOW, &t);
+		}
+		load_modules(&modules);
 	}
 
-	/* ready frame: seq 0, one call: OP_INFO text plus kvm fd, api version, modules */
-	struct buf modules = {0}, payload = {0};
-	load_modules(&modules);
-	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	/* the ready frame (text): see protocol.py */
+	int kvm = open(device, O_RDWR | O_CLOEXEC);
 	int kvm_err = kvm < 0 ? errno : 0;
 	long api = kvm >= 0 ? syscall(SYS_ioctl, kvm, KVM_GET_API_VERSION, 0) : -1;
 	struct utsname u;

@@ -9,7 +9,8 @@ configuration and state are not read or touched, and no root is needed. apt chec
 ``InRelease`` signatures against ``/usr/share/keyrings/debian-archive-keyring.gpg`` and
 every package against the hashes of the signed lists: that verification is the trust
 anchor, and nothing here turns it off. The lists are refreshed when they are over a day
-old (or missing).
+old (or missing); when that fails (offline) the older lists are used, so a kernel in
+the cache boots without the network.
 
 Resolving a series: ``apt-cache pkgnames`` lists the names that start like the series'
 packages; the names that match the series' pattern exactly and have a candidate version
@@ -159,7 +160,15 @@ class _Apt:
         if fresh and not force:
             return
         _progress(f"updating the Debian package lists ({self.root})...")
-        self.run("apt-get", "update", "-q")
+        try:
+            self.run("apt-get", "update", "-q")
+        except KernelBootError as exc:
+            if not stamp.exists():
+                raise
+            # offline, say: the lists fetched before still resolve the series (and a
+            # kernel unpacked before is used without any download)
+            _progress(f"keeping the package lists of before: {exc}")
+            return
         stamp.write_bytes(b"")
 
     def show(self, name: str) -> dict[str, str]:

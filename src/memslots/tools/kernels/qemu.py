@@ -222,7 +222,10 @@ class GuestKernel:
         #: a short description of the kernel, e.g. ``debian:6.1 linux-image-6.1.0-50-amd64``
         self.description = str(spec)
         self._proc: subprocess.Popen[bytes] | None = None
+        # QEMU's stderr, kept for error messages until __exit__ (the temporary file
+        # is deleted when closed)
         self._stderr: IO[bytes] | None = None
+        self._kvm_errno = 0
         self._reader = FrameReader()
         self._seq = 0
         self._lock = threading.Lock()
@@ -276,7 +279,24 @@ class GuestKernel:
         initrd = self._initramfs(agent, modules)
         cmd = qemu_command(arch, qemu, image, initrd, la57=self.la57, memory_mib=self.memory_mib)
         self._say(f"booting {self.description} under QEMU ({arch}, TCG)...")
-        # kept open for the guest's lifetime (error messages read it); closed in __exit__
+        info = self._start(cmd)
+        if info.kvm_fd < 0:
+            failed = [f"{m}: {os.strerror(e)}" for m, e in info.modules.items() if e]
+            loaded = ", ".join(failed) if failed else "no module failed to load"
+            tail = self._reader.tail()
+            self.close()
+            raise KernelBootError(
+                f"{self.description} ({info.release}): no usable /dev/kvm in the guest"
+                f" ({os.strerror(self._kvm_errno)}; {loaded}); give --modules DIR if KVM"
+                " is built as modules",
+                tail,
+            )
+        self._say(f"booted {info.release} ({info.machine}) in {info.boot_seconds:.1f} s")
+        return info
+
+    def _start(self, cmd: list[str]) -> GuestInfo:
+        """Run ``cmd`` (QEMU, or in tests the agent itself) with pipes on its stdin and
+        stdout, and wait for the ready frame; sets and returns :attr:`info`."""
         self._stderr = tempfile.TemporaryFile(prefix="memslots-qemu-")  # noqa: SIM115
         start = time.monotonic()
         try:
@@ -288,15 +308,15 @@ class GuestKernel:
                 preexec_fn=_die_with_parent,
             )
         except OSError as exc:
-            raise KernelBootError(f"{qemu_name}: {exc.strerror or exc}") from None
+            raise KernelBootError(f"{cmd[0]}: {exc.strerror or exc}") from None
         _LIVE.add(self)
         try:
             payload = self._read_frame(start + self.boot_timeout, "booting", start)
-            info, kvm_err = parse_ready(payload)
+            info, self._kvm_errno = parse_ready(payload)
         except BaseException:
             self.close()
             raise
-        info = GuestInfo(
+        self.info = GuestInfo(
             info.release,
             info.machine,
             info.page_size,
@@ -305,19 +325,7 @@ class GuestKernel:
             info.modules,
             time.monotonic() - start,
         )
-        self.info = info
-        if info.kvm_fd < 0:
-            failed = [f"{m}: {os.strerror(e)}" for m, e in info.modules.items() if e]
-            loaded = ", ".join(failed) if failed else "no modules failed to load"
-            self.close()
-            raise KernelBootError(
-                f"{self.description} ({info.release}): no usable /dev/kvm in the guest"
-                f" ({os.strerror(kvm_err)}; {loaded}); give --modules DIR if KVM is built"
-                " as modules",
-                self._reader.tail(),
-            )
-        self._say(f"booted {info.release} ({info.machine}) in {info.boot_seconds:.1f} s")
-        return info
+        return self.info
 
     def _console_tail(self) -> list[str]:
         lines = self._reader.tail()

@@ -19,7 +19,13 @@ import pytest
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES
 from memslots.errors import MemslotError
 from memslots.kvm.abi import KVM_CAP_NR_MEMSLOTS, KVM_CAP_USER_MEMORY
-from memslots.tools.kernels import GuestKernel, KernelBootError, RemoteKvmSystem, parse_spec
+from memslots.tools.kernels import (
+    GuestKernel,
+    KernelBootError,
+    KernelSession,
+    RemoteKvmSystem,
+    open_kernel,
+)
 from memslots.tools.kernels.debian import fetch_debian_kernel
 
 pytestmark = pytest.mark.qemu
@@ -29,7 +35,7 @@ HVA = 0x7F0000000000
 
 
 @pytest.fixture(scope="module")
-def guest() -> Iterator[GuestKernel]:
+def session() -> Iterator[KernelSession]:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     if shutil.which("gcc") is None:
@@ -38,9 +44,14 @@ def guest() -> Iterator[GuestKernel]:
         kernel = fetch_debian_kernel(SERIES)
     except KernelBootError as exc:
         pytest.skip(f"no Debian {SERIES} kernel in the cache and none fetched: {exc}")
-    spec = parse_spec(str(kernel.image), modules=str(kernel.modules) if kernel.modules else None)
-    with GuestKernel(spec, progress=False) as g:
-        yield g
+    modules = str(kernel.modules) if kernel.modules else None
+    with open_kernel(str(kernel.image), modules=modules, progress=False) as k:
+        yield k
+
+
+@pytest.fixture
+def guest(session: KernelSession) -> GuestKernel:
+    return session.guest
 
 
 def test_remote_calls(guest: GuestKernel) -> None:
@@ -72,13 +83,12 @@ def test_remote_calls(guest: GuestKernel) -> None:
         vm.set_user_memory_region(1, 0, 0x80000, 1 << 20, HVA)
 
 
-def test_kvm_vm_on_the_guest_kernel(guest: GuestKernel) -> None:
+def test_kvm_vm_on_the_guest_kernel(session: KernelSession) -> None:
     """The engine in strict mode against the guest kernel: every answer must match."""
-    kvm = RemoteKvmSystem(guest)
-    profile = kvm.profile()
+    guest, profile = session.guest, session.profile
     assert guest.info is not None and profile.release == guest.info.release
-    make = kvm.vm_factory(profile)
-    with make(strict=True) as vm:
+    assert "under QEMU" in session.description
+    with session.vm_factory(strict=True) as vm:
         vm.set_user_memory_region(0, 0, 0, 1 << 20, HVA)
         with pytest.raises(MemslotError) as e:
             vm.set_user_memory_region(1, 0, 0x80000, 1 << 20, HVA)

@@ -17,13 +17,17 @@ The pieces:
 - :mod:`~memslots.tools.kernels.qemu`: :class:`GuestKernel`, QEMU's lifetime and the
   request/reply exchange; :mod:`~memslots.tools.kernels.protocol`: the framing;
 - :mod:`~memslots.tools.kernels.remote`: :class:`RemoteKvmSystem`, :class:`RemoteVmFd`,
-  :class:`RemoteVcpu`: the local KVM ABI's interface, served by the guest.
+  :class:`RemoteVcpu`: the local KVM ABI's interface, served by the guest;
+- :mod:`~memslots.tools.kernels.session`: :func:`open_kernel`, what a command uses.
 
 Typical use::
 
-    with GuestKernel(parse_spec("debian:6.1")) as guest:
-        kvm = RemoteKvmSystem(guest)
-        vm = kvm.create_vm()
+    with open_kernel("debian:6.1") as k:             # a KvmVm on the guest kernel
+        with k.vm_factory(strict=True) as vm:
+            vm.set_user_memory_region(0, 0, 0, 1 << 20, 0x7F0000000000)
+
+    with GuestKernel(parse_spec("debian:6.1")) as guest:   # the raw calls
+        vm = RemoteKvmSystem(guest).create_vm()
         vm.set_user_memory_region(0, 0, 0, 1 << 20, 0x7F0000000000)
 """
 
@@ -35,17 +39,20 @@ from memslots.tools.kernels.remote import (
     RemoteVmFd,
     RingMirror,
 )
+from memslots.tools.kernels.session import KernelSession, open_kernel
 from memslots.tools.kernels.spec import KernelBootError, KernelSpec, parse_spec
 
 __all__ = [
     "GuestInfo",
     "GuestKernel",
     "KernelBootError",
+    "KernelSession",
     "KernelSpec",
     "RemoteKvmSystem",
     "RemoteUnsupported",
     "RemoteVcpu",
     "RemoteVmFd",
     "RingMirror",
+    "open_kernel",
     "parse_spec",
 ]

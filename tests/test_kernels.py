@@ -11,6 +11,9 @@ import os
 import shutil
 import stat
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,8 +105,6 @@ def test_cpio_reader_rejects_garbage() -> None:
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio is not installed")
 def test_cpio_tool_lists_the_archive(tmp_path: Path) -> None:
-    import subprocess
-
     archive = tmp_path / "a.cpio"
     archive.write_bytes(write_initramfs(b"agent", [("kvm.ko", b"elf")]))
     done = subprocess.run(
@@ -558,3 +559,55 @@ def test_agent_exit_is_a_clean_error(host_agent: Path) -> None:
         with pytest.raises(KernelBootError, match="host agent: the guest stopped"):
             guest.call(Call(OP_INFO))
         assert not guest.running
+
+
+def test_ctrl_c_inside_the_block_kills_the_process(host_agent: Path) -> None:
+    guest = GuestKernel(KernelSpec(), progress=False, boot_timeout=30)
+    guest._start([str(host_agent), "/dev/null"])
+    proc = guest._proc
+    assert proc is not None
+    with pytest.raises(KeyboardInterrupt), guest:
+        raise KeyboardInterrupt
+    assert proc.poll() is not None  # killed and reaped
+    assert not guest.running
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its new parent counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_no_stray_process_when_the_host_dies(host_agent: Path) -> None:
+    """The child is killed by the kernel when the process that started it dies without
+    cleaning up (SIGKILL): PR_SET_PDEATHSIG."""
+    script = (
+        "import sys, time\n"
+        "from memslots.tools.kernels.qemu import GuestKernel\n"
+        "from memslots.tools.kernels.spec import KernelSpec\n"
+        "g = GuestKernel(KernelSpec(), progress=False)\n"
+        "g._start([sys.argv[1], '/dev/null'])\n"
+        "print(g._proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    host = subprocess.Popen(
+        [sys.executable, "-c", script, str(host_agent)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert host.stdout is not None
+        child = int(host.stdout.readline())
+        assert _alive(child)
+    finally:
+        host.kill()
+        host.wait()
+    for _ in range(200):  # bounded wait for the kernel to deliver the signal
+        if not _alive(child):
+            break
+        time.sleep(0.05)
+    assert not _alive(child)

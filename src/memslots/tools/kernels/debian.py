@@ -28,6 +28,7 @@ entry is either complete or absent. Images are ``boot/vmlinuz-VER`` (up to 6.x) 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -198,9 +199,18 @@ def fetch_debian_kernel(series: str, arch: str = "x86_64") -> DebianKernel:
         raise KernelBootError(
             f"unknown Debian kernel series {series!r}: known are {', '.join(DEBIAN_SERIES)}"
         )
+    root = cache_dir() / "apt" / series
+    root.mkdir(parents=True, exist_ok=True)
+    # one process at a time per series: apt's own locks would fail a second one
+    with (root / ".memslots.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_locked(series, arch, root)
+
+
+def _fetch_locked(series: str, arch: str, root: Path) -> DebianKernel:
     debarch = ARCHES[arch]
     suites, pattern = DEBIAN_SERIES[series]
-    apt = _Apt(cache_dir() / "apt" / series, suites)
+    apt = _Apt(root, suites)
     apt.update()
     prefix = pattern.split("\\")[0]  # "linux-image-5"
     names = rank_packages(

@@ -167,8 +167,12 @@ class FrameReader:
         self.bad_frames = 0
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data``; return the payloads of the frames it completed, in order."""
+        """Add ``data``; return the payloads of the frames it completed, in order.
+        O(len(data)) amortised: a long frame arriving in many chunks is split into lines
+        once, when its newline comes."""
         self._pending += data
+        if b"\n" not in data:
+            return []
         frames: list[bytes] = []
         *lines, self._pending = self._pending.split(b"\n")
         for line in lines:

@@ -33,6 +33,7 @@ from memslots.tools.kernels.initramfs import (
     module_depends,
     module_load_order,
     normalize_module_name,
+    prune_modules,
     read_cpio,
     write_cpio,
     write_initramfs,
@@ -611,3 +612,17 @@ def test_no_stray_process_when_the_host_dies(host_agent: Path) -> None:
             break
         time.sleep(0.05)
     assert not _alive(child)
+
+
+def test_prune_keeps_only_the_kvm_closure(tmp_path: Path) -> None:
+    make_tree(
+        tmp_path,
+        {"kvm-amd": "kvm", "kvm": "irqbypass", "irqbypass": "", "snd": "", "e1000": ""},
+        xz=("snd",),
+    )
+    (tmp_path / "modules.dep").write_text("kept\n")  # not a module: stays
+    before = collect_modules(tmp_path)
+    assert prune_modules(tmp_path) == 2
+    assert collect_modules(tmp_path) == before
+    left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["irqbypass.ko", "kvm-amd.ko", "kvm.ko", "modules.dep"]

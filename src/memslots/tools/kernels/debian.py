@@ -21,7 +21,8 @@ metapackage: the image is in ``linux-binary-VER`` and the modules in
 ``linux-modules-VER``, both fetched.
 
 Unpacking uses ``dpkg-deb -x`` into a temporary folder renamed into place, so a cache
-entry is either complete or absent. Images are ``boot/vmlinuz-VER`` (up to 6.x) or
+entry is either complete or absent; of the modules only KVM's and their dependencies are
+kept (about 5 MiB of a tree of hundreds). Images are ``boot/vmlinuz-VER`` (up to 6.x) or
 ``usr/lib/modules/VER/vmlinuz`` (7.x); modules are under ``lib/modules/VER`` or
 ``usr/lib/modules/VER``.
 """
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from memslots.tools.kernels.initramfs import prune_modules
 from memslots.tools.kernels.spec import ARCHES, DEBIAN_SERIES, KernelBootError, cache_dir
 
 __all__ = [
@@ -262,6 +264,10 @@ def _download_and_unpack(apt: _Apt, packages: list[str], debarch: str, dest: Pat
             if done.returncode != 0:
                 raise KernelBootError(f"dpkg-deb -x {deb.name}: {done.stderr.strip()}")
             deb.unlink()  # the unpacked tree is what the cache keeps
+        for tree in [*tmp.glob("lib/modules/*"), *tmp.glob("usr/lib/modules/*")]:
+            prune_modules(tree)  # the KVM modules and their dependencies stay
+        for bulky in [*tmp.glob("usr/share"), *tmp.glob("usr/lib/debug")]:
+            shutil.rmtree(bulky, ignore_errors=True)
         tmp.rename(dest)
     finally:
         if tmp.exists():

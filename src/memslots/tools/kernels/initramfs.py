@@ -19,6 +19,7 @@ bytes, the data, padding to 4 bytes; the archive ends with the entry ``TRAILER!!
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import lzma
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "module_depends",
     "module_load_order",
     "normalize_module_name",
+    "prune_modules",
     "read_cpio",
     "read_module",
     "write_cpio",
@@ -217,10 +219,11 @@ def module_load_order(wanted: Iterable[str], depends: Mapping[str, list[str]]) -
     return order
 
 
-def collect_modules(root: Path, wanted: Iterable[str] = KVM_MODULES) -> list[tuple[str, bytes]]:
-    """The modules to load from ``root``, in load order, as ``(file name, ELF bytes)``.
-    Modules are read lazily along the dependency graph, so a full
-    ``/lib/modules/VER`` tree costs only the files KVM needs."""
+def _closure(
+    root: Path, wanted: Iterable[str]
+) -> tuple[dict[str, Path], dict[str, bytes], list[str]]:
+    """The module files under ``root``, the ELF of each module of the closure of
+    ``wanted``, and that closure in load order."""
     files = find_modules(root)
     elves: dict[str, bytes] = {}
     depends: dict[str, list[str]] = {}
@@ -232,7 +235,32 @@ def collect_modules(root: Path, wanted: Iterable[str] = KVM_MODULES) -> list[tup
         elves[name] = read_module(files[name])
         depends[name] = module_depends(elves[name])
         todo.extend(depends[name])
-    return [(f"{name}.ko", elves[name]) for name in module_load_order(wanted, depends)]
+    return files, elves, module_load_order(wanted, depends)
+
+
+def collect_modules(root: Path, wanted: Iterable[str] = KVM_MODULES) -> list[tuple[str, bytes]]:
+    """The modules to load from ``root``, in load order, as ``(file name, ELF bytes)``.
+    Modules are read lazily along the dependency graph, so a full
+    ``/lib/modules/VER`` tree costs only the files KVM needs."""
+    _, elves, order = _closure(root, wanted)
+    return [(f"{name}.ko", elves[name]) for name in order]
+
+
+def prune_modules(root: Path, wanted: Iterable[str] = KVM_MODULES) -> int:
+    """Delete every module file under ``root`` outside the closure of ``wanted`` (what
+    the cache keeps of a distribution's modules tree: a few MiB instead of hundreds);
+    returns how many were deleted."""
+    files, _, order = _closure(root, wanted)
+    keep = {files[name] for name in order}
+    gone = 0
+    for path in files.values():
+        if path not in keep:
+            path.unlink()
+            gone += 1
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)  # only succeeds on an empty folder
+    return gone
 
 
 def write_initramfs(agent: bytes, modules: list[tuple[str, bytes]]) -> bytes:

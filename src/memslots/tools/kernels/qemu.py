@@ -282,7 +282,10 @@ class GuestKernel:
         info = self._start(cmd)
         if info.kvm_fd < 0:
             failed = [f"{m}: {os.strerror(e)}" for m, e in info.modules.items() if e]
-            loaded = ", ".join(failed) if failed else "no module failed to load"
+            if failed:
+                loaded = "modules that failed: " + ", ".join(failed)
+            else:
+                loaded = f"{len(info.modules)} modules loaded" if info.modules else "no modules"
             tail = self._reader.tail()
             self.close()
             raise KernelBootError(

@@ -1,5 +1,5 @@
 """memslots.tools.kernels without QEMU: the cpio writer, module ordering, the framing,
-SPEC parsing and its errors, the private apt configuration, and the real C agent run
+``--kernel`` parsing and its errors, the private apt configuration, and the real C agent run
 as an ordinary host process over pipes (no mounts, no modules: it only does that as
 pid 1), which checks the protocol end to end on calls that need no KVM."""
 
@@ -293,7 +293,7 @@ def test_parse_ready() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# SPEC, cache, apt configuration, missing tools
+# --kernel values, cache, apt configuration, missing tools
 
 
 def test_spec_parsing(tmp_path: Path) -> None:

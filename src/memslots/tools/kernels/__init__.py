@@ -1,14 +1,14 @@
 """Checking the engine against any Linux kernel: boot it under QEMU (TCG, no host KVM
 needed) with a tiny agent as ``/init`` and run KVM calls in it.
 
-``--kernel SPEC`` of ``memslots conform`` and ``memslots replay`` names the kernel:
+``--kernel KERNEL`` of ``memslots conform`` and ``memslots replay`` names the kernel:
 ``debian:SERIES`` (5.10, 6.1, 6.12, 7.2: the newest Debian package of the series, fetched
 with apt under a private configuration and verified against the Debian archive keyring)
 or the path of a kernel image, with ``--modules DIR`` when its KVM is built as modules.
 
 The pieces:
 
-- :mod:`~memslots.tools.kernels.spec`: SPEC parsing, the cache folder,
+- :mod:`~memslots.tools.kernels.spec`: parsing ``--kernel``, the cache folder,
   :class:`KernelBootError`;
 - :mod:`~memslots.tools.kernels.debian`: resolving, fetching and unpacking Debian kernels;
 - :mod:`~memslots.tools.kernels.agent`: building the agent (``agent.c``) with the local

@@ -85,6 +85,8 @@ def apt_config_text(root: Path) -> str:
         f'Dir::Log "{root}/log";\n'
         'APT::Architectures { "amd64"; "arm64"; };\n'
         'Acquire::Languages "none";\n'
+        'Acquire::Retries "1";\n'
+        'Acquire::http::Timeout "30";\n'
     )
 
 

@@ -395,7 +395,13 @@ class GuestKernel:
                 self.close()
                 raise self._fail(f"{self.description}: the guest stopped") from None
             wait = (self.call_timeout if timeout is None else timeout) + 0.001 * len(calls)
-            payload = self._read_frame(time.monotonic() + wait, "waiting for an answer")
+            try:
+                payload = self._read_frame(time.monotonic() + wait, "waiting for an answer")
+            except BaseException:
+                # Ctrl-C, say, with the answer still on its way: the exchange is out of
+                # step from here on, so the guest is of no further use
+                self.close()
+                raise
             self.round_trips += 1
             self.calls += len(calls)
             try:

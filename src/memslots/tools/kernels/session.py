@@ -1,4 +1,4 @@
-"""What a command needs to run against ``--kernel SPEC``: one context manager that boots
+"""What a command needs to run against ``--kernel KERNEL``: one context manager that boots
 the kernel and hands out what the tools take.
 
 ::

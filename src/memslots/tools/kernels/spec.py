@@ -1,6 +1,6 @@
-"""What ``--kernel SPEC`` names, the cache folder, and the error every step raises.
+"""What ``--kernel KERNEL`` names, the cache folder, and the error every step raises.
 
-A SPEC is ``debian:SERIES`` (the newest Debian kernel package of that series:
+KERNEL is ``debian:SERIES`` (the newest Debian kernel package of that series:
 :data:`DEBIAN_SERIES`) or the path of a kernel image (``arch/x86/boot/bzImage``,
 ``arch/arm64/boot/Image``, a distribution's ``vmlinuz``), with ``modules`` the folder of
 its modules when KVM is built as modules (a ``/lib/modules/VER`` tree or a flat folder of
@@ -62,7 +62,7 @@ class KernelBootError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class KernelSpec:
-    """A parsed SPEC: either ``series`` (Debian) or ``image`` (a path) is set."""
+    """A parsed ``--kernel`` value: either ``series`` (Debian) or ``image`` (a path) is set."""
 
     arch: str = "x86_64"
     series: str | None = None
@@ -75,7 +75,7 @@ class KernelSpec:
 
 
 def parse_spec(spec: str, *, arch: str = "x86_64", modules: str | None = None) -> KernelSpec:
-    """Parse ``--kernel SPEC`` (with ``--arch`` and ``--modules``); raises
+    """Parse ``--kernel KERNEL`` (with ``--arch`` and ``--modules``); raises
     :class:`KernelBootError` for an unknown series, architecture, or a missing path.
 
     >>> parse_spec("debian:6.1").series

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from memslots.dirty_ring import DirtyRing
 from memslots.errors import MemslotError
+from memslots.kvm.abi import KvmSystem, VmFd
 from memslots.kvm.ring import KernelRing
 from memslots.tools.kernels import agent as agent_mod
 from memslots.tools.kernels import debian, spec
@@ -58,7 +59,7 @@ from memslots.tools.kernels.protocol import (
     encode_request_frame,
 )
 from memslots.tools.kernels.qemu import GuestKernel, parse_ready, qemu_command
-from memslots.tools.kernels.remote import RemoteVmFd, RingMirror
+from memslots.tools.kernels.remote import RemoteKvmSystem, RemoteVcpu, RemoteVmFd, RingMirror
 from memslots.tools.kernels.spec import KernelBootError, KernelSpec, cache_dir, parse_spec
 
 # --------------------------------------------------------------------------------------
@@ -626,3 +627,16 @@ def test_prune_keeps_only_the_kvm_closure(tmp_path: Path) -> None:
     assert collect_modules(tmp_path) == before
     left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert left == ["irqbypass.ko", "kvm-amd.ko", "kvm.ko", "modules.dep"]
+
+
+def test_remote_classes_offer_the_local_interfaces() -> None:
+    """Everything public of the local VmFd/KvmSystem (what KvmVm, the probe and the
+    tools call) exists on the remote ones, and what KvmVm uses of a vCPU."""
+
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert public(VmFd) - public(RemoteVmFd) == set()
+    assert public(KvmSystem) - public(RemoteKvmSystem) == set()
+    used_by_kvm_vm = {"fd", "closed", "close", "map_dirty_ring", "run", "run_until_hlt"}
+    assert used_by_kvm_vm | {"setup_real_mode", "kick"} <= public(RemoteVcpu)

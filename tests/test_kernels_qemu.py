@@ -24,6 +24,7 @@ from memslots.tools.kernels import (
     KernelBootError,
     KernelSession,
     RemoteKvmSystem,
+    RemoteUnsupported,
     open_kernel,
 )
 from memslots.tools.kernels.debian import fetch_debian_kernel
@@ -99,5 +100,7 @@ def test_kvm_vm_on_the_guest_kernel(session: KernelSession) -> None:
             vm.enable_dirty_ring(4096)
             vcpu = vm.create_vcpu(0)
             assert vcpu.harvest_dirty_ring() == []  # read from the guest's ring
+            with pytest.raises(RemoteUnsupported, match="not supported on a kernel booted"):
+                vcpu.run()
             assert vm.reset_dirty_rings() == 0
         assert vm.disagreements == []

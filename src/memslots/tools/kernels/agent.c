@@ -82,7 +82,7 @@ static void die(const char *what)
 
 static void reserve(struct buf *b, size_t more)
 {
-	if (b->len + more <= b->cap)
+	if (b->p && b->len + more <= b->cap)
 		return;
 	size_t cap = b->cap ? b->cap : 4096;
 	while (cap < b->len + more)
@@ -95,6 +95,8 @@ static void reserve(struct buf *b, size_t more)
 
 static void put(struct buf *b, const void *data, size_t n)
 {
+	if (!n)
+		return;
 	reserve(b, n);
 	memcpy(b->p + b->len, data, n);
 	b->len += n;

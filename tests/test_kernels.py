@@ -640,3 +640,28 @@ def test_remote_classes_offer_the_local_interfaces() -> None:
     assert public(KvmSystem) - public(RemoteKvmSystem) == set()
     used_by_kvm_vm = {"fd", "closed", "close", "map_dirty_ring", "run", "run_until_hlt"}
     assert used_by_kvm_vm | {"setup_real_mode", "kick"} <= public(RemoteVcpu)
+
+
+class _DamagingReader(FrameReader):
+    """Damages the first frame line it sees, as a kernel message written into the middle
+    of the agent's line would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.damaged = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        at = data.find(b"@MS1 ")
+        if not self.damaged and at >= 0 and len(data) > at + 8:
+            data = data[: at + 6] + b"[ 1.0] printk" + data[at + 6 :]
+            self.damaged = True
+        return super().feed(data)
+
+
+def test_a_damaged_answer_is_sent_again(agent_guest: GuestKernel) -> None:
+    reader = _DamagingReader()
+    agent_guest._reader = reader
+    reply = agent_guest.call(Call(OP_INFO))
+    assert reply.data.decode().split()[0] == os.uname().release
+    assert reader.damaged and reader.bad_frames == 1
+    assert agent_guest.call(Call(OP_INFO)).ret == 0  # and the exchange is in step

@@ -13,7 +13,9 @@
  *
  * A request payload is: u32 seq, u32 ncalls, then per call u8 op, u32 len, len bytes of
  * arguments. A reply payload is: u32 seq, u32 ncalls, then per call i64 ret,
- * i32 errno, u32 len, len bytes of output. All integers are little-endian.
+ * i32 errno, u32 len, len bytes of output. All integers are little-endian. A request
+ * with ncalls 0xFFFFFFFF (and nothing after it) asks for the last frame sent again (the
+ * ready frame or a reply), for when the host received it damaged.
  *
  * Operations (arguments, output):
  *   OP_IOCTL  u32 fd, u64 request, u64 intarg, u32 flags, u32 arglen, arg bytes,
@@ -58,6 +60,7 @@ enum { OP_IOCTL = 1, OP_OPEN, OP_CLOSE, OP_MMAP, OP_MUNMAP, OP_PEEK, OP_POKE, OP
 #define REQ_MAGIC "MS1B"
 #define MAX_PAYLOAD (64u << 20)
 #define MAX_MAPS 256
+#define RESEND 0xFFFFFFFFu /* ncalls of a request that asks for the last frame again */
 #define KVM_GET_API_VERSION 0xAE00
 
 static long page_size;
@@ -524,12 +527,18 @@ int main(int argc, char **argv)
 	put(&payload, modules.p ? modules.p : (unsigned char *)"", modules.len);
 	send_frame(&payload);
 
-	struct buf out = {0};
+	/* out holds the last frame sent, for a resend request */
+	struct buf out = payload;
 	for (;;) {
 		size_t len;
 		unsigned char *req = recv_frame(&len);
 		struct reader r = {req, len, 0, 0};
 		uint32_t seq = get_u32(&r), ncalls = get_u32(&r);
+		if (!r.bad && ncalls == RESEND) {
+			free(req);
+			send_frame(&out);
+			continue;
+		}
 		out.len = 0;
 		put_u32(&out, seq);
 		put_u32(&out, 0);

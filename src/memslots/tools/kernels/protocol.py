@@ -23,7 +23,10 @@ Payloads. All integers little-endian.
 - reply: ``u32 seq, u32 ncalls``, then per call ``i64 ret, i32 errno, u32 len, output``.
 
 One request carries a whole batch of calls, executed in order; its reply answers every
-call (a guest crash mid-batch shows as a missing reply). The ready frame the agent sends
+call (a guest crash mid-batch shows as a missing reply). A request whose ``ncalls`` is
+:data:`RESEND` asks the agent for its last frame again: the host sends it when a frame
+arrived damaged (a kernel message written into the middle of the line), so a damaged
+answer costs a round trip, not a timeout. The ready frame the agent sends
 once at start-up is text: ``READY release machine pagesize kvmfd kvmerrno apiversion``
 followed by `` module=errno`` for each module it loaded.
 
@@ -51,6 +54,7 @@ __all__ = [
     "OP_PEEK",
     "OP_POKE",
     "REQ_MAGIC",
+    "RESEND",
     "Call",
     "FrameReader",
     "ProtocolError",
@@ -63,6 +67,7 @@ __all__ = [
     "encode_ioctl",
     "encode_request",
     "encode_request_frame",
+    "encode_resend",
 ]
 
 #: the start of every guest-to-host frame line
@@ -83,6 +88,9 @@ OP_FSTAT: Final = 9
 #: OP_IOCTL flags: return the argument structure after the call / the buffer, sparse
 IOCTL_RETURN_ARG: Final = 1
 IOCTL_RETURN_BUF: Final = 2
+
+#: ``ncalls`` of a request asking for the agent's last frame again
+RESEND: Final = 0xFFFFFFFF
 
 #: the longest payload either side accepts (the agent's limit)
 MAX_PAYLOAD: Final = 64 << 20
@@ -223,6 +231,11 @@ def encode_call(call: Call) -> bytes:
 def encode_request(seq: int, calls: list[Call]) -> bytes:
     """The request payload for a batch."""
     return _HEADER.pack(seq, len(calls)) + b"".join(encode_call(c) for c in calls)
+
+
+def encode_resend() -> bytes:
+    """The request payload asking for the last frame again."""
+    return _HEADER.pack(0, RESEND)
 
 
 def decode_reply(payload: bytes, seq: int, ncalls: int) -> list[Reply]:

@@ -57,6 +57,7 @@ from memslots.tools.kernels.protocol import (
     decode_reply,
     encode_request,
     encode_request_frame,
+    encode_resend,
 )
 from memslots.tools.kernels.spec import KernelBootError, KernelSpec, cache_dir
 
@@ -351,6 +352,7 @@ class GuestKernel:
         assert proc is not None and proc.stdout is not None
         out = proc.stdout.fileno()
         next_note = time.monotonic() + _PROGRESS_EVERY
+        damaged = self._reader.bad_frames
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -373,6 +375,12 @@ class GuestKernel:
             if frames:
                 # one request in flight: at most one frame is pending at a time
                 return frames[0]
+            if self._reader.bad_frames != damaged:  # ask for it again
+                damaged = self._reader.bad_frames
+                with contextlib.suppress(OSError):
+                    assert proc.stdin is not None
+                    proc.stdin.write(encode_request_frame(encode_resend()))
+                    proc.stdin.flush()
 
     # -- calls ----------------------------------------------------------------------
     def batch(self, calls: list[Call], timeout: float | None = None) -> list[Reply]:

@@ -58,6 +58,7 @@ DEBIAN_KEYRING: Final = "/usr/share/keyrings/debian-archive-keyring.gpg"
 #: refresh the package lists when they are older than this
 LISTS_MAX_AGE: Final = 24 * 3600.0
 _TIMEOUT: Final = 600.0
+_PROGRESS_EVERY: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,24 +141,41 @@ class _Apt:
             status.write_bytes(b"")
         self.env = {**os.environ, "APT_CONFIG": str(root / "apt.conf"), "LC_ALL": "C"}
 
-    def run(self, *args: str, cwd: Path | None = None) -> str:
-        try:
-            done = subprocess.run(
-                list(args),
-                env=self.env,
-                cwd=cwd,
-                capture_output=True,
-                text=True,
-                timeout=_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise KernelBootError(f"{args[0]} {args[1]}: no answer in {_TIMEOUT:.0f} s") from None
-        if done.returncode != 0:
-            errors = [ln for ln in done.stderr.splitlines() if ln.startswith(("E:", "Err:"))]
-            why = (errors or done.stderr.strip().splitlines() or ["failed"])[-1]
+    def run(self, *args: str, cwd: Path | None = None, note: str = "") -> str:
+        """Run an apt command under the private configuration; its stdout. With
+        ``note``, a progress line every few seconds while it runs (downloads)."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(list(args), env=self.env, cwd=cwd, stdout=out, stderr=err)
+            except OSError as exc:
+                raise KernelBootError(f"{args[0]}: {exc.strerror or exc}") from None
+            start = time.monotonic()
+            try:
+                while True:
+                    try:
+                        code = proc.wait(timeout=_PROGRESS_EVERY)
+                        break
+                    except subprocess.TimeoutExpired:
+                        waited = time.monotonic() - start
+                        if waited > _TIMEOUT:
+                            raise KernelBootError(
+                                f"{args[0]} {args[1]}: no answer in {_TIMEOUT:.0f} s"
+                            ) from None
+                        if note:
+                            _progress(f"{note} ({waited:.0f} s)")
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            out.seek(0)
+            err.seek(0)
+            stdout = out.read().decode("utf-8", "replace")
+            stderr = err.read().decode("utf-8", "replace")
+        if code != 0:
+            errors = [ln for ln in stderr.splitlines() if ln.startswith(("E:", "Err:"))]
+            why = (errors or stderr.strip().splitlines() or ["failed"])[-1]
             raise KernelBootError(f"{args[0]} {' '.join(args[1:3])}: {why}")
-        return done.stdout
+        return stdout
 
     def update(self, force: bool = False) -> None:
         stamp = self.root / "lists" / ".updated"
@@ -166,7 +184,7 @@ class _Apt:
             return
         _progress(f"updating the Debian package lists ({self.root})...")
         try:
-            self.run("apt-get", "update", "-q")
+            self.run("apt-get", "update", "-q", note="updating the Debian package lists")
         except KernelBootError as exc:
             if not stamp.exists():
                 raise
@@ -247,12 +265,17 @@ def _download_and_unpack(apt: _Apt, packages: list[str], debarch: str, dest: Pat
     try:
         for pkg in packages:
             size = int(apt.show(f"{pkg}:{debarch}").get("Size", "0") or 0)
-            _progress(f"fetching {pkg} ({size / 2**20:.0f} MiB)...")
-            before = set(archives.glob("*.deb"))
-            apt.run("apt-get", "download", "-q", f"{pkg}:{debarch}", cwd=archives)
-            debs = set(archives.glob(f"{pkg}_*_{debarch}.deb")) - before or set(
-                archives.glob(f"{pkg}_*_{debarch}.deb")
+            amount = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 1024:.0f} KiB"
+            _progress(f"fetching {pkg} ({amount})...")
+            apt.run(
+                "apt-get",
+                "download",
+                "-q",
+                f"{pkg}:{debarch}",
+                cwd=archives,
+                note=f"fetching {pkg}",
             )
+            debs = list(archives.glob(f"{pkg}_*_{debarch}.deb"))
             if not debs:
                 raise KernelBootError(f"apt-get download {pkg}: no .deb appeared in {archives}")
             deb = max(debs, key=lambda p: p.stat().st_mtime)

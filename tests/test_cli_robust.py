@@ -164,7 +164,7 @@ def test_ctrl_c_while_the_command_line_loads() -> None:
         "import sys\n"
         "class Interrupt:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'rich.console':\n"
+        "        if name == 'argparse':\n"
         "            raise KeyboardInterrupt\n"
         "sys.meta_path.insert(0, Interrupt())\n"
         "from memslots.__main__ import console\n"

@@ -60,6 +60,19 @@ def compiled() -> bool:
     return bool(ext)
 
 
+def installed_compiled() -> bool:
+    """True when every module of :data:`COMPILED_MODULES` would be imported from its
+    compiled extension: what :func:`compiled` says, found from the modules' files without
+    importing them (``memslots --version`` stays fast). O(modules)."""
+    import importlib.util
+
+    for name in COMPILED_MODULES:
+        spec = importlib.util.find_spec(f"memslots.{name}")
+        if spec is None or not _is_extension(spec.origin):
+            return False
+    return True
+
+
 def warn_if_stale(files: dict[str, str | None]) -> None:
     """Warn when an engine source is newer than the compiled module that shadows it (the
     edit would not run). :func:`compiled` checks this in source checkouts (editable

@@ -17,7 +17,14 @@ MB = 1 << 20
 
 def register(sub: Any) -> None:
     """Add the ``demo`` subcommand."""
-    p = sub.add_parser("demo", help="a short tour of the engine, printing the memory map")
+    p = sub.add_parser(
+        "demo",
+        help="a short tour of the engine, printing the memory map",
+        description=(
+            "A short tour of the engine on a VM without /dev/kvm: the memory map after each"
+            " of a few creates, a flags change, a move, a rejected overlap and a delete."
+        ),
+    )
     p.set_defaults(func=run)
 
 

@@ -100,11 +100,16 @@ def register(sub: Any) -> None:
         metavar="TRACE",
         help="trace file, '-' for stdin; default: the embedded SeaBIOS trace",
     )
-    p.add_argument(
+    kvm = p.add_mutually_exclusive_group()
+    kvm.add_argument(
         "--kvm",
-        action=argparse.BooleanOptionalAction,
+        action="store_const",
+        const=True,
         default=None,
         help="replay on /dev/kvm too (default: when it is usable)",
+    )
+    kvm.add_argument(
+        "--no-kvm", dest="kvm", action="store_const", const=False, help="not on /dev/kvm"
     )
     p.add_argument(
         "--impl",

@@ -91,7 +91,8 @@ def console(*, stderr: bool = False, file: IO[str] | None = None) -> rich.consol
         tty = stream.isatty()
     except (ValueError, OSError):  # a closed stream: its writes are reported elsewhere
         tty = False
-    return Console(file=file, stderr=stderr, width=None if tty else PIPE_WIDTH)
+    # highlight=False: rich would colour numbers, paths and brackets of plain text at random
+    return Console(file=file, stderr=stderr, width=None if tty else PIPE_WIDTH, highlight=False)
 
 
 class _Version(argparse.Action):

@@ -40,6 +40,7 @@ from memslots.tools.conform import (
     replay_ops,
     run_conform,
 )
+from memslots.tools.text import plural as _n
 from memslots.tools.traces import MAX_LINE
 
 #: the operation kinds the dirty-ring line of the report counts, in this order
@@ -148,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_report(r: ConformReport) -> None:
     print(
-        f"memslots conform: {r.operations} operations on {r.vms} VMs, seed {r.seed}"
+        f"memslots conform: {_n(r.operations, 'operation')} on {_n(r.vms, 'VM')}, seed {r.seed}"
         f" ({r.seconds:.1f} s)"
     )
-    print(f"calls answered by kernel and engine: {r.calls} ({r.kernel_calls} ioctls)")
+    print(f"calls answered by kernel and engine: {r.calls} ({_n(r.kernel_calls, 'ioctl')})")
     print(f"agreement: {r.agreed}/{r.calls} ({100 * r.agreement:.3f}%)")
     if r.ring_operations:
         counts = ", ".join(f"{n} {r.kinds[n]}" for n in RING_OP_NAMES if n in r.kinds)
@@ -169,10 +170,6 @@ def _print_report(r: ConformReport) -> None:
     for i, f in enumerate(r.findings, 1):
         print()
         _print_finding(i, f)
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _describe(f: Finding) -> str:
@@ -260,7 +257,7 @@ def _replay(args: argparse.Namespace, ops: list[Op]) -> int:
         )
     else:
         print(
-            f"memslots conform --replay {path}: {len(done)} operations, {calls} calls,"
+            f"memslots conform --replay {path}: {_n(len(done), 'operation')}, {_n(calls, 'call')},"
             f" {len(bad)} disagreeing"
         )
         for i, d in found:

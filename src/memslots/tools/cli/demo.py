@@ -11,6 +11,7 @@ from rich.table import Table
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotError, Vm
 from memslots.errors import errno_name
 from memslots.tools.cli import console as cli_console
+from memslots.tools.text import size_text
 
 MB = 1 << 20
 
@@ -40,9 +41,9 @@ def flag_names(flags: int) -> str:
     return "|".join(names) or "-"
 
 
-def memory_map(vm: Vm, title: str) -> Table:
+def memory_map(vm: Vm) -> Table:
     """A rich table of every slot of every address space."""
-    t = Table(title=title, title_justify="left")
+    t = Table()
     for col in ("as", "slot", "gpa range", "size", "flags", "hva"):
         t.add_column(
             col, justify="right" if col in ("as", "slot", "size") else "left", no_wrap=True
@@ -53,7 +54,7 @@ def memory_map(vm: Vm, title: str) -> Table:
             str(s.as_id),
             str(s.id),
             f"{gpa:#x}-{gpa + s.memory_size - 1:#x}",
-            f"{s.memory_size // 1024} KiB",
+            size_text(s.memory_size),
             flag_names(s.flags),
             f"{s.userspace_addr:#x}",
         )
@@ -89,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         except MemslotError as exc:
             result = f"{errno_name(exc.errno)}: {exc.detail}"
         gen = vm.memslots(0).generation
-        con.print(memory_map(vm, f"{title} -> {result}; generation {gen}"))
+        # the title on a line of its own: as the table's title rich would wrap it
+        con.print(f"{title} -> {result}; generation {gen}")
+        con.print(memory_map(vm))
     slot = vm.gfn_to_memslot(0xE0000)
     con.print(
         f"gfn 0xe0000 -> slot {slot.id if slot else None}; gfn_to_hva = {vm.gfn_to_hva(0xE0000):#x}"

@@ -27,6 +27,7 @@ import sys
 from typing import Any, Final
 
 from memslots.tools.cli import CliError
+from memslots.tools.text import plural
 from memslots.tools.traces import TraceWriteError
 
 #: where the trace goes without ``-o``
@@ -117,11 +118,12 @@ def run(args: argparse.Namespace) -> int:
             "killed": f"was killed (status {result.status})",
             "detached": "was detached and runs on",
         }.get(result.reason, result.reason)
-        vms = f"{result.vms} VM{'' if result.vms == 1 else 's'}"
-        calls = f"{result.calls} memslot call{'' if result.calls == 1 else 's'}"
+        vms = plural(result.vms, "VM")
+        calls = plural(result.calls, "memslot call")
         unreadable = f", {result.unreadable} unreadable" if result.unreadable else ""
         print(
-            f"memslots record: {vms}, {calls}, {result.records} records{unreadable} to {label};"
+            f"memslots record: {vms}, {calls}, {plural(result.records, 'record')}{unreadable}"
+            f" to {label};"
             f" {what} {ended}",
             file=sys.stderr,
         )

@@ -60,6 +60,7 @@ from memslots.tools.replay import (
     flag_names,
     replay_trace,
 )
+from memslots.tools.text import plural, size_text
 from memslots.tools.traces import (
     EMBEDDED_TRACE_NAME,
     FORMATS,
@@ -172,21 +173,6 @@ def _load(args: argparse.Namespace) -> tuple[Trace, bool, list[TraceFormatError]
 # =========================================================================== formatting
 
 
-def _size(n: int) -> str:
-    """``512 MiB``, ``44 KiB``: exact in the largest unit that divides ``n``; a long
-    number of KiB becomes ``528.7 MiB``; ``0`` for 0."""
-    if not n:
-        return "0"
-    units = (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
-    for unit, shift in units:
-        if n and n % (1 << shift) == 0 and (n >> shift) < 100_000:
-            return f"{n >> shift} {unit}"
-    for unit, shift in units:
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
-
-
 def _us(ns: float) -> str:
     return f"{ns / 1000:.1f}"
 
@@ -205,10 +191,6 @@ def _flags(flags: int) -> str:
     return "|".join(flag_names(flags)) or "-"
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 _CALL_COLUMNS: Final = ("slot", "flags", "gpa", "size", "hva")
 _CALL_RIGHT: Final = ("line", "slot", "size")
 
@@ -224,7 +206,7 @@ def _call_cells(c: Record) -> tuple[str, ...]:
         str(c.slot),
         _flags(c.flags) + (" (v2)" if c.v2 else ""),
         f"{c.guest_phys_addr:#x}",
-        _size(c.memory_size) if c.memory_size % PAGE_SIZE == 0 else f"{c.memory_size:#x}",
+        size_text(c.memory_size) if c.memory_size % PAGE_SIZE == 0 else f"{c.memory_size:#x}",
         f"{c.userspace_addr:#x}",
     )
 
@@ -245,10 +227,9 @@ def _show(con: Console, title: str, t: Table) -> None:
 
 
 def _header(con: Console, trace: TraceReport, report: ReplayReport, embedded: bool) -> None:
-    vms = len(trace.vms)
-    what = _plural(trace.calls, "call")
-    if vms > 1:
-        what += f" in {vms} VMs"
+    what = _counts(trace.calls, sum(len(vm.records) for vm in trace.vms))
+    if len(trace.vms) > 1:
+        what += f" in {plural(len(trace.vms), 'VM')}"
     version = " v2" if trace.version == 2 else ""
     con.print(
         f"[bold]Replaying {trace.source}[/]: {what}, {trace.fmt}{version} format",
@@ -281,17 +262,31 @@ def _header(con: Console, trace: TraceReport, report: ReplayReport, embedded: bo
     }.get(report.limits_source, report.limits_source)
     con.print(
         f"  limits  {source}"
-        f": {_plural(lim.nr_address_spaces, 'address space')},"
+        f": {plural(lim.nr_address_spaces, 'address space')},"
         f" {lim.max_user_slots} slots, max gfn {lim.max_gfn:#x},"
         f" READONLY {'yes' if lim.readonly_mem else 'no'}",
         highlight=False,
     )
     if trace.skipped:
-        con.print(f"[yellow]Skipped {len(trace.skipped)} malformed line(s):[/]")
+        con.print(f"[yellow]Skipped {plural(len(trace.skipped), 'malformed line')}:[/]")
         for e in trace.skipped[:_LIST_LIMIT]:
             con.print(f"  {e}", highlight=False, markup=False)
         if len(trace.skipped) > _LIST_LIMIT:
             con.print(f"  ... and {len(trace.skipped) - _LIST_LIMIT} more")
+
+
+def _counts(calls: int, records: int) -> str:
+    """``30 memslot calls, 34 records`` (the records only when there are others than
+    memslot calls)."""
+    what = plural(calls, "memslot call")
+    return what if records == calls else f"{what}, {plural(records, 'record')}"
+
+
+def _compared(agreeing: int, n: int) -> str:
+    """``32/32 records compared (100.0%)``: the agreement over the records that had two
+    results to compare."""
+    records = "record" if n == 1 else "records"
+    return f"{agreeing}/{n} {records} compared ({agreement_percent(agreeing, n)})"
 
 
 def _relocation(con: Console, report: ReplayReport) -> None:
@@ -304,7 +299,7 @@ def _relocation(con: Console, report: ReplayReport) -> None:
     total = sum(c.size for c in clusters)
     con.print(
         f"[bold]hvas relocated[/] for /dev/kvm: the trace's hvas belong to the traced process;"
-        f"\n  its {len(clusters)} hva cluster{'s' if len(clusters) > 1 else ''} ({_size(total)})"
+        f"\n  its {plural(len(clusters), 'hva cluster')} ({size_text(total)})"
         f" {'are' if len(clusters) > 1 else 'is'} mapped onto HostMemory here,"
         " keeping every offset and overlap:",
         highlight=False,
@@ -313,7 +308,7 @@ def _relocation(con: Console, report: ReplayReport) -> None:
     for c in clusters[:_LIST_LIMIT]:
         t.add_row(
             f"{c.start:#x}-{c.end - 1:#x}",
-            _size(c.size),
+            size_text(c.size),
             f"{c.addr:#x}",
             f"{'+' if c.delta >= 0 else '-'}{abs(c.delta):#x}",
         )
@@ -327,8 +322,7 @@ def _agreement(con: Console, report: ReplayReport) -> None:
     style = "green" if agreeing == n else "red"
     pairs = report.agreement_pairs()
     con.print(
-        f"[bold {style}]Agreement: {agreeing}/{_plural(n, 'call')}"
-        f" ({agreement_percent(agreeing, n)})[/]",
+        f"[bold {style}]Agreement: {_compared(agreeing, n)}[/]",
         highlight=False,
     )
     for against in ("recorded", "kernel", "engine"):
@@ -382,7 +376,7 @@ def _disagreements(con: Console, report: ReplayReport) -> None:
                 *_call_cells(d.call),
                 *(_result(d.results[c], "?" if c == "recorded" else "n/a") for c in cols),
             )
-        _show(con, f"Disagreements ({_plural(len(found), 'call')}; line of {report.source})", t)
+        _show(con, f"Disagreements ({plural(len(found), 'call')}; line of {report.source})", t)
         for d in found:
             if d.detail:
                 con.print(f"  line {d.call.line}: {d.detail}", highlight=False, markup=False)
@@ -397,7 +391,7 @@ def map_table(entries: list[MapEntry]) -> Table:
         t.add_row(
             str(e.id),
             f"{e.gpa_start:#x}-{e.gpa_end:#x}",
-            _size(e.size),
+            size_text(e.size),
             _flags(e.flags),
             f"{e.userspace_addr:#x}",
         )
@@ -491,7 +485,7 @@ def _hazards(con: Console, trace: TraceReport) -> None:
         )
     _show(
         con,
-        f"Hazards ({_plural(len(trace.hazards), 'range')} unmapped or discarded while a live"
+        f"Hazards ({plural(len(trace.hazards), 'range')} unmapped or discarded while a live"
         " slot mapped it)",
         t,
     )
@@ -499,10 +493,12 @@ def _hazards(con: Console, trace: TraceReport) -> None:
 
 def _vm_title(con: Console, report: ReplayReport) -> None:
     extra = " (existed before recording began)" if report.attached else ""
+    what = "no memslot calls"
+    if report.records:
+        what = _counts(len(report.calls), len(report.records))
     pid = f", process {report.pid}" if report.pid else ""
     con.print(
-        f"\n[bold underline]VM {report.vm}[/]{pid}: {_plural(len(report.calls), 'memslot call')},"
-        f" {_plural(len(report.records), 'record')}{extra}",
+        f"\n[bold underline]VM {report.vm}[/]{pid}: {what}{extra}",
         highlight=False,
     )
 
@@ -524,6 +520,8 @@ def render(
     for vm in report.vms:
         if several:
             _vm_title(con, vm)
+            if not vm.records:
+                continue  # the title said it: nothing to tabulate
         _relocation(con, vm)
         _agreement(con, vm)
         if calls:
@@ -538,8 +536,8 @@ def render(
         style = "green" if agreeing == n else "red"
         bad = [str(vm.vm) for vm in report.vms if not vm.ok]
         con.print(
-            f"\n[bold {style}]Total: {len(report.vms)} VMs, agreement {agreeing}/"
-            f"{_plural(n, 'call')} ({agreement_percent(agreeing, n)})"
+            f"\n[bold {style}]Total: {plural(len(report.vms), 'VM')}, agreement"
+            f" {_compared(agreeing, n)}"
             + (f"; disagreeing VMs: {', '.join(bad)}" if bad else "")
             + "[/]",
             highlight=False,
@@ -655,7 +653,7 @@ def run(args: argparse.Namespace) -> int:
     (:func:`memslots.tools.cli.main`)."""
     trace, embedded, skipped = _load(args)
     if not trace.records:  # (its memslot calls are among them)
-        bad = f", {len(skipped)} malformed line(s) skipped" if skipped else ""
+        bad = f", {plural(len(skipped), 'malformed line')} skipped" if skipped else ""
         raise CliError(f"{trace.source}: no memslot calls found ({trace.fmt} format{bad})")
     unavailable = kvm_unavailable() if args.kvm else None
     if unavailable is not None:
@@ -695,7 +693,7 @@ def run(args: argparse.Namespace) -> int:
             render(report, sys.stdout, embedded=embedded, calls=args.calls)
             if args.record:
                 print(
-                    f"Recorded {_plural(report.calls, 'call')} with the"
+                    f"Recorded {plural(report.calls, 'call')} with the"
                     f" {report.vms[0].primary}'s results to {args.record}"
                 )
             for line in pictures:

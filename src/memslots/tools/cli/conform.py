@@ -27,8 +27,9 @@ from rich.progress import (
 from memslots.errors import errno_name
 from memslots.kvm.abi import KVM_DEV_PATH, kvm_unavailable
 from memslots.kvm.vm import ENGINE_RAISED
-from memslots.tools.cli import CliError
+from memslots.tools.cli import CliError, ProgressLines, stderr_is_terminal
 from memslots.tools.cli import console as cli_console
+from memslots.tools.cli.options import int_range
 from memslots.tools.conform import (
     RING_OPS,
     ConformReport,
@@ -45,6 +46,12 @@ from memslots.tools.traces import MAX_LINE
 
 #: the operation kinds the dirty-ring line of the report counts, in this order
 RING_OP_NAMES = tuple(cls.name for cls in RING_OPS)
+#: the most operations ``--ops`` takes (about 40 minutes here at 4000 operations a second)
+MAX_OPS = 10_000_000
+#: the largest ``--seed``
+MAX_SEED = (1 << 64) - 1
+#: the most kinds of disagreement ``--max-reproducers`` shrinks
+MAX_REPRODUCERS = 1000
 
 
 def register(sub: Any) -> None:
@@ -58,18 +65,26 @@ def register(sub: Any) -> None:
         "any disagreement.",
     )
     p.add_argument(
-        "--ops", type=_positive, default=5000, metavar="N", help="operations to run (5000)"
+        "--ops",
+        type=int_range(1, MAX_OPS),
+        default=5000,
+        metavar="N",
+        help=f"operations to run, 1..{MAX_OPS} (5000)",
     )
     p.add_argument(
-        "--seed", type=int, default=None, metavar="S", help="random seed (default: a new one)"
+        "--seed",
+        type=int_range(0, MAX_SEED),
+        default=None,
+        metavar="S",
+        help="random seed, 0..2^64-1 (default: a new one)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument(
         "--max-reproducers",
-        type=_positive,
+        type=int_range(1, MAX_REPRODUCERS),
         default=10,
         metavar="K",
-        help="shrink at most K kinds of disagreement (10)",
+        help=f"shrink at most K kinds of disagreement, 1..{MAX_REPRODUCERS} (10)",
     )
     p.add_argument("--no-shrink", action="store_true", help="report disagreements unshrunk")
     p.add_argument(
@@ -81,16 +96,6 @@ def register(sub: Any) -> None:
         "--device", default=KVM_DEV_PATH, metavar="PATH", help="the KVM device (/dev/kvm)"
     )
     p.set_defaults(func=run)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
 
 
 def check_kvm(path: str) -> None:
@@ -119,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
+    # a bar on a terminal, else a line every few seconds
+    lines = ProgressLines("memslots conform", enabled=not stderr_is_terminal())
     with Progress(
         *columns, console=console, transient=True, disable=not console.is_terminal
     ) as progress:
@@ -127,9 +134,11 @@ def run(args: argparse.Namespace) -> int:
         def on_progress(done: int, bad: int) -> None:
             if done % 64 == 0 or done == args.ops:
                 progress.update(task, completed=done, bad=bad)
+                lines.say(lambda: f"{done}/{args.ops} operations, {_n(bad, 'disagreeing call')}")
 
         def on_shrink(i: int, n: int) -> None:
             progress.update(task, description=f"shrinking {i + 1}/{n}")
+            lines.say(f"shrinking kind {i + 1} of {n} disagreements")
 
         report = run_conform(
             args.ops,

@@ -27,8 +27,12 @@ import sys
 from typing import Any, Final
 
 from memslots.tools.cli import CliError
+from memslots.tools.cli.options import int_range
 from memslots.tools.text import plural
 from memslots.tools.traces import TraceWriteError
+
+#: the largest process id Linux gives (``PID_MAX_LIMIT`` on 64-bit)
+PID_MAX: Final = 1 << 22
 
 #: where the trace goes without ``-o``
 DEFAULT_OUTPUT: Final = "memslots-trace.jsonl"
@@ -55,7 +59,11 @@ def register(sub: Any) -> None:
         default=DEFAULT_OUTPUT,
         help=f"trace file, '-' for standard output (default: {DEFAULT_OUTPUT})",
     )
-    p.add_argument("--pid", type=int, help="attach to this running process instead")
+    p.add_argument(
+        "--pid",
+        type=int_range(1, PID_MAX, what="a process id"),
+        help="attach to this running process instead",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="to run")
     p.set_defaults(func=run)
@@ -89,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("give either --pid PID or COMMAND, not both")
     if args.pid is None and not command:
         raise CliError("nothing to record: give COMMAND after '--' (or --pid PID)")
-    if args.pid is not None and args.pid <= 0:
-        raise CliError(f"--pid {args.pid}: not a process id")
     if command and shutil.which(command[0]) is None:
         raise CliError(f"{command[0]}: command not found", status=127)
     fd, owned = _open_output(args.output)

@@ -46,7 +46,7 @@ from rich.text import Text
 from memslots.constants import PAGE_SIZE
 from memslots.errors import KvmUnavailable, errno_name
 from memslots.kvm import kvm_unavailable
-from memslots.tools.cli import CliError
+from memslots.tools.cli import CliError, ProgressLines, stderr_is_terminal
 from memslots.tools.cli import console as cli_console
 from memslots.tools.mapview import PNG_EXTRA, build, matplotlib_available, render_html, render_png
 from memslots.tools.replay import (
@@ -661,17 +661,24 @@ def run(args: argparse.Namespace) -> int:
     _check_pictures(args)
     impls: tuple[ImplName, ...] = ("engine", "array") if args.impl == "all" else (args.impl,)
     total = len(trace.records)
+    tty = stderr_is_terminal()
+    # a bar on a terminal, else a line every few seconds
+    lines = ProgressLines("memslots replay", enabled=not tty)
+
+    def progress(name: str, done: int, total: int) -> None:
+        if bar.enabled:
+            bar(name, done, total)
+        lines.say(lambda: f"replaying on {name}: {done}/{total} records")
+
     try:
-        with _ProgressBar(
-            enabled=total >= _PROGRESS_MIN and sys.stderr is not None and sys.stderr.isatty()
-        ) as bar:
+        with _ProgressBar(enabled=total >= _PROGRESS_MIN and tty) as bar:
             report = replay_trace(
                 trace,
                 impls=impls,
                 kernel=args.kvm,
                 embedded=embedded,
                 skipped=skipped,
-                progress=bar if bar.enabled else None,
+                progress=progress,
             )
     except ValueError as exc:
         raise CliError(str(exc)) from None

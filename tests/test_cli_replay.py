@@ -193,7 +193,9 @@ def test_malformed_line_is_one_line_error(
     status, out, err = run(capsys, str(trace), "--no-kvm")
     assert status == 2
     assert out == ""
-    assert err == f"memslots replay: error: {trace}:2: flags=zz is not 0x-hex\n"
+    assert err == (
+        f"memslots replay: error: {trace}:2: flags=zz is not 0x-hex (--skip-bad skips such lines)\n"
+    )
     assert "Traceback" not in err
 
 
@@ -202,7 +204,9 @@ def test_malformed_json_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     trace.write_text('{"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 4096}\n')
     status, _, err = run(capsys, str(trace), "--no-kvm")
     assert status == 2
-    assert err.splitlines() == [f"memslots replay: error: {trace}:1: missing userspace_addr"]
+    assert err.splitlines() == [
+        f"memslots replay: error: {trace}:1: missing userspace_addr (--skip-bad skips such lines)"
+    ]
 
 
 @pytest.mark.parametrize(

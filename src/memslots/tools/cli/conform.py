@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +43,14 @@ from memslots.tools.conform import (
     run_conform,
 )
 from memslots.tools.text import plural as _n
-from memslots.tools.traces import MAX_LINE
+from memslots.tools.traces import (
+    BINARY,
+    MAX_LINE,
+    TRACE_FORMAT_NAME,
+    bounded_lines,
+    detect_format,
+    is_binary,
+)
 
 #: the operation kinds the dirty-ring line of the report counts, in this order
 RING_OP_NAMES = tuple(cls.name for cls in RING_OPS)
@@ -101,7 +109,10 @@ def register(sub: Any) -> None:
 def check_kvm(path: str) -> None:
     """Raise :class:`memslots.errors.KvmUnavailable` (one line, status 2, as every
     command reports it) unless ``path`` is a usable KVM: conform checks the engine
-    against a real kernel."""
+    against a real kernel. A ``--device`` path other than ``/dev/kvm`` that does not
+    exist is a mistyped path (``no such file``), not a machine without KVM."""
+    if path != KVM_DEV_PATH and not os.path.lexists(path):
+        raise CliError(f"--device {path}: no such file")
     unavailable = kvm_unavailable(path)
     if unavailable is not None:
         raise unavailable
@@ -207,12 +218,14 @@ def _print_finding(i: int, f: Finding) -> None:
 
 def _bounded_lines(fp: IO[str], source: str) -> Iterator[str]:
     """The lines of ``fp``, none read whole past :data:`MAX_LINE` characters (an error
-    then: memory stays bounded, ``/dev/zero`` included)."""
+    then: memory stays bounded, ``/dev/zero`` included), none of binary data."""
     number = 0
     while line := fp.readline(MAX_LINE + 1):
         number += 1
         if len(line) > MAX_LINE:
             raise CliError(f"{source}:{number}: line longer than {MAX_LINE >> 20} MiB: {NOT_REPRO}")
+        if is_binary(line):
+            raise CliError(f"{source}:{number}: {BINARY}: {NOT_REPRO}")
         yield line
 
 
@@ -222,21 +235,40 @@ NOT_REPRO = "not a conform reproducer (one JSON operation a line; traces go to m
 
 def _load_reproducer(path: Path) -> list[Op]:
     """The operations of a reproducer file, or one-line :class:`CliError` naming the file
-    and the problem: unreadable, not UTF-8 text, a line that is no operation, or no
-    operation at all."""
+    and the problem: unreadable, binary data, a memslot trace (``memslots replay``'s),
+    a line that is no operation, or no operation at all."""
     source = str(path)
     try:
-        with path.open(encoding="utf-8-sig") as fp:
+        with path.open(encoding="utf-8-sig", errors="replace") as fp:
             ops = list(read_ops(_bounded_lines(fp, source), source))
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise CliError(f"{path}: not UTF-8 text: {NOT_REPRO}") from None
     except ValueError as exc:
+        if _is_trace(path):
+            raise CliError(
+                f"{path} is a memslots trace, not a conform reproducer: use memslots replay {path}"
+            ) from None
         raise CliError(f"{exc}: {NOT_REPRO}") from None
     if not ops:
         raise CliError(f"{path}: no operations (empty, or only comments): {NOT_REPRO}")
     return ops
+
+
+def _is_trace(path: Path) -> bool:
+    """Whether ``path`` is a trace ``memslots replay`` reads: a QEMU log, strace output or
+    a JSON Lines trace with its version 2 header."""
+    try:
+        fmt = detect_format(path)
+        if fmt != "jsonl":
+            return True
+        with path.open(encoding="utf-8-sig", errors="replace") as fp:
+            for line in bounded_lines(fp):
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    return json.loads(text).get("format") == TRACE_FORMAT_NAME  # type: ignore[no-any-return]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return False
 
 
 def _replay(args: argparse.Namespace, ops: list[Op]) -> int:

@@ -165,7 +165,8 @@ def _load(args: argparse.Namespace) -> tuple[Trace, bool, list[TraceFormatError]
         trace = load_trace(path, fmt=fmt, skip_bad=args.skip_bad, errors=errors, source=label)
         return trace, args.trace is None, errors
     except TraceFormatError as exc:
-        raise CliError(str(exc)) from None
+        hint = " (--skip-bad skips such lines)" if exc.skippable and not args.skip_bad else ""
+        raise CliError(f"{exc}{hint}") from None
     except (OSError, ValueError) as exc:
         raise CliError(f"{label}: {getattr(exc, 'strerror', None) or exc}") from None
 

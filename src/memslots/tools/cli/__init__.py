@@ -5,12 +5,14 @@ exposes ``register(subparsers)``, which adds its parser and sets ``func`` (a cal
 taking the parsed namespace and returning an exit status). :data:`COMMANDS` lists them
 with their one-line help; a module is imported only when its subcommand runs (or its
 ``--help`` is asked for), so ``memslots --version`` and ``memslots --help`` load none of
-them. A new subcommand is one entry there and its module. Errors reach the user as one line on
-stderr and a non-zero exit status, never as a traceback: a :class:`CliError`, a
-:class:`memslots.errors.KvmUnavailable`, a memslot error, an OS error, Ctrl-C (status
-130), standard output that is closed, full or fails (status 2; a reader that went away,
-``| head``, ends the output silently), even a bug (``internal error``, status 1; the
-environment variable ``MEMSLOTS_TRACEBACK=1`` lets its traceback through). Standard
+them. A new subcommand is one entry there and its module.
+
+Errors reach the user as one line on stderr and a non-zero exit status, never as a
+traceback (the statuses of docs/cli.md's table): a :class:`CliError`, a
+:class:`memslots.errors.KvmUnavailable`, a memslot error, an OS error (status 2), Ctrl-C
+(status 130), standard output that is closed, full or fails (status 2; a reader that went
+away, ``| head``, ends the output silently), even a bug (``internal error``, status 1;
+the environment variable ``MEMSLOTS_TRACEBACK=1`` lets its traceback through). Standard
 error that is closed or fails is written to no more.
 """
 
@@ -397,9 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = 1
         except OSError as exc:
             reported = out is None or out.failed is None
-            if reported:
+            if reported:  # a file that cannot be read or written: status 2, as the table says
                 _say(f"{command}: error: {os_error_text(exc)}")
-                status = 1
+                status = 2
         except KeyboardInterrupt:
             _say(f"{command}: interrupted")
             status = 130

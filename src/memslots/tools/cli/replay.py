@@ -686,7 +686,7 @@ def run(args: argparse.Namespace) -> int:
     except KvmUnavailable:
         raise
     except OSError as exc:
-        raise CliError(f"/dev/kvm: {exc}", status=1) from None
+        raise CliError(f"/dev/kvm: {exc}") from None  # a device that cannot be used: 2
 
     if args.record:
         _write_record(args, report, trace)

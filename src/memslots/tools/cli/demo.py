@@ -41,9 +41,10 @@ def flag_names(flags: int) -> str:
     return "|".join(names) or "-"
 
 
-def memory_map(vm: Vm) -> Table:
-    """A rich table of every slot of every address space."""
-    t = Table()
+def memory_map(vm: Vm, title: str | None = None) -> Table:
+    """A rich table of every slot of every address space (``title``: a rich title, which
+    wraps at the table's width; the demo prints its titles as lines of their own)."""
+    t = Table(title=title, title_justify="left")
     for col in ("as", "slot", "gpa range", "size", "flags", "hva"):
         t.add_column(
             col, justify="right" if col in ("as", "slot", "size") else "left", no_wrap=True
@@ -90,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
         except MemslotError as exc:
             result = f"{errno_name(exc.errno)}: {exc.detail}"
         gen = vm.memslots(0).generation
-        # the title on a line of its own: as the table's title rich would wrap it
-        con.print(f"{title} -> {result}; generation {gen}")
+        con.print(f"{title} -> {result}; generation {gen}", markup=False, highlight=False)
         con.print(memory_map(vm))
     slot = vm.gfn_to_memslot(0xE0000)
     con.print(

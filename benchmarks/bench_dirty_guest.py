@@ -32,6 +32,7 @@ from typing import Any
 
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, HostMemory, Vm
 from memslots.dirty_log import dirty_pages
+from memslots.tools.cli.options import int_range
 
 LOG = KVM_MEM_LOG_DIRTY_PAGES
 NPAGES = 1 << 20
@@ -280,7 +281,8 @@ def bench_representations(repeats: int) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int_range(1, 1000), default=20,
+                    help="timings per number, 1..1000 (default 20)")  # fmt: skip
     ap.add_argument("--compare", action="store_true", help="compare bitmap representations")
     args = ap.parse_args(argv)
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import memslots
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, Vm
+from memslots.tools.cli.options import int_range
 
 SMALL, LARGE = 64, 32764
 STRIDE = 4  # pages between slot starts; slots are 2 pages
@@ -176,7 +177,9 @@ def pure_build(reps: int, repeats: int) -> dict[str, object]:
         env = dict(os.environ, PYTHONPATH=path)
         cmd = [sys.executable, __file__, "--this-build-only", "--json", out]
         cmd += ["--reps", str(reps), "--repeats", str(repeats)]
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        # a process group of its own: Ctrl-C reaches this process only, and run() kills
+        # the child on the way out (no second traceback, and the copy is removed)
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, process_group=0)
         with open(out) as f:
             data: dict[str, object] = json.load(f)["builds"]["pure"]
     return data
@@ -184,8 +187,10 @@ def pure_build(reps: int, repeats: int) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=400, help="operations per timing")
-    ap.add_argument("--repeats", type=int, default=7, help="timings per number (best kept)")
+    ap.add_argument("--reps", type=int_range(2, 10**7), default=400,
+                    help="operations per timing, 2..10^7 (default 400)")  # fmt: skip
+    ap.add_argument("--repeats", type=int_range(1, 1000), default=7,
+                    help="timings per number, 1..1000 (best kept; default 7)")  # fmt: skip
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--this-build-only", action="store_true",
                     help="do not also measure the pure build")  # fmt: skip
@@ -265,4 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench_engine.py: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -37,6 +37,7 @@ from typing import Any
 
 from memslots import Vm
 from memslots.sync import ExpeditedSrcu, LockedSrcu, Srcu
+from memslots.tools.cli.options import float_range
 
 HVA = 0x7F00_0000_0000
 NSLOTS = 64
@@ -230,7 +231,8 @@ def synchronize_alone(n: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=3.0, help="per throughput run")
+    ap.add_argument("--seconds", type=float_range(0.01, 3600.0), default=3.0,
+                    help="per throughput run, 0.01..3600 (default 3)")  # fmt: skip
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args()
     S = args.seconds

@@ -39,6 +39,7 @@ thread, reaps the rings itself before going on.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import threading
@@ -48,6 +49,7 @@ from typing import Any
 
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, HostMemory, Vm
 from memslots.dirty_log import count_dirty, dirty_runs, pages_to_bitmap
+from memslots.dirty_ring import KVM_DIRTY_RING_MAX_BYTES
 
 CODE_GPA = 0x1000  # the guest program, in slot 0
 DATA_GPA = 0x10000  # the guest's data: slots 1 and 2, up to the real-mode limit of 1 MiB
@@ -313,18 +315,61 @@ def verify(src: Vm, dst: Vm) -> None:
             raise SystemExit(f"slot {slot}: {len(bad)} pages differ, first at page {bad[0]}")
 
 
+def integer(lo: int, hi: int, *, power_of_two: bool = False) -> Any:
+    """An argparse type: an integer in ``lo..hi`` (a power of two with ``power_of_two``),
+    so that a bad value is a one-line usage error, not a traceback from the VM."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value}: must be in {lo}..{hi}")
+        if power_of_two and value & (value - 1):
+            raise argparse.ArgumentTypeError(f"{value}: must be a power of two")
+        return value
+
+    return parse
+
+
+def megabytes(text: str) -> float:
+    """An argparse type: MiB/s of the link, 0 (no limit) to 1e6."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and 0 <= value <= 1e6):
+        raise argparse.ArgumentTypeError(f"{text}: must be in 0..1e6")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    total = sum(p for _, _, p in LAYOUT)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", action="store_true", help="use the engine even with /dev/kvm")
     ap.add_argument("--dirty-ring", action="store_true", help="track dirty pages with the ring")
-    ap.add_argument("--ring-bytes", type=int, default=RING_BYTES, help="ring size per vCPU")
-    ap.add_argument("--threshold", type=int, default=32, help="stop-and-copy at this many")
-    ap.add_argument("--max-rounds", type=int, default=30)
     ap.add_argument(
-        "--bandwidth", type=float, default=32, help="MiB/s of the simulated link (0: no limit)"
+        "--ring-bytes",
+        type=integer(PAGE_SIZE, KVM_DIRTY_RING_MAX_BYTES, power_of_two=True),
+        default=None,
+        help=f"ring size per vCPU with --dirty-ring: a power of two, {PAGE_SIZE}.."
+        f"{KVM_DIRTY_RING_MAX_BYTES} (default {RING_BYTES})",
+    )
+    ap.add_argument(
+        "--threshold",
+        type=integer(0, total),
+        default=32,
+        help=f"stop-and-copy at this many dirty pages, 0..{total} (default 32)",
+    )
+    ap.add_argument("--max-rounds", type=integer(1, 1000), default=30, help="1..1000 (default 30)")
+    ap.add_argument(
+        "--bandwidth", type=megabytes, default=32, help="MiB/s of the simulated link (0: no limit)"
     )
     args = ap.parse_args(argv)
-    ring_bytes = args.ring_bytes if args.dirty_ring else 0
+    if args.ring_bytes is not None and not args.dirty_ring:
+        ap.error("--ring-bytes needs --dirty-ring")
+    ring_bytes = (args.ring_bytes or RING_BYTES) if args.dirty_ring else 0
 
     from memslots.kvm import kvm_available
 
@@ -353,7 +398,6 @@ def main(argv: list[str] | None = None) -> int:
             guest.on_ring_full = tracker.reap
         print(f"dirty tracking: {tracker.name}")
 
-        total = sum(p for _, _, p in LAYOUT)
         t0 = time.perf_counter()
         stats = migrate(
             tracker, src, dst, guest, args.threshold, args.max_rounds, args.bandwidth * 2**20

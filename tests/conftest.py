@@ -56,3 +56,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)
+
+
+def host_profile() -> Any:
+    """This machine's kernel profile (``KernelProfile.probe()``, cached), or None without
+    a usable /dev/kvm."""
+    if not kvm_available():
+        return None
+    from memslots.profiles import KernelProfile
+
+    return KernelProfile.probe()
+
+
+def needs_feature(*fields: str) -> pytest.MarkDecorator:
+    """Skip unless this machine's kernel offers every profile field in ``fields`` (e.g.
+    ``"guest_memfd"``, ``"private_mem"``, ``"user_memory2"``), naming what is missing:
+    tests take the kernel's features from the probe, never from an assumption."""
+    profile = host_profile()
+    missing = [f for f in fields if profile is not None and not getattr(profile, f)]
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"this kernel ({os.uname().release}) lacks {', '.join(missing)}",
+    )

@@ -109,3 +109,26 @@ def test_kvm_and_no_kvm_together_are_refused(capsys: pytest.CaptureFixture[str])
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert "not allowed with argument" in err
+
+
+def test_every_subcommand_module_imports_on_its_own() -> None:
+    """A subcommand's module is the first of the package a run imports: each must load
+    alone, whatever order the others would have loaded in (an import cycle hidden by
+    that order shows here)."""
+    modules = [f"memslots.tools.cli.{name}" for name in SUBCOMMANDS]
+    modules += ["memslots.tools.traces", "memslots.profiles", "memslots.kvm"]
+    procs = {
+        m: subprocess.Popen(
+            [sys.executable, "-W", "ignore", "-c", f"import {m}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for m in modules
+    }
+    failed = {}
+    for m, proc in procs.items():
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode:
+            failed[m] = err.strip().splitlines()[-1]
+    assert not failed, failed

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import needs_feature
 from memslots import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, MemslotError
 from memslots.dirty_log import dirty_pages, pages_to_bitmap
 from memslots.kvm import ConformanceError, KvmVcpuHandle, KvmVm, probe_max_gfn
@@ -384,6 +385,7 @@ def test_guest_memfd_slots_agree_with_the_kernel(vm: KvmVm) -> None:
         other_vm.close()
 
 
+@needs_feature("private_mem")
 @pytest.mark.parametrize("fd", [1 << 31, (1 << 32) - 1])
 def test_guest_memfd_numbers_past_int_max_are_ebadf(vm: KvmVm, fd: int) -> None:
     # found by `memslots conform`: the engine's os.fstat raised OverflowError here

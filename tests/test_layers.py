@@ -60,15 +60,16 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer(mod: str) -> int:
-    """0 engine, 1 the array baseline, the kvm backend and the package's public names
-    (``memslots``), 2 tools, 3 ``python -m memslots``."""
+    """0 engine, 1 the array baseline, the kvm backend, the kernel profiles (which read
+    kernels through the kvm backend) and the package's public names (``memslots``),
+    2 tools, 3 ``python -m memslots``."""
     if mod == "memslots.__main__":
         return 3
     if mod == "memslots":
         return 1
     if mod.startswith("memslots.tools"):
         return 2
-    if mod.startswith(("memslots.kvm", "memslots.baseline")):
+    if mod.startswith(("memslots.kvm", "memslots.baseline", "memslots.profiles")):
         return 1
     return 0
 

@@ -4,7 +4,6 @@ and the image."""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import html.parser
 import io
@@ -229,7 +228,7 @@ def test_a_primary_that_crashed_draws_what_it_did(monkeypatch: pytest.MonkeyPatc
     real = run_mod._make_model
 
     def make(name: ImplName, limits: VmLimits) -> Vm | ArrayVm:
-        return Broken(**dataclasses.asdict(limits)) if name == "engine" else real(name, limits)
+        return Broken(profile=limits) if name == "engine" else real(name, limits)
 
     monkeypatch.setattr(run_mod, "_make_model", make)
     calls = [call(0, 0, 0, MB, HVA), call(1, 0, MB, MB, HVA + MB), call(2, 0, 2 * MB, MB, HVA)]

@@ -190,7 +190,7 @@ def test_a_crashing_implementation_is_reported(monkeypatch: pytest.MonkeyPatch) 
     real = run_mod._make_model
 
     def make(name: replay_mod.ImplName, limits: VmLimits) -> Vm | ArrayVm:
-        return Broken(**dataclasses.asdict(limits)) if name == "array" else real(name, limits)
+        return Broken(profile=limits) if name == "array" else real(name, limits)
 
     monkeypatch.setattr(run_mod, "_make_model", make)
     report = replay(churn(), kernel=False)

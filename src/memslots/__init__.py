@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from memslots.errors import MemslotError
     from memslots.guest_memory import HostMemory
     from memslots.memslot_set import MemslotSet
+    from memslots.profiles import KernelProfile
     from memslots.slot import Memslot, kvm_is_error_hva
     from memslots.validate import Change
     from memslots.vm import Vcpu, Vm
@@ -53,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "PAGE_SIZE": "constants",
     "Change": "validate",
     "HostMemory": "guest_memory",
+    "KernelProfile": "profiles",
     "Memslot": "slot",
     "MemslotError": "errors",
     "MemslotSet": "memslot_set",
@@ -73,6 +75,7 @@ __all__ = [
     "PAGE_SIZE",
     "Change",
     "HostMemory",
+    "KernelProfile",
     "Memslot",
     "MemslotError",
     "MemslotSet",

@@ -74,21 +74,17 @@ from errno import EINVAL
 from itertools import pairwise
 
 from memslots.constants import (
-    KVM_ADDRESS_SPACE_NUM_X86,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MEMSLOT_INVALID,
-    KVM_USER_MEM_SLOTS_X86,
     PAGE_SHIFT,
-    X86_MAX_GFN,
-    X86_TASK_SIZE_MAX,
 )
 from memslots.dirty_log import alloc_dirty_bitmap
 from memslots.errors import MemslotError, require
 from memslots.lockdep import lockdep_assert_held
 from memslots.slot import Memslot
-from memslots.validate import Change, Decision, VmLimits
+from memslots.validate import Change, Decision, LimitsSource, make_limits
 from memslots.vm_api import VmApi
 
 
@@ -389,23 +385,28 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
     def __init__(
         self,
         *,
-        nr_address_spaces: int = KVM_ADDRESS_SPACE_NUM_X86,
-        max_user_slots: int = KVM_USER_MEM_SLOTS_X86,
-        max_gfn: int = X86_MAX_GFN,
-        readonly_mem: bool = True,
-        private_mem: bool = False,
-        task_size_max: int = X86_TASK_SIZE_MAX,
+        profile: LimitsSource | None = None,
+        vm_type: int = 0,
+        nr_address_spaces: int | None = None,
+        max_user_slots: int | None = None,
+        max_gfn: int | None = None,
+        readonly_mem: bool | None = None,
+        private_mem: bool | None = None,
+        task_size_max: int | None = None,
     ) -> None:
         super().__init__(
-            VmLimits(
-                nr_address_spaces=nr_address_spaces,
-                max_user_slots=max_user_slots,
-                max_gfn=max_gfn,
-                readonly_mem=readonly_mem,
-                private_mem=private_mem,
-                task_size_max=task_size_max,
+            make_limits(
+                profile,
+                vm_type,
+                nr_address_spaces,
+                max_user_slots,
+                max_gfn,
+                readonly_mem,
+                private_mem,
+                task_size_max,
             )
         )
+        nr_address_spaces = self.limits.nr_address_spaces
         #: ``kvm->__memslots``: the two arrays of each address space, taking turns
         self._sets = [
             (ArrayMemslotSet(a, 0), ArrayMemslotSet(a, 1)) for a in range(nr_address_spaces)
@@ -470,7 +471,9 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
                 self.faults.check("kzalloc_new")
                 new = Memslot(d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr)
                 if d.flags & KVM_MEM_GUEST_MEMFD:
-                    self.guest_memfds.bind(new, d.guest_memfd, d.guest_memfd_offset)
+                    self.guest_memfds.bind(
+                        new, d.guest_memfd, d.guest_memfd_offset, self.limits.gmem_bound_errno
+                    )
             try:
                 self._set_memslot(d.as_id, d.id, d.old, new, d.change)
             except MemslotError:

@@ -62,7 +62,6 @@ from typing import TYPE_CHECKING, Final
 
 from memslots.constants import (
     KVM_DIRTY_LOG_INITIALLY_SET,
-    KVM_DIRTY_LOG_MANUAL_CAPS_X86,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KVM_MEM_LOG_DIRTY_PAGES,
     U32_MAX,
@@ -142,7 +141,7 @@ def enable_manual_dirty_log_protect(vm: VmView, flags: int) -> None:
     """
     allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
     if flags & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
-        allowed = KVM_DIRTY_LOG_MANUAL_CAPS_X86
+        allowed = vm.limits.manual_dirty_log_caps
     if not 0 <= flags <= U64_MAX or flags & ~allowed:
         raise MemslotError(EINVAL, f"manual dirty log protect flags {flags:#x}")
     with vm.slots_lock:

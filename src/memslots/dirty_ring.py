@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Iterator
-from errno import E2BIG, EINVAL
+from errno import E2BIG, EINVAL, ENOTTY
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 from memslots import dirty_log as _dirty_log
@@ -534,6 +534,13 @@ def enable_dirty_ring(vm: RingVmView, size: int, acq_rel: bool = False) -> None:
     ``kvm_vm_ioctl_enable_dirty_log_ring`` in the kernel's order (module docstring).
     ``size`` is ``args[0]``, a u64 (EINVAL outside it), truncated to u32. Holds
     ``vm.slots_lock``, which also serialises vCPU creation. O(1)."""
+    limits = vm.limits
+    # kvm_vm_ioctl_enable_cap_generic: a capability the kernel does not offer is EINVAL
+    # whatever the size (no ring before 5.11, no ACQ_REL before 6.1; arm64 offers only
+    # ACQ_REL, its plain KVM_CAP_DIRTY_LOG_RING answering 0)
+    if not (limits.dirty_ring_acq_rel if acq_rel else limits.dirty_ring_max):
+        cap = "KVM_CAP_DIRTY_LOG_RING" + ("_ACQ_REL" if acq_rel else "")
+        raise MemslotError(EINVAL, f"{cap} is not offered by this kernel")
     if not 0 <= size <= U64_MAX:
         raise MemslotError(EINVAL, f"ring size {size:#x} does not fit u64")
     size &= U32_MAX
@@ -555,9 +562,14 @@ def enable_dirty_ring(vm: RingVmView, size: int, acq_rel: bool = False) -> None:
 
 
 def enable_dirty_ring_with_bitmap(vm: RingVmView) -> None:
-    """``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)``: EINVAL on x86, before or
-    after a ring, whatever the argument (the kernel is built without it)."""
-    raise MemslotError(EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is not available on x86")
+    """``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)``: EINVAL where the kernel does
+    not offer it (x86, before or after a ring, whatever the argument: the kernel is built
+    without it)."""
+    if not vm.limits.dirty_ring_with_bitmap:
+        raise MemslotError(
+            EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is not offered by this kernel"
+        )
+    raise MemslotError(EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is not modelled by the engine")
 
 
 def reset_dirty_rings(vm: RingVmView, rings: Iterable[DirtyRing | None]) -> int:
@@ -565,6 +577,8 @@ def reset_dirty_rings(vm: RingVmView, rings: Iterable[DirtyRing | None]) -> int:
     ``rings`` (the vCPUs in creation order) under ``slots_lock`` and return the number of
     entries reset. In FIRST_WRITE mode each validated group is re-armed.
     O(entries reset)."""
+    if not vm.limits.reset_dirty_rings:  # kvm_vm_ioctl: no such ioctl before 5.11
+        raise MemslotError(ENOTTY, "KVM_RESET_DIRTY_RINGS does not exist in this kernel")
     state = vm.dirty_rings
     if not state.size:
         raise MemslotError(EINVAL, "the VM has no dirty ring")

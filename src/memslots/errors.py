@@ -5,26 +5,58 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memslots.slot import Memslot
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why the kernel refuses a call, as the engine knows it: ``check`` is a stable
+    identifier of the check that failed (``"overlap"``, ``"hva-unaligned"``, ...; the
+    list is in docs/check.md), ``function`` the kernel function that makes it
+    (``"virt/kvm/kvm_main.c: kvm_set_memory_region"``), and ``slot`` the slot concerned
+    when there is one (the slot in the way of an overlapping range, the slot a request
+    tried to change).
+    """
+
+    check: str
+    function: str
+    slot: Memslot | None = None
 
 
 class MemslotError(OSError):
     """A memslot operation failed; ``.errno`` is the kernel's errno (EINVAL, EEXIST, ...).
 
     It is an :class:`OSError`, so ``except OSError`` catches it as it catches a failed
-    ioctl, and ``.strerror`` is the C library's text for the errno.
+    ioctl, and ``.strerror`` is the C library's text for the errno. ``.detail`` is the
+    reason in words and ``.refusal`` (a :class:`Refusal`, or None) the kernel check that
+    refused the call; ``str()`` puts the reason first.
 
     >>> from errno import EEXIST
     >>> e = MemslotError(EEXIST, "gfn range overlaps slot 3")
     >>> e.errno, e.errno_name, isinstance(e, OSError)
     (17, 'EEXIST', True)
     >>> str(e)
-    '[Errno 17] File exists: gfn range overlaps slot 3'
+    'gfn range overlaps slot 3 (EEXIST)'
+    >>> str(MemslotError(EEXIST))
+    'EEXIST: File exists'
     """
 
-    def __init__(self, err: int, detail: str = "") -> None:
+    def __init__(self, err: int, detail: str = "", refusal: Refusal | None = None) -> None:
         text = os.strerror(err)
         super().__init__(err, f"{text}: {detail}" if detail else text)
         self.detail = detail
+        self.refusal = refusal
+
+    def __str__(self) -> str:
+        name = self.errno_name
+        return f"{self.detail} ({name})" if self.detail else f"{name}: {self.strerror}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.errno, self.detail, self.refusal))
 
     @property
     def errno_name(self) -> str:

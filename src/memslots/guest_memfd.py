@@ -18,6 +18,7 @@ can tell the difference, since the slot stays deletable either way.)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from errno import EBADF, EINVAL
 
@@ -35,7 +36,8 @@ class GuestMemfdFile:
     bindings: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
-def _identity(fd: int) -> tuple[int, int]:
+def fd_identity(fd: int) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of an open descriptor of this process; EBADF otherwise."""
     try:
         st = os.fstat(fd)
     except (OSError, OverflowError) as exc:  # fget(fd) of a closed or huge fd: EBADF
@@ -43,32 +45,47 @@ def _identity(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def check_create(size: int, flags: int, valid_flags: int) -> None:
+    """``kvm_gmem_create``'s checks: EINVAL for flags outside ``valid_flags``, then for a
+    size that is zero or not page aligned."""
+    if flags & ~valid_flags:
+        raise MemslotError(EINVAL, f"guest_memfd flags {flags:#x} not supported")
+    if size <= 0 or size & (PAGE_SIZE - 1):
+        raise MemslotError(EINVAL, "guest_memfd size must be a non-zero page multiple")
+
+
 class GuestMemfdTable:
     """The guest_memfd files of one VM and their bindings. Bind and unbind are O(b) in
     the number of bindings of the file (a VMM binds a handful per file)."""
 
-    def __init__(self) -> None:
+    def __init__(self, identity: Callable[[int], tuple[int, int]] = fd_identity) -> None:
         self._files: dict[tuple[int, int], GuestMemfdFile] = {}
+        #: what names a file behind a descriptor (EBADF for one that is not open): this
+        #: process's ``fstat`` by default; a kernel elsewhere (under QEMU) gives its own
+        self._identity = identity
 
     def register(self, fd: int, size: int, flags: int = 0) -> None:
         """Record ``fd`` (already created, by the kernel or by :meth:`create`) as a
         guest_memfd of ``size`` bytes of this VM."""
-        self._files[_identity(fd)] = GuestMemfdFile(size, flags)
+        self._files[self._identity(fd)] = GuestMemfdFile(size, flags)
 
-    def create(self, size: int, flags: int = 0) -> int:
-        """``KVM_CREATE_GUEST_MEMFD`` for the engine alone: a memfd of ``size`` bytes
-        stands in for the guest_memfd (EINVAL for a size that is zero or not page
-        aligned, or for flags). The caller owns the returned fd."""
-        if size <= 0 or size & (PAGE_SIZE - 1) or flags:
-            raise MemslotError(EINVAL, "guest_memfd size must be a non-zero page multiple")
+    def create(self, size: int, flags: int = 0, valid_flags: int = 0) -> int:
+        """``KVM_CREATE_GUEST_MEMFD`` for the engine alone: :func:`check_create`, then a
+        memfd of ``size`` bytes stands in for the guest_memfd. The caller owns the
+        returned fd."""
+        check_create(size, flags, valid_flags)
         fd = os.memfd_create("memslots-guest-memfd", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         self.register(fd, size, flags)
         return fd
 
-    def check_bind(self, fd: int, offset: int, npages: int) -> GuestMemfdFile:
-        """Raise what ``kvm_gmem_bind`` would for binding ``npages`` at ``offset``."""
-        f = self._files.get(_identity(fd))
+    def check_bind(
+        self, fd: int, offset: int, npages: int, bound_errno: int = EINVAL
+    ) -> GuestMemfdFile:
+        """Raise what ``kvm_gmem_bind`` would for binding ``npages`` at ``offset``;
+        ``bound_errno`` is its answer for a range already bound (EINVAL; EEXIST on 7.x,
+        ``VmLimits.gmem_bound_errno``)."""
+        f = self._files.get(self._identity(fd))
         if f is None:
             raise MemslotError(EINVAL, f"fd {fd} is not a guest_memfd of this VM")
         if offset & (PAGE_SIZE - 1) or offset + (npages << PAGE_SHIFT) > f.size:
@@ -77,13 +94,13 @@ class GuestMemfdTable:
         end = start + npages
         for s, e in f.bindings.values():
             if s < end and start < e:
-                raise MemslotError(EINVAL, "guest_memfd range already bound")
+                raise MemslotError(bound_errno, "guest_memfd range already bound")
         return f
 
-    def bind(self, slot: Memslot, fd: int, offset: int) -> None:
+    def bind(self, slot: Memslot, fd: int, offset: int, bound_errno: int = EINVAL) -> None:
         """Bind ``slot`` to ``[offset, offset + size)`` of ``fd``; records it in
         ``slot.gmem``."""
-        f = self.check_bind(fd, offset, slot.npages)
+        f = self.check_bind(fd, offset, slot.npages, bound_errno)
         start = offset >> PAGE_SHIFT
         f.bindings[slot.slot] = (start, start + slot.npages)
         slot.gmem = (f, offset)

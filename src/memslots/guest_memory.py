@@ -143,7 +143,7 @@ class HostMemory:
     >>> vm.read_guest(0x100000, 1)   # the mapping is closed: the slot's memory is gone
     Traceback (most recent call last):
     ...
-    memslots.errors.MemslotError: [Errno 14] Bad address: gpa 0x100000: hva ... HostMemory
+    memslots.errors.MemslotError: gpa 0x100000: hva ... is not in a live HostMemory (EFAULT)
     """
 
     __slots__ = ("__weakref__", "_closed", "_lock", "_mmap", "_view", "addr", "size")

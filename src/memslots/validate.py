@@ -12,24 +12,33 @@ baseline and the ``/dev/kvm`` mirror), which only provide the active set's
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from errno import EEXIST, EINVAL, EIO
-from typing import Protocol
+from errno import EEXIST, EINVAL, EIO, ENOTTY
+from typing import Final, Protocol
 
 from memslots.constants import (
+    KVM_ADDRESS_SPACE_NUM_X86,
+    KVM_DIRTY_GFN_SIZE,
+    KVM_DIRTY_LOG_MANUAL_CAPS_X86,
+    KVM_DIRTY_RING_MAX_ENTRIES,
+    KVM_MAX_VCPU_IDS_X86,
+    KVM_MAX_VCPUS_X86,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_MAX_NR_PAGES,
     KVM_MEM_READONLY,
     KVM_MEM_SLOTS_NUM,
     KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
+    KVM_USER_MEM_SLOTS_X86,
     PAGE_SHIFT,
     PAGE_SIZE,
     U64_MAX,
+    X86_MAX_GFN,
 )
-from memslots.errors import MemslotError
+from memslots.errors import MemslotError, Refusal
 from memslots.slot import Memslot
 
 
@@ -45,15 +54,38 @@ class Change(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class VmLimits:
-    """What the VM (and the kernel under it) accepts.
+    """Everything one VM's answers depend on: what the kernel under it offers and where it
+    draws its lines. The engine's default is x86-64 mainline with every feature on;
+    :class:`memslots.profiles.KernelProfile` gives the values of a real kernel
+    (``profile.vm_limits()``), measured or probed.
 
-    ``nr_address_spaces``: 2 on x86 with SMM, 1 on this machine's kernel;
-    ``max_user_slots``: ``KVM_CAP_NR_MEMSLOTS`` (x86: 32764);
-    ``max_gfn``: the highest gfn a slot may cover (x86 ``kvm_mmu_max_gfn()``);
-    ``readonly_mem``: ``KVM_MEM_READONLY`` is supported;
-    ``private_mem``: ``KVM_MEM_GUEST_MEMFD`` slots are allowed (private-memory VM types;
-    Linux 6.18 allows guest_memfd on the default x86 VM too);
-    ``task_size_max``: end of the user address range (``access_ok``).
+    Memslots (``virt/kvm/kvm_main.c: kvm_set_memory_region`` and the arch hooks):
+    ``nr_address_spaces`` (``kvm_arch_nr_memslot_as_ids``: 2 on x86 with SMM, 1 without),
+    ``max_user_slots`` (``KVM_CAP_NR_MEMSLOTS``: 32764 on x86 since 5.11, 509 before,
+    32767 on arm64), ``max_gfn`` (the highest gfn a slot may cover: x86
+    ``kvm_mmu_max_gfn()``, arm64 the VM's IPA size), ``task_size_max`` (end of the user
+    address range that ``access_ok`` accepts: 2^47 - 4 KiB with 4-level paging, 2^56 -
+    4 KiB with 5-level), ``readonly_mem`` (``KVM_MEM_READONLY``), ``private_mem``
+    (``KVM_MEM_GUEST_MEMFD`` slots are valid on this VM), ``user_memory2`` (the
+    ``KVM_SET_USER_MEMORY_REGION2`` ioctl exists: 6.8+), ``page_shift`` (the kernel's
+    page size).
+
+    guest_memfd (``virt/kvm/guest_memfd.c``): ``guest_memfd`` (the
+    ``KVM_CREATE_GUEST_MEMFD`` ioctl exists: 6.8+ with ``CONFIG_KVM_GUEST_MEMFD``, or its
+    older name ``CONFIG_KVM_PRIVATE_MEM``), ``guest_memfd_flags`` (the creation flags
+    ``kvm_gmem_create`` accepts), ``gmem_bound_errno`` (what ``kvm_gmem_bind`` answers for
+    a range already bound to another slot: EINVAL, EEXIST on 7.x).
+
+    vCPUs (``kvm_vm_ioctl_create_vcpu``): ``max_vcpu_ids`` (``KVM_CAP_MAX_VCPU_ID``: ids
+    must be below it), ``max_vcpus`` (``KVM_CAP_MAX_VCPUS``: vCPUs ever created).
+
+    Dirty logging: ``manual_dirty_log_caps`` (``KVM_DIRTY_LOG_MANUAL_CAPS``, the valid
+    ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` bits), ``dirty_ring_max`` (the largest ring in
+    bytes, ``KVM_CAP_DIRTY_LOG_RING``; 0: no plain ring, its ``KVM_ENABLE_CAP`` is EINVAL),
+    ``dirty_ring_acq_rel`` (``KVM_CAP_DIRTY_LOG_RING_ACQ_REL`` is offered: x86 6.1+, and
+    the only ring arm64 has),
+    ``dirty_ring_with_bitmap`` (``KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP``, arm64 6.3+),
+    ``reset_dirty_rings`` (the ``KVM_RESET_DIRTY_RINGS`` ioctl exists: 5.11+).
     """
 
     nr_address_spaces: int
@@ -62,6 +94,18 @@ class VmLimits:
     readonly_mem: bool = True
     private_mem: bool = False
     task_size_max: int = (1 << 47) - PAGE_SIZE
+    user_memory2: bool = True
+    page_shift: int = PAGE_SHIFT
+    guest_memfd: bool = True
+    guest_memfd_flags: int = 0
+    gmem_bound_errno: int = EINVAL
+    max_vcpu_ids: int = KVM_MAX_VCPU_IDS_X86
+    max_vcpus: int = KVM_MAX_VCPUS_X86
+    manual_dirty_log_caps: int = KVM_DIRTY_LOG_MANUAL_CAPS_X86
+    dirty_ring_max: int = KVM_DIRTY_RING_MAX_ENTRIES * KVM_DIRTY_GFN_SIZE
+    dirty_ring_acq_rel: bool = True
+    dirty_ring_with_bitmap: bool = False
+    reset_dirty_rings: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.nr_address_spaces <= 0xFFFF:
@@ -70,6 +114,59 @@ class VmLimits:
             raise ValueError(f"max_user_slots must be in 1..{KVM_MEM_SLOTS_NUM}")
         if not 0 <= self.max_gfn < 1 << (64 - PAGE_SHIFT):
             raise ValueError("max_gfn must be a gfn (0 .. 2^52-1)")
+        if self.page_shift != PAGE_SHIFT:
+            raise ValueError(
+                f"page_shift {self.page_shift}: this engine models {PAGE_SIZE}-byte pages"
+            )
+        if not 0 < self.task_size_max < 1 << 64:
+            raise ValueError("task_size_max must be in 1 .. 2^64-1")
+        if not 1 <= self.max_vcpu_ids <= 1 << 32 or not 1 <= self.max_vcpus <= 1 << 32:
+            raise ValueError("max_vcpu_ids and max_vcpus must be in 1 .. 2^32")
+        if self.dirty_ring_max < 0 or self.dirty_ring_max & (self.dirty_ring_max - 1):
+            raise ValueError("dirty_ring_max must be 0 or a power of two")
+
+    def vm_limits(self, vm_type: int = 0) -> VmLimits:
+        """These limits (a :class:`LimitsSource` of one VM: ``Vm(profile=limits)``)."""
+        return self
+
+
+class LimitsSource(Protocol):
+    """Where a VM's limits come from: a kernel profile
+    (:class:`memslots.profiles.KernelProfile`) or anything else with this method."""
+
+    def vm_limits(self, vm_type: int = 0) -> VmLimits:
+        """The limits of a VM of ``vm_type`` (``KVM_CREATE_VM``'s argument)."""
+        ...
+
+
+def make_limits(
+    profile: LimitsSource | None,
+    vm_type: int,
+    nr_address_spaces: int | None,
+    max_user_slots: int | None,
+    max_gfn: int | None,
+    readonly_mem: bool | None,
+    private_mem: bool | None,
+    task_size_max: int | None,
+) -> VmLimits:
+    """The limits of a VM made with ``profile`` (x86-64 mainline defaults without one),
+    each keyword that is not None overriding the profile's value."""
+    base = (
+        profile.vm_limits(vm_type)
+        if profile is not None
+        else VmLimits(KVM_ADDRESS_SPACE_NUM_X86, KVM_USER_MEM_SLOTS_X86, X86_MAX_GFN)
+    )
+    return dataclasses.replace(
+        base,
+        nr_address_spaces=base.nr_address_spaces
+        if nr_address_spaces is None
+        else nr_address_spaces,
+        max_user_slots=base.max_user_slots if max_user_slots is None else max_user_slots,
+        max_gfn=base.max_gfn if max_gfn is None else max_gfn,
+        readonly_mem=base.readonly_mem if readonly_mem is None else readonly_mem,
+        private_mem=base.private_mem if private_mem is None else private_mem,
+        task_size_max=base.task_size_max if task_size_max is None else task_size_max,
+    )
 
 
 class ActiveSlots(Protocol):
@@ -130,6 +227,19 @@ class Decision:
         )
 
 
+#: the kernel functions that make the checks (``file: function``), for :class:`Refusal`
+KVM_VM_IOCTL: Final = "virt/kvm/kvm_main.c: kvm_vm_ioctl"
+KVM_VM_IOCTL_SET_MEMORY_REGION: Final = "virt/kvm/kvm_main.c: kvm_vm_ioctl_set_memory_region"
+KVM_SET_MEMORY_REGION: Final = "virt/kvm/kvm_main.c: kvm_set_memory_region"
+CHECK_MEMORY_REGION_FLAGS: Final = "virt/kvm/kvm_main.c: check_memory_region_flags"
+KVM_CHECK_MEMSLOT_OVERLAP: Final = "virt/kvm/kvm_main.c: kvm_check_memslot_overlap"
+UAPI_STRUCT: Final = "include/uapi/linux/kvm.h: struct kvm_userspace_memory_region2"
+
+
+def _refuse(err: int, check: str, function: str, detail: str, slot: Memslot | None = None) -> None:
+    raise MemslotError(err, detail, Refusal(check, function, slot))
+
+
 def check_abi_fields(
     slot: int,
     flags: int,
@@ -139,19 +249,50 @@ def check_abi_fields(
     guest_memfd_offset: int = 0,
     guest_memfd: int = 0,
 ) -> None:
-    """The values must fit the ioctl structure (u32 slot and flags, u64 addresses).
+    """The values must be ints that fit the ioctl structure (u32 slot and flags, u64
+    addresses).
 
-    Not a kernel check (C cannot pass anything else): a value that does not fit is
-    EINVAL here, before anything else, in every implementation alike.
+    Not a kernel check (C cannot pass anything else): a value of another type is
+    :class:`TypeError` naming the parameter, one that does not fit is EINVAL here, before
+    anything else, in every implementation alike.
     """
+    try:
+        _check_abi_values(
+            slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset,
+            guest_memfd,
+        )  # fmt: skip
+    except TypeError:
+        for name, v in (
+            ("slot", slot),
+            ("flags", flags),
+            ("guest_phys_addr", guest_phys_addr),
+            ("memory_size", memory_size),
+            ("userspace_addr", userspace_addr),
+            ("guest_memfd_offset", guest_memfd_offset),
+            ("guest_memfd", guest_memfd),
+        ):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+        raise
+
+
+def _check_abi_values(
+    slot: int,
+    flags: int,
+    guest_phys_addr: int,
+    memory_size: int,
+    userspace_addr: int,
+    guest_memfd_offset: int,
+    guest_memfd: int,
+) -> None:
     # shifts rather than comparisons with U32_MAX/U64_MAX: compiled, those constants are
     # big integers and every comparison with them a generic call
     if slot < 0 or slot >> 32:
-        raise MemslotError(EINVAL, f"slot {slot} does not fit u32")
+        _refuse(EINVAL, "abi-field", UAPI_STRUCT, f"slot {slot} does not fit u32")
     if flags < 0 or flags >> 32:
-        raise MemslotError(EINVAL, f"flags {flags} do not fit u32")
+        _refuse(EINVAL, "abi-field", UAPI_STRUCT, f"flags {flags} do not fit u32")
     if guest_memfd < 0 or guest_memfd >> 32:
-        raise MemslotError(EINVAL, f"guest_memfd {guest_memfd} does not fit u32")
+        _refuse(EINVAL, "abi-field", UAPI_STRUCT, f"guest_memfd {guest_memfd} does not fit u32")
     if (
         guest_phys_addr < 0
         or guest_phys_addr >> 64
@@ -169,7 +310,7 @@ def check_abi_fields(
             ("guest_memfd_offset", guest_memfd_offset),
         ):
             if not 0 <= v <= U64_MAX:
-                raise MemslotError(EINVAL, f"{name} {v} does not fit u64")
+                _refuse(EINVAL, "abi-field", UAPI_STRUCT, f"{name} {v} does not fit u64")
 
 
 def check_memory_region_flags(limits: VmLimits, flags: int) -> None:
@@ -182,7 +323,10 @@ def check_memory_region_flags(limits: VmLimits, flags: int) -> None:
     if limits.readonly_mem and not flags & KVM_MEM_GUEST_MEMFD:
         valid |= KVM_MEM_READONLY
     if flags & ~valid:
-        raise MemslotError(EINVAL, f"flags {flags:#x} not supported")
+        _refuse(
+            EINVAL, "flags", CHECK_MEMORY_REGION_FLAGS,
+            f"flags {flags:#x} not supported (this VM takes {valid:#x})",
+        )  # fmt: skip
 
 
 def check_set_user_memory_region(
@@ -199,47 +343,79 @@ def check_set_user_memory_region(
     guest_memfd_offset: int = 0,
     guest_memfd: int = 0,
 ) -> Decision:
-    """Validate and classify one request; raise :class:`MemslotError` on the first failing
-    check (kernel order). ``active[as_id]`` is the active set of each address space."""
+    """Validate and classify one request; raise :class:`MemslotError` (with its
+    :class:`Refusal`) on the first failing check, in the kernel's order. ``active[as_id]``
+    is the active set of each address space."""
+    # kvm_vm_ioctl: KVM_SET_USER_MEMORY_REGION2 is an unknown ioctl before 6.8
+    if v2 and not limits.user_memory2:
+        _refuse(
+            ENOTTY, "no-ioctl", KVM_VM_IOCTL,
+            "KVM_SET_USER_MEMORY_REGION2 does not exist before Linux 6.8",
+        )  # fmt: skip
     check_abi_fields(
         slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset, guest_memfd
     )
     # kvm_vm_ioctl: the v1 ioctl takes only LOG_DIRTY and READONLY
     if not v2 and flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS:
-        raise MemslotError(EINVAL, f"flags {flags:#x} not accepted by the v1 ioctl")
+        _refuse(
+            EINVAL, "v1-flags", KVM_VM_IOCTL,
+            f"flags {flags:#x} not accepted by KVM_SET_USER_MEMORY_REGION (only 0x3)",
+        )  # fmt: skip
     # kvm_vm_ioctl_set_memory_region
     if (slot & 0xFFFF) >= limits.max_user_slots:
-        raise MemslotError(EINVAL, f"slot id {slot & 0xFFFF} >= {limits.max_user_slots}")
+        _refuse(
+            EINVAL, "slot-id", KVM_VM_IOCTL_SET_MEMORY_REGION,
+            f"slot id {slot & 0xFFFF} is not below the {limits.max_user_slots} user slots",
+        )  # fmt: skip
     # kvm_set_memory_region (under slots_lock)
     check_memory_region_flags(limits, flags)
     as_id = slot >> 16
     id = slot & 0xFFFF
+    fn = KVM_SET_MEMORY_REGION
     if memory_size & (PAGE_SIZE - 1):
-        raise MemslotError(EINVAL, "memory_size is not page aligned")
+        _refuse(EINVAL, "size-unaligned", fn, f"memory_size {memory_size:#x} is not page aligned")
     if guest_phys_addr & (PAGE_SIZE - 1):
-        raise MemslotError(EINVAL, "guest_phys_addr is not page aligned")
+        _refuse(
+            EINVAL, "gpa-unaligned", fn, f"guest_phys_addr {guest_phys_addr:#x} is not page aligned"
+        )
     if userspace_addr & (PAGE_SIZE - 1):
-        raise MemslotError(EINVAL, "userspace_addr is not page aligned")
+        _refuse(
+            EINVAL, "hva-unaligned", fn, f"userspace_addr {userspace_addr:#x} is not page aligned"
+        )
     if userspace_addr + memory_size > limits.task_size_max:
-        raise MemslotError(EINVAL, "userspace range is not in the user address space")
+        _refuse(
+            EINVAL, "hva-range", fn,
+            f"hva range {userspace_addr:#x}+{memory_size:#x} ends past the user address space "
+            f"({limits.task_size_max:#x}, access_ok)",
+        )  # fmt: skip
     if flags & KVM_MEM_GUEST_MEMFD and (
         guest_memfd_offset & (PAGE_SIZE - 1) or (guest_memfd_offset + memory_size) >> 64
     ):
-        raise MemslotError(EINVAL, "bad guest_memfd_offset")
+        _refuse(
+            EINVAL, "gmem-offset", fn,
+            f"guest_memfd_offset {guest_memfd_offset:#x} is not page aligned or wraps",
+        )  # fmt: skip
     if as_id >= limits.nr_address_spaces or id >= KVM_MEM_SLOTS_NUM:
-        raise MemslotError(EINVAL, f"address space {as_id} does not exist")
+        _refuse(
+            EINVAL, "as-id", fn,
+            f"address space {as_id} does not exist (the VM has {limits.nr_address_spaces})",
+        )  # fmt: skip
     if (guest_phys_addr + memory_size) >> 64:
-        raise MemslotError(EINVAL, "guest physical range wraps")
+        _refuse(EINVAL, "gpa-wraps", fn, "guest physical range wraps past 2^64")
     if id < limits.max_user_slots and (memory_size >> PAGE_SHIFT) > KVM_MEM_MAX_NR_PAGES:
-        raise MemslotError(EINVAL, "more than KVM_MEM_MAX_NR_PAGES pages")
+        _refuse(
+            EINVAL, "npages", fn,
+            f"{memory_size >> PAGE_SHIFT} pages: more than KVM_MEM_MAX_NR_PAGES (2^31-1)",
+        )  # fmt: skip
 
     slots = active[as_id]
     old = slots.id_to_memslot(id)
     if not memory_size:
         if old is None:
-            raise MemslotError(EINVAL, f"delete of missing slot {slot:#x}")
+            _refuse(EINVAL, "delete-missing", fn, f"delete of slot {slot:#x}, which does not exist")
+        assert old is not None
         if nr_memslot_pages < old.npages:  # WARN_ON_ONCE in the kernel; cannot happen
-            raise MemslotError(EIO, "page accounting underflow")
+            _refuse(EIO, "accounting", fn, "page accounting underflow")
         return Decision(
             Change.DELETE, as_id, id, old, old.base_gfn, old.npages, old.flags,
             old.userspace_addr,
@@ -250,19 +426,36 @@ def check_set_user_memory_region(
     if old is None:
         change = Change.CREATE
         if (nr_memslot_pages + npages) >> 64:
-            raise MemslotError(EINVAL, "total page count overflows")
+            _refuse(EINVAL, "nr-pages-overflow", fn, "total page count overflows")
     else:
         if (flags | old.flags) & KVM_MEM_GUEST_MEMFD:
             # "Private memslots are immutable, they can only be deleted." The kernel tests
             # the requested flags here; a request without the flag against a guest_memfd
             # slot is refused too (measured on Linux 6.18), with no state change.
-            raise MemslotError(EINVAL, "guest_memfd memslots can only be deleted")
+            _refuse(
+                EINVAL, "gmem-immutable", fn,
+                f"slot {id} is a guest_memfd slot: it can only be deleted", old,
+            )  # fmt: skip
         if (
             userspace_addr != old.userspace_addr
             or npages != old.npages
             or (flags ^ old.flags) & KVM_MEM_READONLY
         ):
-            raise MemslotError(EINVAL, "hva, size or READONLY of an existing slot changed")
+            what = [
+                name
+                for name, differs in (
+                    ("userspace_addr", userspace_addr != old.userspace_addr),
+                    ("memory_size", npages != old.npages),
+                    ("READONLY", (flags ^ old.flags) & KVM_MEM_READONLY),
+                )
+                if differs
+            ]
+            _refuse(
+                EINVAL, "modify-changed", fn,
+                f"slot {id} exists: only its gpa and LOG_DIRTY may change, not "
+                + " or ".join(what),
+                old,
+            )  # fmt: skip
         if base_gfn != old.base_gfn:
             change = Change.MOVE
         elif flags != old.flags:
@@ -272,7 +465,13 @@ def check_set_user_memory_region(
     if change in (Change.CREATE, Change.MOVE):
         for s in slots.iter_gfn_range(base_gfn, base_gfn + npages):
             if s.id != id:
-                raise MemslotError(EEXIST, f"gfn range overlaps slot {s.id}")
+                _refuse(
+                    EEXIST, "overlap", KVM_CHECK_MEMSLOT_OVERLAP,
+                    f"gpa {guest_phys_addr:#x}-{guest_phys_addr + memory_size - 1:#x} overlaps "
+                    f"slot {s.id}, gpa {s.base_gfn << PAGE_SHIFT:#x}-"
+                    f"{((s.base_gfn + s.npages) << PAGE_SHIFT) - 1:#x}",
+                    s,
+                )  # fmt: skip
     return Decision(
         change, as_id, id, old, base_gfn, npages, flags, userspace_addr,
         guest_memfd_offset, guest_memfd,

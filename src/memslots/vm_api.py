@@ -37,7 +37,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Container, Iterator
 from contextlib import AbstractContextManager
-from errno import EBADF, EEXIST, EINVAL, ENXIO
+from errno import EBADF, EEXIST, EINVAL, ENOTTY, ENXIO
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
@@ -45,10 +45,9 @@ from mypy_extensions import mypyc_attr
 
 from memslots import dirty_log as _dirty_log
 from memslots import dirty_ring as _dirty_ring
+from memslots import guest_memfd as _guest_memfd
 from memslots import guest_memory as _guest_memory
 from memslots.constants import (
-    KVM_MAX_VCPU_IDS_X86,
-    KVM_MAX_VCPUS_X86,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
@@ -264,18 +263,30 @@ class VmApi(Generic[SetT]):
         ``create_vcpu`` (under ``slots_lock``; ``vcpus`` holds the ids in use): EINVAL for
         an id at or past ``KVM_MAX_VCPU_IDS`` or past ``KVM_MAX_VCPUS`` vCPUs ever
         created, EEXIST for an id in use. O(1)."""
-        if not 0 <= id < KVM_MAX_VCPU_IDS_X86:
-            raise MemslotError(EINVAL, f"vCPU id {id} is not below {KVM_MAX_VCPU_IDS_X86}")
-        if self.created_vcpus >= KVM_MAX_VCPUS_X86:
-            raise MemslotError(EINVAL, f"the VM has {KVM_MAX_VCPUS_X86} vCPUs already")
+        limits = self.limits
+        if not 0 <= id < limits.max_vcpu_ids:
+            raise MemslotError(EINVAL, f"vCPU id {id} is not below {limits.max_vcpu_ids}")
+        if self.created_vcpus >= limits.max_vcpus:
+            raise MemslotError(EINVAL, f"the VM has {limits.max_vcpus} vCPUs already")
         if id in vcpus:
             raise MemslotError(EEXIST, f"vCPU {id} exists")
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """``KVM_CREATE_GUEST_MEMFD``: a guest_memfd of ``size`` bytes for this VM's
         ``KVM_MEM_GUEST_MEMFD`` slots. The engine alone stands in a memfd for it; the
-        caller owns the returned fd."""
-        return self.guest_memfds.create(size, flags)
+        caller owns the returned fd. ENOTTY where the kernel has no guest_memfd
+        (``kvm_vm_ioctl``: before 6.8, or built without ``CONFIG_KVM_GUEST_MEMFD``); EINVAL
+        for creation flags ``kvm_gmem_create`` does not accept, then for a size that is
+        zero or not page aligned."""
+        self.check_create_guest_memfd(size, flags)
+        return self.guest_memfds.create(size, flags, self.limits.guest_memfd_flags)
+
+    def check_create_guest_memfd(self, size: int, flags: int) -> None:
+        """What ``KVM_CREATE_GUEST_MEMFD`` answers, without creating anything: ENOTTY where
+        the kernel has no guest_memfd, then ``kvm_gmem_create``'s checks. O(1)."""
+        if not self.limits.guest_memfd:
+            raise MemslotError(ENOTTY, "KVM_CREATE_GUEST_MEMFD does not exist in this kernel")
+        _guest_memfd.check_create(size, flags, self.limits.guest_memfd_flags)
 
     def register_invalidate_callback(self, cb: InvalidateCallback) -> None:
         """Call ``cb(old_slot)`` whenever a slot is invalidated (DELETE and MOVE, right

@@ -32,7 +32,7 @@ import errno
 import mmap
 import os
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final, Protocol, Self
 
 from memslots.constants import (
     KVM_DIRTY_GFN_F_DIRTY,
@@ -41,6 +41,7 @@ from memslots.constants import (
     KVM_DIRTY_LOG_PAGE_OFFSET,
 )
 from memslots.errors import KvmUnavailable, MemslotError
+from memslots.guest_memfd import fd_identity
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -70,6 +71,7 @@ __all__ = [
     "KVM_EXIT_MMIO",
     "KVM_EXIT_SHUTDOWN",
     "KvmSystem",
+    "KvmSystemLike",
     "KvmUnavailable",
     "VmFd",
     "exit_reason_name",
@@ -900,6 +902,16 @@ class VmFd(_Fd):
         os.set_inheritable(fd, False)
         return fd
 
+    def fd_identity(self, fd: int) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of a descriptor (which file it is, whatever its number);
+        :class:`~memslots.errors.MemslotError` EBADF when it is not open."""
+        return fd_identity(fd)
+
+    def close_fd(self, fd: int) -> None:
+        """Close a descriptor this VM made (a guest_memfd, a vCPU fd): ``close(2)``. The
+        same call on a kernel under QEMU closes it there."""
+        os.close(fd)
+
     def create_vcpu(self, vcpu_id: int) -> int:
         """``KVM_CREATE_VCPU``: a new vCPU fd (owned by the caller; see
         :class:`memslots.kvm.vcpu.KvmVcpu` for a wrapper that owns it)."""
@@ -907,6 +919,17 @@ class VmFd(_Fd):
         fd = _ioctl_checked(self.fd, KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
         os.set_inheritable(fd, False)
         return fd
+
+
+class KvmSystemLike(Protocol):
+    """A kernel's KVM as :class:`memslots.kvm.KvmVm` uses it: :class:`KvmSystem` (this
+    machine's ``/dev/kvm``) or a kernel elsewhere (under QEMU) with the same calls."""
+
+    def check_extension(self, cap: int) -> int: ...
+
+    def create_vm(self, vm_type: int = KVM_X86_DEFAULT_VM) -> VmFd: ...
+
+    def close(self) -> None: ...
 
 
 def kvm_unavailable(path: str = KVM_DEV_PATH) -> KvmUnavailable | None:

@@ -32,7 +32,6 @@ engine checks of it, and how host-side writes are recorded, is described in
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -40,19 +39,20 @@ from dataclasses import dataclass
 from errno import EINVAL
 from typing import TYPE_CHECKING, Any
 
-from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE, U32_MAX, U64_MAX
+# the module, not the class: memslots.profiles imports memslots.kvm.abi, which runs this
+# package (and so this module) first when memslots.profiles is imported before it
+from memslots import profiles as _profiles
+from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, U32_MAX, U64_MAX
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages
 from memslots.errors import MemslotError, errno_name
+from memslots.guest_memfd import GuestMemfdTable
 from memslots.kvm.abi import (
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
-    KVM_CAP_GUEST_MEMFD,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_CAP_MULTI_ADDRESS_SPACE,
-    KVM_CAP_NR_MEMSLOTS,
-    KVM_CAP_READONLY_MEM,
     KVM_DEV_PATH,
     KvmSystem,
+    KvmSystemLike,
     VmFd,
 )
 from memslots.kvm.ring import KernelRing
@@ -109,38 +109,14 @@ class ConformanceError(AssertionError):
         self.detail = d.detail
 
 
-_PROBE_HVA = 0x10000000
-
-
-@functools.cache
 def probe_max_gfn(path: str = KVM_DEV_PATH) -> int:
-    """The highest gfn the kernel lets a slot cover, found by binary search with one-page
-    slots on a scratch VM (about 50 create/delete pairs; cached per process).
+    """The highest gfn the kernel lets a slot cover (``KernelProfile.probe(path=path)
+    .max_gfn``: a binary search with one-page slots on a scratch VM, cached per process).
 
     On x86 this is ``kvm_mmu_max_gfn()``, which depends on the MMU in use and the host's
-    physical address width; the machine this was written on accepts a slot ending at
-    2^52 (gfn 2^40 - 1) although /proc/cpuinfo shows 48 physical address bits.
+    physical address width.
     """
-    with KvmSystem(path) as kvm, kvm.create_vm() as vm:
-
-        def accepted(gfn: int) -> bool:
-            try:
-                vm.set_user_memory_region(0, 0, gfn << PAGE_SHIFT, PAGE_SIZE, _PROBE_HVA)
-            except MemslotError:
-                return False
-            vm.set_user_memory_region(0, 0, 0, 0, 0)
-            return True
-
-        lo, hi = 0, (1 << (64 - PAGE_SHIFT)) - 1  # lo accepted, answer in [lo, hi]
-        if not accepted(lo):
-            raise MemslotError(0, "the kernel refuses a one-page slot at gfn 0")
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if accepted(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+    return _profiles.KernelProfile.probe(path=path).max_gfn
 
 
 class KvmVcpuHandle(Vcpu):
@@ -266,21 +242,33 @@ class KvmVm(Vm):
     off), another API version.
     """
 
-    def __init__(self, *, strict: bool = True, path: str = KVM_DEV_PATH) -> None:
-        self._system = KvmSystem(path)
+    def __init__(
+        self,
+        *,
+        strict: bool = True,
+        path: str = KVM_DEV_PATH,
+        system: KvmSystemLike | None = None,
+        profile: _profiles.KernelProfile | None = None,
+        vm_type: int = 0,
+    ) -> None:
+        self._system: KvmSystemLike = KvmSystem(path) if system is None else system
         try:
-            self.fd: VmFd = self._system.create_vm()
+            if profile is None:
+                profile = (
+                    _profiles.KernelProfile.probe(path=path)
+                    if system is None
+                    else _profiles.KernelProfile.probe(self._system)
+                )
+            self.fd: VmFd = self._system.create_vm(vm_type)
         except BaseException:
-            self._system.close()
+            if system is None:
+                self._system.close()
             raise
-        nr_as = max(1, self.fd.check_extension(KVM_CAP_MULTI_ADDRESS_SPACE))
-        super().__init__(
-            nr_address_spaces=nr_as,
-            max_user_slots=self.fd.check_extension(KVM_CAP_NR_MEMSLOTS),
-            max_gfn=probe_max_gfn(path),
-            readonly_mem=bool(self.fd.check_extension(KVM_CAP_READONLY_MEM)),
-            private_mem=bool(self.fd.check_extension(KVM_CAP_GUEST_MEMFD)),
-        )
+        #: the profile of the kernel under this VM, which the engine answers as
+        self.profile = profile
+        self._owns_system = system is None
+        super().__init__(profile=profile, vm_type=vm_type)
+        self.guest_memfds = GuestMemfdTable(self.fd.fd_identity)
         self.strict = strict
         #: every call the kernel and the engine answered differently
         self.disagreements: list[Disagreement] = []
@@ -573,9 +561,15 @@ class KvmVm(Vm):
         it answers later binds as the kernel does. The caller owns the fd."""
         with self.slots_lock:
             self._check_open()
-            self.kernel_calls += 1
-            fd = self.fd.create_guest_memfd(size, flags)
+            k, fd, _ = self._mirror(
+                lambda: f"create_guest_memfd({size:#x}, {flags:#x})",
+                lambda: self.fd.create_guest_memfd(size, flags),
+                lambda: self.check_create_guest_memfd(size, flags),
+            )
+            if k:
+                raise MemslotError(k, "KVM_CREATE_GUEST_MEMFD")
             self.guest_memfds.register(fd, size, flags)
+            assert isinstance(fd, int)
             return fd
 
     def create_vcpu(self, id: int) -> KvmVcpuHandle:
@@ -638,7 +632,8 @@ class KvmVm(Vm):
                     for v in self._kvm_vcpus:
                         v.close()
                     self.fd.close()
-                    self._system.close()
+                    if self._owns_system:
+                        self._system.close()
                     mems, self._owned_memory = self._owned_memory, []
                     for mem in mems:
                         mem.close()

@@ -30,8 +30,8 @@ Implementations (``BenchConfig.impls``):
 
 Scenarios (those of the kernel's ``tools/testing/selftests/kvm/memslot_perf_test.c``, with
 its slot layout: ``N`` slots split ``MEM_SIZE`` = 512 MiB + 64 KiB at guest physical
-256 MiB, the last slot takes the remainder; times are per iteration, the best of the
-repetitions):
+256 MiB, the last slot takes the remainder; times are per iteration, the median of the
+repetitions, each repetition's time kept in ``runs``):
 
 ``setup``
     create the ``N`` slots (seconds for all of them).
@@ -57,7 +57,15 @@ repetitions):
     and created again (in the middle of the gfn range, so an array shifts half its
     entries whichever way it is sorted), the last slot moves above the others and back,
     and slot ``count // 2`` turns dirty logging on and off. Every operation is timed on
-    its own; the result is the best mean over the repetitions.
+    its own; the result is the median over the repetitions of each repetition's mean.
+
+Statistics: every number is the median of ``BenchConfig.repetitions`` measurements, and
+the measurements themselves are kept, so that the spread (their range) is reported
+with it. A ratio between two implementations is computed per repetition (they are
+measured in turn within each repetition, so noise hits both alike) and reported as the
+median and range of those ratios. A target is judged (met or not) only from 3
+repetitions or more; with fewer (``--quick``: one) the outcome is reported as
+indicative.
 
 Every ratio is computed from numbers taken in the same run, the implementations
 measured in turn at each count so that machine noise hits all of them alike.
@@ -70,6 +78,7 @@ import importlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -118,7 +127,7 @@ IMPL_LABELS: Final = {
     "array": "array (ArrayVm)",
     "kvm": "KvmVm",
     "ioctl": "kernel ioctl",
-    "vmmemory": "vm-memory model",
+    "vmmemory": "vm-memory model (Python)",
     "unicorn": "Unicorn",
 }
 #: the implementations that take part in the sweep only
@@ -165,13 +174,35 @@ DEFAULT_COUNTS: Final = (16, 64, 256, 1024, 4096, 16384, 32764)
 QUICK_SLOTS: Final = 8192
 #: the smallest number of operation pairs (or calls) in any measurement
 MIN_PAIRS: Final = 3
+#: the fewest repetitions a target is judged on (fewer: the outcome is indicative)
+JUDGED_REPETITIONS: Final = 3
+
+
+def available_cpus() -> set[int] | None:
+    """The CPUs this process may run on (``os.sched_getaffinity``), None where the
+    platform does not tell."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return set(os.sched_getaffinity(0))
+
+
+def cpu_ranges(cpus: set[int]) -> str:
+    """``0-1``, ``0,2-5``: a CPU set as the kernel's cpulist format writes it."""
+    spans: list[tuple[int, int]] = []
+    for c in sorted(cpus):
+        if spans and spans[-1][1] == c - 1:
+            spans[-1] = (spans[-1][0], c)
+        else:
+            spans.append((c, c))
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """What to run. ``slots``: N for the scenarios; ``counts``: slot counts of the sweep;
     ``duration``: seconds per measurement (at least ``MIN_PAIRS`` operations are always
-    made); ``repetitions``: measurements per number, the best is kept; ``impls`` and
+    made); ``repetitions``: measurements per number (the median is reported with their
+    range; targets are judged from :data:`JUDGED_REPETITIONS` on); ``impls`` and
     ``scenarios``: subsets of :data:`IMPLS` and :data:`SCENARIOS`; ``cpu``: pin the
     process to this CPU (None: do not pin; the kernel's grace periods are cheapest for a
     caller on CPU 0 on the machine this was measured on: docs/benchmarks.md);
@@ -191,7 +222,8 @@ class BenchConfig:
     def quick(cls, **overrides: Any) -> BenchConfig:
         """The ``--quick`` preset: every scenario with :data:`QUICK_SLOTS` slots, the
         sweep over every count (the array to :data:`QUICK_SLOTS`), short measurements,
-        one repetition: 15-20 s on a loaded 2-core machine (docs/benchmarks.md)."""
+        one repetition, so its verdicts are indicative (docs/benchmarks.md gives its time
+        on a 2-core machine)."""
         values: dict[str, Any] = {
             "duration": 0.03,
             "repetitions": 1,
@@ -228,14 +260,18 @@ class BenchConfig:
         for name in self.scenarios:
             if name not in SCENARIOS:
                 raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+        cpus = available_cpus()
+        if self.cpu is not None and cpus is not None and self.cpu not in cpus:
+            raise ValueError(f"cpu {self.cpu}: not an available CPU ({cpu_ranges(cpus)})")
 
 
 @dataclass
 class ScenarioResult:
-    """One scenario on one implementation: ``seconds`` per iteration (the best
-    repetition), ``iterations`` measured in total, ``extrapolated`` when an iteration
-    was longer than the measurement and its cost was scaled up from part of it;
-    ``detail``: scenario-specific counts (lookups without a slot, pages invalidated)."""
+    """One scenario on one implementation: ``seconds`` per iteration (the median of the
+    repetitions, ``runs``: each repetition's), ``iterations`` measured in total,
+    ``extrapolated`` when an iteration was longer than the measurement and its cost was
+    scaled up from part of it; ``detail``: scenario-specific counts (lookups without a
+    slot, pages invalidated)."""
 
     scenario: str
     impl: str
@@ -244,18 +280,30 @@ class ScenarioResult:
     iterations: float
     extrapolated: bool = False
     detail: dict[str, int] = field(default_factory=dict)
+    runs: list[float] = field(default_factory=list)
 
 
 @dataclass
 class SweepPoint:
     """Cost of one operation with ``count`` slots present: ``us`` microseconds per
-    operation (the best mean of the repetitions), ``samples`` operations timed in total."""
+    operation (the median of the repetitions' means, ``runs``: each repetition's mean,
+    in order), ``samples`` operations timed in total."""
 
     impl: str
     count: int
     op: str
     us: float
     samples: int
+    runs: list[float] = field(default_factory=list)
+
+
+def spread(runs: Sequence[float]) -> float:
+    """The relative spread of repeated measurements: (max - min) / median (0 for fewer
+    than two)."""
+    if len(runs) < 2:
+        return 0.0
+    mid = statistics.median(runs)
+    return (max(runs) - min(runs)) / mid if mid else 0.0
 
 
 @dataclass
@@ -272,16 +320,23 @@ class BenchResults:
     seconds: float = 0.0
 
     def point(self, impl: str, count: int, op: str) -> float | None:
-        """Microseconds per ``op`` for ``impl`` at ``count`` slots (``op`` "mean": the
-        mean of the four operations), or None if not measured."""
+        """Microseconds per ``op`` for ``impl`` at ``count`` slots, the median of the
+        repetitions (``op`` "mean": the median of each repetition's mean of the four
+        operations), or None if not measured."""
+        runs = self.runs(impl, count, op)
+        return statistics.median(runs) if runs else None
+
+    def runs(self, impl: str, count: int, op: str) -> list[float] | None:
+        """Each repetition's microseconds per ``op`` for ``impl`` at ``count`` slots
+        (``op`` "mean": the mean of the four operations in each repetition), or None."""
         if op == "mean":
-            vals = [self.point(impl, count, o) for o in OPS]
-            if any(v is None for v in vals):
+            per_op = [self.runs(impl, count, o) for o in OPS]
+            if any(not r for r in per_op):
                 return None
-            return sum(v for v in vals if v is not None) / len(vals)
+            return [sum(vals) / len(vals) for vals in zip(*per_op, strict=False)]
         for p in self.sweep:
             if p.impl == impl and p.count == count and p.op == op:
-                return p.us
+                return p.runs or [p.us]
         return None
 
     def scenario(self, scenario: str, impl: str) -> ScenarioResult | None:
@@ -298,54 +353,73 @@ class BenchResults:
         operations; each operation is reported too), the engine against the kernel's
         ioctl at the largest count (target for the compiled build: <= 1 per operation),
         the compiled build against the pure one (target: <= 0.4 per operation) and each
-        peer against the engine at the largest count it was measured at. The targets
-        are judged (``*_ok``) only when the
-        largest count is 32764, the count they are stated for."""
+        peer against the engine at the largest count it was measured at.
+
+        Each ratio is the median of the per-repetition ratios; ``KEY_range`` holds
+        their ``[min, max]`` per operation. The targets are judged on the medians
+        (``*_ok``) only when the largest count is 32764, the count they are stated for,
+        and the run made at least :data:`JUDGED_REPETITIONS` repetitions; with fewer,
+        the same comparison is stored as ``*_indicative``. ``repetitions`` and
+        ``judged`` say which."""
         c: dict[str, Any] = {}
         counts = self.config.counts
         if not counts:
             return c
         top = counts[-1]
         c["largest_count"] = top
+        c["repetitions"] = self.config.repetitions
         ops = (*OPS, "mean")
+        ranges: dict[str, dict[str, list[float]]] = {}
 
         def ratios(a: str, ca: int, b: str, cb: int) -> dict[str, float] | None:
-            out = {}
+            out, rng = {}, {}
             for op in ops:
-                x, y = self.point(a, ca, op), self.point(b, cb, op)
-                if x is None or y is None or y == 0:
+                xs, ys = self.runs(a, ca, op), self.runs(b, cb, op)
+                if not xs or not ys or any(y == 0 for y in ys):
                     return None
-                out[op] = x / y
+                per_rep = [x / y for x, y in zip(xs, ys, strict=False)]
+                out[op] = statistics.median(per_rep)
+                rng[op] = [min(per_rep), max(per_rep)]
+            ranges[f"{a}:{ca}/{b}:{cb}"] = rng
             return out
 
-        # the targets are stated for the largest slot count the ABI allows
-        judged = top == KVM_USER_MEM_SLOTS_X86
+        def put(key: str, r: dict[str, float], a: str, ca: int, b: str, cb: int) -> None:
+            c[key] = r
+            c[f"{key}_range"] = ranges[f"{a}:{ca}/{b}:{cb}"]
+
+        # the targets are stated for the largest slot count the ABI allows, and judged
+        # from enough repetitions only
+        stated = top == KVM_USER_MEM_SLOTS_X86
+        enough = self.config.repetitions >= JUDGED_REPETITIONS
+        judged = stated and enough
+        c["judged"] = judged
+        verdict = "_ok" if enough else "_indicative"
         if 64 in counts and top != 64:
             r = ratios("tree", top, "tree", 64)
             if r is not None:
-                c["tree_top_vs_64"] = r
-                if judged:
-                    c["tree_top_vs_64_ok"] = all(v <= 2.0 for v in r.values())
+                put("tree_top_vs_64", r, "tree", top, "tree", 64)
+                if stated:
+                    c["tree_top_vs_64" + verdict] = all(v <= 2.0 for v in r.values())
         r = ratios("array", top, "tree", top)
         if r is not None:
-            c["array_vs_tree_at_top"] = r
-            if judged:
-                c["array_vs_tree_at_top_ok"] = r["mean"] >= 20.0
+            put("array_vs_tree_at_top", r, "array", top, "tree", top)
+            if stated:
+                c["array_vs_tree_at_top" + verdict] = r["mean"] >= 20.0
         c["build"] = self.machine.get("build", BUILD)
         compiled = c["build"] == "compiled"
         r = ratios("tree", top, "ioctl", top)
         if r is not None:
-            c["tree_vs_ioctl_at_top"] = r
-            if judged and compiled:
-                c["tree_vs_ioctl_at_top_ok"] = all(r[op] <= 1.0 for op in OPS)
+            put("tree_vs_ioctl_at_top", r, "tree", top, "ioctl", top)
+            if stated and compiled:
+                c["tree_vs_ioctl_at_top" + verdict] = all(r[op] <= 1.0 for op in OPS)
         r = ratios("tree", top, "pure", top)
         if r is not None:
-            c["compiled_vs_pure_at_top"] = r
-            if judged:
-                c["compiled_vs_pure_at_top_ok"] = all(r[op] <= 0.4 for op in OPS)
+            put("compiled_vs_pure_at_top", r, "tree", top, "pure", top)
+            if stated:
+                c["compiled_vs_pure_at_top" + verdict] = all(r[op] <= 0.4 for op in OPS)
         r = ratios("kvm", top, "ioctl", top)
         if r is not None:
-            c["kvmvm_vs_ioctl_at_top"] = r
+            put("kvmvm_vs_ioctl_at_top", r, "kvm", top, "ioctl", top)
         for peer in ("vmmemory", "unicorn"):
             counts_of = sorted({p.count for p in self.sweep if p.impl == peer})
             if counts_of:
@@ -353,6 +427,7 @@ class BenchResults:
                 r = ratios(peer, at, "tree", at)
                 if r is not None:
                     c[f"{peer}_vs_tree"] = {"count": at, **r}
+                    c[f"{peer}_vs_tree_range"] = ranges[f"{peer}:{at}/tree:{at}"]
         self.criteria = c
         return c
 
@@ -592,7 +667,7 @@ class _Runner:
         """Build a VM with the layout; when ``timed``, build it ``repetitions`` times and
         record the best creation time. Returns the last VM built."""
         reps = self.cfg.repetitions if timed else 1
-        best = float("inf")
+        runs: list[float] = []
         target: RegionTarget | None = None
         for _ in range(reps):
             if target is not None:
@@ -601,13 +676,13 @@ class _Runner:
             with _no_gc():
                 t0 = time.perf_counter()
                 self._create_all(target, layout, mem)
-                best = min(best, time.perf_counter() - t0)
+                runs.append(time.perf_counter() - t0)
             if timed:
                 self.progress.advance()
         assert target is not None
         if timed:
             self.results.scenarios.append(
-                ScenarioResult("setup", impl, len(layout), best, reps, detail={})
+                ScenarioResult("setup", impl, len(layout), statistics.median(runs), reps, runs=runs)
             )
         return target
 
@@ -641,7 +716,7 @@ class _Runner:
                     mmio += 1
             return mmio
 
-        best = float("inf")
+        runs: list[float] = []
         total = 0
         mmio = 0
         for _ in range(self.cfg.repetitions):
@@ -658,19 +733,20 @@ class _Runner:
                     now = time.perf_counter()
                     if n >= MIN_PAIRS and now >= deadline:
                         break
-            best = min(best, (now - t0) / n)
+            runs.append((now - t0) / n)
             total += n
         name = "move-active" if active else "move-inactive"
         return ScenarioResult(
-            name, impl, len(layout), best, total,
+            name, impl, len(layout), statistics.median(runs), total,
             detail={"lookups": total * 2 * area_pages, "lookups_without_slot": mmio},
+            runs=runs,
         )  # fmt: skip
 
     def _unmap(self, impl: str, vm: EngineVm, mem: HostMemory, *, chunked: bool) -> ScenarioResult:
         piece = MEM_TEST_UNMAP_CHUNK if chunked else 1 << PAGE_SHIFT
         per_pass = MEM_TEST_UNMAP_SIZE // piece
         start0 = mem.addr
-        best = float("inf")
+        runs: list[float] = []
         total = 0
         pages = 0
         extrapolated = False
@@ -688,12 +764,12 @@ class _Runner:
                         break
             if calls < per_pass:
                 extrapolated = True
-            best = min(best, (now - t0) / calls * per_pass)
+            runs.append((now - t0) / calls * per_pass)
             total += calls
         name = "unmap-chunked" if chunked else "unmap"
         return ScenarioResult(
-            name, impl, len(vm.memslots(0)), best, total / per_pass, extrapolated,
-            detail={"calls": total, "pages_invalidated": pages},
+            name, impl, len(vm.memslots(0)), statistics.median(runs), total / per_pass,
+            extrapolated, detail={"calls": total, "pages_invalidated": pages}, runs=runs,
         )  # fmt: skip
 
     def _rw(self, impl: str, vm: EngineVm, layout: list[tuple[int, int]]) -> ScenarioResult:
@@ -701,7 +777,7 @@ class _Runner:
         gpas = range(MEM_GPA, MEM_GPA + (npages << PAGE_SHIFT), 1 << PAGE_SHIFT)
         write, read = vm.write_guest, vm.read_guest
         vm.clear_guest(MEM_GPA, MEM_SIZE)  # fault every page in before timing
-        best = float("inf")
+        runs: list[float] = []
         total = 0
         bad = 0
         for rep in range(self.cfg.repetitions):
@@ -720,13 +796,14 @@ class _Runner:
                     now = time.perf_counter()
                     if now >= deadline:
                         break
-            best = min(best, (now - t0) / n)
+            runs.append((now - t0) / n)
             total += n
         if bad:
             raise AssertionError(f"rw: {bad} pages read back a wrong value")
         return ScenarioResult(
-            "rw", impl, len(layout), best, total, detail={"pages": npages, "accesses": 2 * npages}
-        )
+            "rw", impl, len(layout), statistics.median(runs), total,
+            detail={"pages": npages, "accesses": 2 * npages}, runs=runs,
+        )  # fmt: skip
 
     # --- the sweep --------------------------------------------------------------------
     def sweep(self, impls: list[str], mem: HostMemory) -> None:
@@ -749,9 +826,13 @@ class _Runner:
             reasons["array"] = "its updates cost O(n): building 32764 slots takes about 20 s"
         capped = [i for i in impls if limits.get(i, counts[-1]) < counts[-1]]
         for impl in capped:
-            self.results.notes.append(
-                f"{IMPL_LABELS[impl]}: measured up to {limits[impl]} slots ({reasons[impl]})"
+            swept = [c for c in counts if c <= limits[impl]]
+            reach = (
+                f"swept up to {swept[-1]} slots, not beyond {limits[impl]}"
+                if swept
+                else f"not swept (every count is above {limits[impl]})"
             )
+            self.results.notes.append(f"{IMPL_LABELS[impl]}: {reach} ({reasons[impl]})")
         try:
             for impl in impls:
                 if impl in WORKER_IMPLS:
@@ -775,6 +856,12 @@ class _Runner:
                             sur(i, 0, gpa, size, base + gpa)
                     present[impl] = count
                     self.progress.advance()
+                if count == counts[0]:  # a warm-up, not kept: first calls pay for caches
+                    for impl in active:
+                        if impl in workers:
+                            workers[impl].time_ops(count, base, step, duration / 4)
+                        else:
+                            time_ops(targets[impl], count, base, step, duration / 4)
                 samples: dict[tuple[str, str], list[tuple[float, int]]] = {}
                 for _ in range(cfg.repetitions):
                     for impl in active:
@@ -786,16 +873,32 @@ class _Runner:
                             samples.setdefault((impl, op), []).append((us, n))
                         self.progress.advance()
                 for (impl, op), vals in samples.items():
+                    runs = [v for v, _ in vals]
                     self.results.sweep.append(
                         SweepPoint(
-                            impl, count, op, min(v for v, _ in vals), sum(n for _, n in vals)
+                            impl, count, op, statistics.median(runs), sum(n for _, n in vals),
+                            runs=runs,
                         )
-                    )
+                    )  # fmt: skip
         finally:
-            for t in targets.values():
-                close_target(t)
-            for w in workers.values():
-                w.close()
+            # every one closed even if closing one fails or a second Ctrl-C comes
+            _close_all(
+                [lambda t=t: close_target(t) for t in targets.values()]
+                + [w.close for w in workers.values()]
+            )
+
+
+def _close_all(closers: list[Callable[[], None]]) -> None:
+    """Call every closer; the first exception (KeyboardInterrupt included) is raised
+    after all of them ran."""
+    first: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except BaseException as exc:  # re-raised below
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def time_ops(
@@ -860,7 +963,8 @@ def time_ops(
 def engine_worker(impl: str = "tree") -> None:
     """The loop of :class:`~memslots.tools.bench_peers.EngineWorker`'s worker process, on
     a VM of design ``impl`` (``"tree"``, ``"array"`` or ``"vmmemory"``): one JSON request
-    per line on stdin, one answer per line on stdout."""
+    per line on stdin, one answer per line on stdout, until stdin ends (the parent
+    closed it) or stdout fails (the parent went away); both end it quietly."""
     vm: EngineVm | VmMemoryModel
     if impl == "tree":
         vm = Vm(nr_address_spaces=1)
@@ -895,8 +999,14 @@ def engine_worker(impl: str = "tree") -> None:
                 out = {"error": f"unknown command {cmd!r}"}
         except Exception as exc:  # reported to the parent, which raises it
             out = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.write(json.dumps(out) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(out) + "\n")
+            sys.stdout.flush()
+        except OSError:  # the parent went away: end quietly
+            with suppress(OSError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, sys.stdout.fileno())
+            return
 
 
 @contextmanager

@@ -19,21 +19,27 @@ For each, the time from "the pages are dirty" to "the VMM holds every dirty
 On the engine (:class:`memslots.Vm`) the pages are dirtied with ``mark_page_dirty`` (a
 vCPU's for the ring); on the kernel (a bare VM fd, when ``/dev/kvm`` is usable) by the
 stride-writer guest running on a vCPU, each repetition dirtying them again. Dirtying is
-not timed. Every number is the best of ``repeats`` runs.
+not timed. Every number is the median of ``repeats`` runs (each run's time is kept in
+``DirtyBenchResult.runs``).
 """
 
 from __future__ import annotations
 
+import gc
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages
 from memslots.dirty_ring import DirtyRing
 from memslots.guest_memory import HostMemory
 from memslots.vm import Vm
+
+if TYPE_CHECKING:
+    from memslots.tools.bench import Progress
 
 __all__ = ["SCENARIOS", "DirtyBenchResult", "Scenario", "run"]
 
@@ -85,26 +91,44 @@ SCENARIOS: Final = (
 
 @dataclass
 class DirtyBenchResult:
-    """Seconds per harvest (best of the repetitions), per scenario and method."""
+    """Seconds per harvest (the median of the repetitions), per scenario and method."""
 
     repeats: int
     #: ``{scenario: {"dirty_pages": n, "engine_bitmap_s": t, "engine_ring_s": t,
     #: "kernel_bitmap_s": t, "kernel_ring_s": t, ...}}`` (kernel keys only with /dev/kvm)
     scenarios: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: ``{scenario: {"engine_bitmap_s": [t, ...], ...}}``: every repetition's time
+    runs: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the whole run."""
         return asdict(self)
 
 
-def _best(fn: Callable[[], object], repeats: int, setup: Callable[[], object]) -> float:
+def _times(fn: Callable[[], object], repeats: int, setup: Callable[[], object]) -> list[float]:
+    """Each of ``repeats`` timed runs of ``fn`` (``setup`` before each, not timed), after
+    one untimed warm-up run, with the cyclic garbage collector off while timing (as
+    timeit does: a collection of the harvested lists would land in one run)."""
+    setup()
+    fn()
     times = []
-    for _ in range(repeats):
-        setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    was = gc.isenabled()
+    try:
+        for _ in range(repeats):
+            setup()
+            gc.collect()
+            gc.disable()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            gc.enable()
+    finally:
+        if was:
+            gc.enable()
+        else:
+            gc.disable()
+    return times
 
 
 def _check(got: list[tuple[int, int]], expected: list[tuple[int, int]], what: str) -> None:
@@ -124,12 +148,12 @@ def _bitmap_harvest(get: Callable[[int], bytes], slots: list[int]) -> list[tuple
 # ======================================================================================
 # The engine
 # ======================================================================================
-def _engine(sc: Scenario, repeats: int) -> dict[str, float]:
+def _engine(sc: Scenario, repeats: int) -> dict[str, list[float]]:
     slots = sc.slots()
     ids = [i for i, _ in slots]
     expected = sorted(sc.dirty())
     size = sc.npages * PAGE_SIZE
-    out: dict[str, float] = {}
+    out: dict[str, list[float]] = {}
 
     vm = Vm()
     for i, base in slots:
@@ -144,7 +168,7 @@ def _engine(sc: Scenario, repeats: int) -> dict[str, float]:
     def bitmap() -> None:
         got.append(_bitmap_harvest(vm.get_dirty_log, ids))
 
-    out["engine_bitmap_s"] = _best(bitmap, repeats, dirty_bitmaps)
+    out["engine_bitmap_s"] = _times(bitmap, repeats, dirty_bitmaps)
     _check(got[-1], expected, "engine bitmap harvest lost pages")
 
     vm = Vm()
@@ -161,7 +185,7 @@ def _engine(sc: Scenario, repeats: int) -> dict[str, float]:
         got.append(vcpu.harvest_dirty_ring())
         vm.reset_dirty_rings()
 
-    out["engine_ring_s"] = _best(ring, repeats, dirty_ring)
+    out["engine_ring_s"] = _times(ring, repeats, dirty_ring)
     _check(got[-1], expected, "engine ring harvest lost pages")
     return out
 
@@ -227,11 +251,11 @@ class _KernelRig:
             self.code.close()
 
 
-def _kernel(sc: Scenario, repeats: int) -> dict[str, float]:
+def _kernel(sc: Scenario, repeats: int) -> dict[str, list[float]]:
     ids = [i for i, _ in sc.slots()]
     expected = sorted(sc.dirty())
     nbytes = dirty_bitmap_bytes(sc.npages)
-    out: dict[str, float] = {}
+    out: dict[str, list[float]] = {}
     got: list[list[tuple[int, int]]] = []
 
     rig = _KernelRig(sc, 0)
@@ -240,7 +264,7 @@ def _kernel(sc: Scenario, repeats: int) -> dict[str, float]:
         def bitmap() -> None:
             got.append(_bitmap_harvest(lambda s: rig.vm.get_dirty_log(s, nbytes), ids))
 
-        out["kernel_bitmap_s"] = _best(bitmap, repeats, rig.dirty)
+        out["kernel_bitmap_s"] = _times(bitmap, repeats, rig.dirty)
         _check(got[-1], expected, "kernel bitmap harvest lost pages")
     finally:
         rig.close()
@@ -255,18 +279,23 @@ def _kernel(sc: Scenario, repeats: int) -> dict[str, float]:
             got.append(ring.harvest())
             rig.vm.reset_dirty_rings()
 
-        out["kernel_ring_s"] = _best(harvest, repeats, rig.dirty)
+        out["kernel_ring_s"] = _times(harvest, repeats, rig.dirty)
         _check(got[-1], expected, "kernel ring harvest lost pages")
     finally:
         rig.close()
     return out
 
 
-def run(repeats: int = 5, *, kernel: bool | None = None) -> DirtyBenchResult:
+def run(
+    repeats: int = 5, *, kernel: bool | None = None, progress: Progress | None = None
+) -> DirtyBenchResult:
     """Measure every scenario on the engine and (``kernel`` None: when /dev/kvm is
-    usable) on the kernel. Takes a few seconds per repetition with the kernel."""
+    usable) on the kernel. Takes a few seconds per repetition with the kernel.
+    ``progress`` (a :class:`memslots.tools.bench.Progress`) hears of each step."""
     from memslots.kvm.abi import kvm_unavailable
 
+    if not 1 <= repeats <= 1000:
+        raise ValueError(f"repetitions must be in 1..1000, not {repeats}")
     result = DirtyBenchResult(repeats)
     if kernel is None:
         unavailable = kvm_unavailable()
@@ -275,10 +304,18 @@ def run(repeats: int = 5, *, kernel: bool | None = None) -> DirtyBenchResult:
             result.notes.append(f"engine only: {unavailable}")
     elif not kernel:
         result.notes.append("engine only: the kernel was not asked")
+    if progress is not None:
+        progress.phase("dirty-page harvest", len(SCENARIOS) * (2 if kernel else 1))
     for sc in SCENARIOS:
         r: dict[str, float] = {"dirty_pages": len(sc.dirty()), "slots": sc.nslots}
-        r.update(_engine(sc, repeats))
+        runs = _engine(sc, repeats)
+        if progress is not None:
+            progress.advance()
         if kernel:
-            r.update(_kernel(sc, repeats))
+            runs.update(_kernel(sc, repeats))
+            if progress is not None:
+                progress.advance()
+        r.update({key: statistics.median(times) for key, times in runs.items()})
         result.scenarios[sc.name] = r
+        result.runs[sc.name] = runs
     return result

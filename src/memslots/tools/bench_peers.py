@@ -51,6 +51,7 @@ from typing import Any
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES
 
 __all__ = [
+    "TEMP_PREFIX",
     "EngineWorker",
     "UnicornTarget",
     "VmMemoryModel",
@@ -187,6 +188,19 @@ def pure_sources(dest: str) -> str:
     return dest
 
 
+#: the prefix of the temporary directory a pure worker imports its copy of the sources
+#: from (under ``tempfile.gettempdir()``, so ``TMPDIR`` chooses where)
+TEMP_PREFIX = "memslots-pure-"
+
+#: what a worker process runs: SIGINT ignored before anything is imported (the parent
+#: handles Ctrl-C and closes the worker's stdin), then the request loop
+_WORKER_MAIN = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    "from memslots.tools.bench import engine_worker\n"
+    "engine_worker({impl!r})"
+)
+
+
 class EngineWorker:
     """A VM of one design (``impl``: ``"tree"``, :class:`memslots.Vm`, ``"array"``,
     :class:`memslots.baseline.ArrayVm`, or ``"vmmemory"``, :class:`VmMemoryModel`) in a
@@ -199,33 +213,43 @@ class EngineWorker:
     def __init__(self, impl: str = "tree", *, pure: bool = False) -> None:
         env = dict(os.environ)
         self._dir: str | None = None
-        if pure:
-            self._dir = tempfile.mkdtemp(prefix="memslots-pure-")
-            path = pure_sources(self._dir)
-            env["PYTHONPATH"] = path + (
-                os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else ""
+        self._proc: subprocess.Popen[str] | None = None
+        try:
+            if pure:
+                self._dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+                path = pure_sources(self._dir)
+                env["PYTHONPATH"] = path + (
+                    os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else ""
+                )
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_MAIN.format(impl=impl)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+                # a process group of its own: a terminal's Ctrl-C (SIGINT to the
+                # foreground group) reaches the parent only, which stops the worker by
+                # closing its stdin (the worker ignores SIGINT too)
+                process_group=0,
             )
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                f"from memslots.tools.bench import engine_worker; engine_worker({impl!r})",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        hello = self._call({"cmd": "hello"})
-        if pure and hello.get("compiled") is not False:
+            hello = self._call({"cmd": "hello"})
+            if pure and hello.get("compiled") is not False:
+                raise RuntimeError(f"the pure worker did not load the pure build: {hello}")
+        except BaseException:  # Ctrl-C included: no worker and no copy left behind
             self.close()
-            raise RuntimeError(f"the pure worker did not load the pure build: {hello}")
+            raise
 
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.write(json.dumps(msg) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
+        proc = self._proc
+        if proc is None:
+            raise RuntimeError("the benchmark's worker process is closed")
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps(msg) + "\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            raise RuntimeError("the benchmark's worker process exited") from None
+        line = proc.stdout.readline()
         if not line:
             raise RuntimeError("the benchmark's worker process exited")
         reply: dict[str, Any] = json.loads(line)
@@ -247,18 +271,34 @@ class EngineWorker:
         return [(op, float(us), int(n)) for op, us, n in reply["ops"]]
 
     def close(self) -> None:
-        """Stop the worker and remove its copy of the sources (if pure)."""
-        proc = self._proc
+        """Stop the worker and remove its copy of the sources (if pure). Safe to call
+        twice; a Ctrl-C while it waits kills the worker and still removes the copy."""
+        proc, self._proc = self._proc, None
+        try:
+            if proc is not None:
+                _stop(proc)
+        finally:
+            directory, self._dir = self._dir, None
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """End a worker: close its stdin (its loop ends), wait, kill it if it lingers or if
+    the wait is interrupted."""
+    try:
         if proc.poll() is None:
             with suppress(OSError):
                 assert proc.stdin is not None
                 proc.stdin.close()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            proc.wait(10)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
+            raise
+    finally:
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with suppress(OSError):
+                    stream.close()

@@ -1056,6 +1056,7 @@ def run_stress(
     switch_interval: float | None = None,
     progress: Callable[[StressProgress], None] | None = None,
     progress_every: float = 10.0,
+    progress_first: float | None = None,
     vm_factory: Callable[[], HistoryVm] = HistoryVm,
 ) -> StressReport:
     """Run ``readers`` reader threads and one writer thread against a fresh
@@ -1063,7 +1064,8 @@ def run_stress(
 
     ``switch_interval`` sets ``sys.setswitchinterval`` for the run (smaller: more thread
     interleavings per second) and restores it after. ``progress`` is called from the
-    calling thread every ``progress_every`` seconds. Ctrl-C stops the run early and
+    calling thread ``progress_first`` seconds into the run (default: ``progress_every``)
+    and then every ``progress_every`` seconds. Ctrl-C stops the run early and
     returns the report so far (``interrupted``). Time: ``seconds`` plus thread joins
     (each bounded by :data:`JOIN_TIMEOUT`; a thread still running then is a violation).
     """
@@ -1092,12 +1094,12 @@ def run_stress(
         for t in threads:
             t.start()
         wthread.start()
-        next_progress = t_start + progress_every
+        next_progress = t_start + (progress_every if progress_first is None else progress_first)
         while wthread.is_alive():
-            wthread.join(min(0.2, max(0.0, deadline - time.monotonic()) + 0.01))
+            wthread.join(min(0.1, max(0.0, deadline - time.monotonic()) + 0.01))
             now = time.monotonic()
             if progress is not None and now >= next_progress and wthread.is_alive():
-                next_progress += progress_every
+                next_progress = max(next_progress + progress_every, now)
                 progress(
                     StressProgress(
                         now - t_start,

@@ -70,6 +70,7 @@ from memslots.constants import (
     U64_MAX,
 )
 from memslots.errors import errno_name
+from memslots.profiles import KernelProfile
 from memslots.validate import VmLimits
 from memslots.view import MemslotTarget
 
@@ -526,6 +527,19 @@ class Trace:
             entry["records"] += 1
             entry["calls"] += isinstance(r, MemslotCall)
         return [TraceVm(n, **info[n]) for n in sorted(info)]
+
+    def profile(self) -> KernelProfile | None:
+        """The profile of the kernel the trace was recorded on (the header's ``host``
+        ``profile``, which ``memslots record`` writes since 0.3), or None when the trace
+        does not say (or says something that is not a profile). O(1)."""
+        host = (self.header or {}).get("host") or {}
+        data = host.get("profile")
+        if not isinstance(data, dict):
+            return None
+        try:
+            return KernelProfile.from_dict(data)
+        except ValueError:
+            return None
 
     def limits(self) -> VmLimits | None:
         """The limits of the kernel the trace was recorded on (the header's ``host``

@@ -49,6 +49,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("conform", "random operation sequences against /dev/kvm: agreement rate, minimal reproducers"),
     ("stress", "concurrent readers check every lookup while a writer changes slots"),
     ("demo", "a short tour of the engine, printing the memory map"),
+    ("profiles", "list the named kernel profiles (what each kernel answers differently)"),
 )
 
 #: the subcommands' names, in the order ``memslots --help`` lists them

@@ -172,6 +172,9 @@ def _print_report(r: ConformReport) -> None:
         f"memslots conform: {_n(r.operations, 'operation')} on {_n(r.vms, 'VM')}, seed {r.seed}"
         f" ({r.seconds:.1f} s)"
     )
+    if r.profile is not None:
+        p = r.profile
+        print(f"kernel: Linux {p.release} ({p.arch}): {p.summary()}")
     print(f"calls answered by kernel and engine: {r.calls} ({_n(r.kernel_calls, 'ioctl')})")
     print(f"agreement: {r.agreed}/{r.calls} ({100 * r.agreement:.3f}%)")
     if r.ring_operations:

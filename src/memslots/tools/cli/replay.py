@@ -46,6 +46,7 @@ from rich.text import Text
 from memslots.constants import PAGE_SIZE
 from memslots.errors import KvmUnavailable, errno_name
 from memslots.kvm import kvm_unavailable
+from memslots.profiles import KernelProfile
 from memslots.tools.cli import CliError, ProgressLines, stderr_is_terminal
 from memslots.tools.cli import console as cli_console
 from memslots.tools.mapview import PNG_EXTRA, build, matplotlib_available, render_html, render_png
@@ -130,6 +131,12 @@ def register(sub: Any) -> None:
         help="write the calls with the replayed results as JSON Lines to FILE",
     )
     p.add_argument("--calls", action="store_true", help="also list every call with its results")
+    p.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="the engine and the array answer as kernel NAME would (memslots profiles lists"
+        " them; with --no-kvm: predict how that kernel answers the trace)",
+    )
     # pictures of the memory map over the trace (memslots.tools.mapview)
     p.add_argument(
         "--html",
@@ -660,6 +667,17 @@ def run(args: argparse.Namespace) -> int:
     if unavailable is not None:
         raise unavailable  # one line, as every command reports it
     _check_pictures(args)
+    profile = None
+    if args.profile is not None:
+        if args.kvm:
+            raise CliError(
+                "--profile and --kvm: the kernel column answers as /dev/kvm does; use --no-kvm"
+            )
+        try:
+            profile = KernelProfile.named(args.profile)
+        except KeyError as exc:
+            raise CliError(str(exc.args[0])) from None
+        args.kvm = False
     impls: tuple[ImplName, ...] = ("engine", "array") if args.impl == "all" else (args.impl,)
     total = len(trace.records)
     tty = stderr_is_terminal()
@@ -680,6 +698,7 @@ def run(args: argparse.Namespace) -> int:
                 embedded=embedded,
                 skipped=skipped,
                 progress=progress,
+                profile=profile,
             )
     except ValueError as exc:
         raise CliError(str(exc)) from None

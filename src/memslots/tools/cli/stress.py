@@ -15,9 +15,11 @@ second; default 10 us).
 
 Output: operations (by kind, failures as expected, faults fired), lookups (by kind, how
 many ran inside a writer's grace period, latency quantiles and maximum), violations and
-the first violation messages. Progress goes to stderr every 10 s (a live line on a
-terminal). Exit status: 0 with no violation, 1 with any, 2 for a usage error; Ctrl-C
-stops early and reports what ran (status 130 unless a violation was found).
+the first violation messages. Progress goes to stderr: a first line after
+:data:`PROGRESS_FIRST` seconds, then every :data:`PROGRESS_EVERY` seconds as lines, or
+every second as one live line on a terminal. Exit status: 0 with no violation, 1 with
+any, 2 for a usage error; Ctrl-C stops early and reports what ran (status 130 unless a
+violation was found).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ from memslots.tools.stress import StressProgress, StressReport, run_stress
 
 #: the longest run ``--seconds`` accepts (11.6 days)
 MAX_SECONDS = 1e6
+#: the largest ``--seed`` (a u64, as conform's)
+MAX_SEED = (1 << 64) - 1
+#: seconds to the first progress line, and between lines when stderr is not a terminal
+PROGRESS_FIRST = 1.5
+PROGRESS_EVERY = 5.0
+#: seconds between updates of the live line on a terminal
+PROGRESS_EVERY_TTY = 1.0
 
 
 def register(sub: Any) -> None:
@@ -44,7 +53,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
     p.add_argument("--readers", type=int, default=2, help="reader threads (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, 0..2^64-1 (default 0)")
     p.add_argument("--max-slots", type=int, default=16, help="slots per address space (default 16)")
     p.add_argument(
         "--fault-rate",
@@ -58,7 +67,9 @@ def register(sub: Any) -> None:
         default=10.0,
         help="thread switch interval during the run, microseconds (default 10)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help=f"no progress on stderr (else a first line after {PROGRESS_FIRST:g} s, "
+                   f"then one every {PROGRESS_EVERY:g} s; a live line on a terminal)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -72,6 +83,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CliError(f"--max-slots must be in 1..512, not {args.max_slots}")
     if not 0.0 <= args.fault_rate <= 1.0:
         raise CliError(f"--fault-rate must be in 0..1, not {args.fault_rate:g}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CliError(f"--seed must be in 0..2^64-1, not {args.seed}")
     if not 0.1 <= args.switch_interval_us <= 1e6:
         raise CliError(f"--switch-interval-us must be in 0.1..1e6, not {args.switch_interval_us}")
 
@@ -140,9 +153,10 @@ def run(args: argparse.Namespace) -> int:
         fault_rate=args.fault_rate,
         switch_interval=args.switch_interval_us * 1e-6,
         progress=progress,
-        progress_every=10.0,
+        progress_every=PROGRESS_EVERY_TTY if tty else PROGRESS_EVERY,
+        progress_first=PROGRESS_FIRST,
     )
-    if progress is not None and tty and report.seconds >= 10.0:
+    if progress is not None and tty and report.seconds >= PROGRESS_FIRST:
         print(file=sys.stderr)
     if args.json:
         print(json.dumps(report_json(report), indent=2))

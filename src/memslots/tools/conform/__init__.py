@@ -52,7 +52,8 @@ from typing import Any
 
 from memslots.errors import errno_name
 from memslots.kvm.abi import KVM_DEV_PATH
-from memslots.kvm.vm import ENGINE_RAISED, Disagreement, KvmVm, probe_max_gfn
+from memslots.kvm.vm import ENGINE_RAISED, Disagreement, KvmVm
+from memslots.profiles import KernelProfile
 from memslots.tools.conform.generator import OpGenerator
 from memslots.tools.conform.ops import (
     CLOSED_FD,
@@ -220,6 +221,8 @@ class ConformReport:
     ring_operations: int = 0
     #: GET and CLEAR_DIRTY_LOG calls made while the VM's ring was on (ENXIO)
     dirty_log_with_ring: int = 0
+    #: the profile of the kernel the run faced (as :class:`~memslots.kvm.KvmVm` probed it)
+    profile: KernelProfile | None = None
 
     @property
     def agreed(self) -> int:
@@ -234,6 +237,7 @@ class ConformReport:
     def to_json(self) -> dict[str, Any]:
         """The report as a JSON-ready dict."""
         return {
+            "kernel": None if self.profile is None else self.profile.to_dict(),
             "seed": self.seed,
             "operations": self.operations,
             "calls": self.calls,
@@ -292,7 +296,7 @@ def run_conform(
     O(ops) kernel calls for the run, plus the shrinking's (see :func:`shrink`).
     """
     rng = random.Random(seed)
-    gen = OpGenerator(rng, max_gfn=probe_max_gfn(path))
+    gen = OpGenerator(rng)
     report = ConformReport(seed)
     by_sig: dict[Signature, Finding] = {}
     start = time.perf_counter()
@@ -304,6 +308,8 @@ def run_conform(
         ring = rng.random() < ring_vms
         with Session(path=path, vm_factory=vm_factory) as s:
             vm = s.vm
+            gen.use_limits(vm.limits)  # the kernel's, as KvmVm probed them
+            report.profile = vm.profile
             report.vms += 1
             report.ring_vms += ring
             gen.untranslate = s.alias_hva

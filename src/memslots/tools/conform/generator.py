@@ -18,13 +18,14 @@ from memslots.constants import (
     PAGE_SIZE,
     U32_MAX,
     U64_MAX,
-    X86_TASK_SIZE_MAX,
+    X86_MAX_GFN,
 )
 from memslots.dirty_log import dirty_bitmap_bytes
 from memslots.slot import Memslot
 from memslots.tools.conform.ops import (
     CLOSED_FD,
     GMEM_FD,
+    GMEM_FLAGS_FD,
     GMEM_SIZE,
     MEM_HVA,
     MEM_SIZE,
@@ -45,6 +46,7 @@ from memslots.tools.conform.ops import (
     VcpuWriteGuest,
 )
 from memslots.tools.traces import MemslotCall
+from memslots.validate import VmLimits
 
 __all__ = ["OpGenerator"]
 
@@ -64,8 +66,11 @@ _RING_SIZES: Final = (
     (0, 3), (16, 1), (2048, 3), (4095, 1), (4097, 2), (12288, 3), (65537, 1),
     ((1 << 20) + 4096, 2), (2 << 20, 4), (3 << 20, 3), (1 << 31, 2), (1 << 32, 3), (U64_MAX, 1),
 )  # fmt: skip
-#: vCPU ids the kernel refuses (at or past KVM_MAX_VCPU_IDS, 4096)
-_BAD_VCPU_IDS: Final = (4096, 4097, 1 << 16, 1 << 20, U32_MAX)
+#: vCPU ids every kernel refuses (the limit, ``KVM_MAX_VCPU_IDS``, is at most 2^16 on x86)
+_BAD_VCPU_IDS: Final = (1 << 20, U32_MAX)
+#: hvas where some kernel draws its user-address line (4-level paging: 2^47; 5-level:
+#: 2^56), tried on every kernel whatever its own line
+_PAGING_LINES: Final = (1 << 47, 1 << 56)
 #: how a VM with ring operations orders them: the ring before any vCPU (the usual VMM
 #: order), vCPUs first (so the ring is refused), or anything goes
 _RING_PLANS: Final = (("ring_first", 55), ("vcpu_first", 20), ("any", 25))
@@ -107,6 +112,7 @@ class OpGenerator:
         ("invalid", 14),
         ("gmem", 6),
         ("gmem_cycle", 0.3),
+        ("gmem_flags", 1.5),
         ("get", 12),
         ("clear", 12),
         ("manual", 3),
@@ -128,17 +134,22 @@ class OpGenerator:
         self,
         rng: random.Random,
         *,
-        max_gfn: int,
-        max_user_slots: int = 32764,
+        max_gfn: int | None = None,
+        max_user_slots: int | None = None,
+        limits: VmLimits | None = None,
         ids: int = 24,
         gpa_pages: int = 2048,
     ) -> None:
         self.rng = rng
-        self.max_gfn = max_gfn
-        self.max_user_slots = max_user_slots
+        self.use_limits(limits or VmLimits(2, 32764, X86_MAX_GFN))
+        if max_gfn is not None:
+            self.max_gfn = max_gfn
+        if max_user_slots is not None:
+            self.max_user_slots = max_user_slots
         self.ids = ids
         self.gpa_pages = gpa_pages
         self._gmem_open = True
+        self._gmem_flags_open = False
         #: the hva a generated call must name for a slot's ``userspace_addr`` (the run
         #: sets it to undo the session's :class:`MapMemory` aliasing)
         self.untranslate: Callable[[int], int] = _same
@@ -146,11 +157,21 @@ class OpGenerator:
         self._plan = "any"
         self._enables = 0
 
+    def use_limits(self, limits: VmLimits) -> None:
+        """Draw for a VM with ``limits`` (the kernel's, as probed): slot ids up to its slot
+        count, both address spaces where it has two, vCPU ids up to its limit and past
+        it, hvas up to its user-address line and past it, its guest_memfd flags."""
+        self.limits = limits
+        self.max_gfn = limits.max_gfn
+        self.max_user_slots = limits.max_user_slots
+        self.task_size_max = limits.task_size_max
+
     # -- building blocks -------------------------------------------------------------
     def prelude(self, ring: bool = False) -> list[Op]:
         """What every VM of the run starts with; with ``ring``, the VM gets the dirty
         ring's operations too, and host memory behind the generated hvas."""
         self._gmem_open = True
+        self._gmem_flags_open = False
         self._ring = ring
         self._enables = 0
         ops: list[Op] = [CreateGuestMemfd(GMEM_FD, GMEM_SIZE), OpenDevNull(OTHER_FD)]
@@ -163,10 +184,15 @@ class OpGenerator:
         return self.untranslate(s.userspace_addr)
 
     def _id(self) -> int:
+        """A slot number: mostly a small id; some in the last address space (x86's SMM
+        one where the VM has two)."""
         r = self.rng.random()
+        as_bits = 0
+        if self.limits.nr_address_spaces > 1 and self.rng.random() < 0.1:
+            as_bits = (self.limits.nr_address_spaces - 1) << 16
         if r < 0.02:
-            return self.max_user_slots - 1
-        return self.rng.randrange(self.ids)
+            return as_bits | (self.max_user_slots - 1)
+        return as_bits | self.rng.randrange(self.ids)
 
     def _pages(self) -> int:
         rng = self.rng
@@ -190,7 +216,10 @@ class OpGenerator:
         if r < 0.03:
             return 0
         if r < 0.05:
-            return X86_TASK_SIZE_MAX - (npages << PAGE_SHIFT)  # ends exactly at the limit
+            return self.task_size_max - (npages << PAGE_SHIFT)  # ends exactly at the limit
+        if r < 0.07:  # around where another paging mode draws the line
+            line = rng.choice(_PAGING_LINES)
+            return line - (npages << PAGE_SHIFT) - rng.choice((0, PAGE_SIZE, -PAGE_SIZE))
         return _HVA_BASE + (rng.randrange(1 << 18) << PAGE_SHIFT)
 
     def _random_flags(self) -> int:
@@ -346,15 +375,15 @@ class OpGenerator:
         if rule == "hva_end":  # the range runs past the user address limit
             return replace(
                 c,
-                userspace_addr=X86_TASK_SIZE_MAX - (rng.randint(0, npages - 1) << PAGE_SHIFT),
+                userspace_addr=self.task_size_max - (rng.randint(0, npages - 1) << PAGE_SHIFT),
                 memory_size=npages << PAGE_SHIFT,
             )
         if rule == "hva_last":
-            return replace(c, userspace_addr=X86_TASK_SIZE_MAX)
+            return replace(c, userspace_addr=self.task_size_max)
         if rule == "hva_kernel":
             return replace(c, userspace_addr=rng.choice((0xFFFF800000000000, 0xFFFFFFFFFFFFF000)))
         if rule == "hva_noncanonical":
-            return replace(c, userspace_addr=rng.choice((1 << 47, 1 << 62)))
+            return replace(c, userspace_addr=rng.choice((1 << 47, 1 << 56, 1 << 57, 1 << 62)))
         if rule == "wrap":
             back = rng.randint(0, npages - 1) << PAGE_SHIFT
             return replace(
@@ -431,6 +460,29 @@ class OpGenerator:
     def _op_gmem_cycle(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
         self._gmem_open = not self._gmem_open
         return CreateGuestMemfd(GMEM_FD, GMEM_SIZE) if self._gmem_open else CloseFd(GMEM_FD)
+
+    def _op_gmem_flags(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
+        """``KVM_CREATE_GUEST_MEMFD`` with creation flags: each flag this kernel offers,
+        bits it does not, with good and bad sizes (the flags are checked first), then the
+        file closed again."""
+        rng = self.rng
+        self._gmem_flags_open = not self._gmem_flags_open
+        if not self._gmem_flags_open:
+            return CloseFd(GMEM_FLAGS_FD)
+        valid = self.limits.guest_memfd_flags
+        bits = [1 << b for b in range(64) if valid >> b & 1]
+        flags = _weighted(
+            rng,
+            (
+                (rng.choice(bits) if bits else 0, 40),
+                (valid, 15),
+                (1 << rng.randrange(64), 25),
+                (valid | 1 << rng.randrange(8), 10),
+                (0, 10),
+            ),
+        )
+        size = _weighted(rng, ((GMEM_SIZE, 80), (0, 7), (PAGE_SIZE + 1, 7), (PAGE_SIZE, 6)))
+        return CreateGuestMemfd(GMEM_FLAGS_FD, size, flags)
 
     def _dirty_slot(self, slots: Sequence[Memslot]) -> tuple[int, Memslot | None]:
         rng = self.rng
@@ -531,10 +583,13 @@ class OpGenerator:
             free = [i for i in range(8) if i not in vcpus]
             if rng.random() < 0.9 and free:
                 return CreateVcpu(rng.choice(free))
-            return CreateVcpu(rng.choice((4095, rng.randrange(8, 4096))))
+            top = self.limits.max_vcpu_ids
+            return CreateVcpu(rng.choice((top - 1, rng.randrange(8, max(top, 9)))))
         if r < 0.85 and vcpus:
             return CreateVcpu(rng.choice(vcpus))  # EEXIST
-        return CreateVcpu(rng.choice(_BAD_VCPU_IDS))
+        # past this kernel's limit, and where other kernels draw it (1023, 4096, 16384)
+        top = self.limits.max_vcpu_ids
+        return CreateVcpu(rng.choice((top, top + 1, 1023, 4096, 16384, *_BAD_VCPU_IDS)))
 
     def _op_reset(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
         return ResetDirtyRings()

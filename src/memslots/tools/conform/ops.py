@@ -116,6 +116,8 @@ OTHER_FD: Final = 1001
 CLOSED_FD: Final = 0x7FFFFFFF
 #: size of the generated guest_memfd (256 pages)
 GMEM_SIZE: Final = 1 << 20
+#: the alias of the guest_memfds the generator makes with creation flags, good and bad
+GMEM_FLAGS_FD: Final = 1002
 #: where the host memory of a generated :class:`MapMemory` starts (the generator's hvas)
 MEM_HVA: Final = 0x7F00_0000_0000
 #: its size: the generator's 1 GiB of hvas and 16 MiB beyond, for slots that start near
@@ -270,6 +272,7 @@ Op = (
 
 _COMPARED: Final = (
     MemslotCall,
+    CreateGuestMemfd,
     GetDirtyLog,
     ClearDirtyLog,
     EnableManualDirtyLogProtect,
@@ -299,7 +302,8 @@ RING_OPS: Final = (
 
 def is_compared(op: Op) -> bool:
     """True for the operations both the kernel and the engine answer (memslot calls,
-    dirty-log calls, manual-protect and dirty-ring enables, vCPU creation, ring resets);
+    guest_memfd creation, dirty-log calls, manual-protect and dirty-ring enables, vCPU
+    creation, ring resets);
     the others set up files and memory, or act on the engine alone (host-side writes,
     harvests). O(1)."""
     return isinstance(op, _COMPARED)

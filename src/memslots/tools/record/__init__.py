@@ -47,14 +47,17 @@ class RecordResult:
 
 def host_info() -> dict[str, Any]:
     """The ``host`` part of a trace header: the kernel release and, when ``/dev/kvm`` is
-    usable, the limits a default VM has on it (what ``memslots replay --no-kvm`` models).
-    Costs one scratch VM and the max-gfn probe (about 50 ioctls). Never raises."""
+    usable, the kernel's profile (``profile``, what ``memslots replay --no-kvm`` answers
+    as: :meth:`memslots.profiles.KernelProfile.probe`) and the limits a default VM has on
+    it (``limits``, which older readers take). Costs a few scratch VMs (about 250
+    ioctls). Never raises."""
     info: dict[str, Any] = {"kernel": os.uname().release, "machine": os.uname().machine}
     try:
-        from memslots.kvm import KvmVm
+        from memslots.profiles import KernelProfile
 
-        with KvmVm(strict=False) as vm:
-            info["limits"] = dataclasses.asdict(vm.limits)  # what Trace.limits() reads back
+        profile = KernelProfile.probe()
+        info["profile"] = profile.to_dict()  # what Trace.profile() reads back
+        info["limits"] = dataclasses.asdict(profile.vm_limits())  # and Trace.limits()
     except Exception:  # no /dev/kvm: the trace just does not say
         pass
     return info

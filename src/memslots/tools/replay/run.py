@@ -21,13 +21,14 @@ from typing import Any, Final, cast
 
 from memslots.baseline import ArrayVm
 from memslots.dirty_log import pages_to_bitmap
-from memslots.errors import KvmUnavailable
+from memslots.errors import KvmUnavailable, MemslotError
 from memslots.kvm import kvm_unavailable
 from memslots.kvm.abi import (
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
 )
+from memslots.profiles import KernelProfile
 from memslots.tools.replay.kernel import KernelSession, open_kernel
 from memslots.tools.replay.relocation import HvaCluster
 from memslots.tools.replay.report import (
@@ -365,9 +366,8 @@ _DESCRIPTIONS: Final = {
 
 
 def _make_model(name: ImplName, limits: VmLimits) -> Vm | ArrayVm:
-    """A fresh model VM with ``limits`` (the models take its fields as keywords)."""
-    kwargs = dataclasses.asdict(limits)
-    return Vm(**kwargs) if name == "engine" else ArrayVm(**kwargs)
+    """A fresh model VM with ``limits``."""
+    return Vm(profile=limits) if name == "engine" else ArrayVm(profile=limits)
 
 
 def _first_vcpu(replayed: Sequence[Record], attached: bool) -> int:
@@ -611,22 +611,40 @@ def replay_trace(
     embedded: bool = False,
     skipped: Sequence[TraceFormatError] = (),
     progress: Callable[[str, int, int], None] | None = None,
+    profile: KernelProfile | None = None,
 ) -> TraceReport:
     """Replay every VM of ``trace``, each on its own fresh engine, ArrayVm and ``/dev/kvm``
     VM (one after the other), and find the hazards (hva ranges taken away under live
-    slots). Arguments as in :func:`replay`; without the kernel, the models get the limits
-    the trace's header gives (``memslots record`` writes them), else the x86-64 defaults.
-    O(n) records overall on each implementation."""
+    slots). Arguments as in :func:`replay`. The models answer as the kernel they are
+    compared with: with the kernel column, that kernel's profile (probed); else
+    ``profile`` when given (``memslots replay --profile NAME``: how that kernel would
+    answer the trace); else the profile or limits the trace's header gives (``memslots
+    record`` writes them); else the x86-64 defaults. O(n) records overall on each
+    implementation."""
     unavailable = kvm_unavailable() if kernel is None else None
     if unavailable is not None:
         kernel = False
-    limits = trace.limits()
+    source = "defaults"
+    if profile is None:
+        profile = trace.profile()
+        source = "trace"
+    else:
+        source = f"profile {profile.name}"
+    fixed = trace.limits() if profile is None else None
+    if fixed is None and profile is None:
+        source = "defaults"
     reports: list[ReplayReport] = []
     hazards: list[Hazard] = []
     streams = _vm_streams(trace)
     if not streams:
         streams = [(0, 0, None, False, [])]
     for number, pid, vm_type, attached, steps in streams:
+        limits = fixed
+        if profile is not None:
+            try:
+                limits = profile.vm_limits(vm_type or 0)
+            except MemslotError:  # a VM type that kernel does not offer
+                limits = profile.vm_limits(0)
         report = replay(
             steps,
             impls=impls,
@@ -638,7 +656,7 @@ def replay_trace(
             skipped=skipped,
             progress=progress,
             limits=limits,
-            limits_source="trace" if limits is not None else "defaults",
+            limits_source=source,
             vm=number,
             pid=pid,
             vm_type=vm_type,

@@ -26,7 +26,7 @@ ENGINE_TESTS := tests/test_indexes.py tests/test_engine_errno.py tests/test_engi
 	tests/test_guest_memfd.py tests/test_sync.py tests/test_baseline.py tests/test_build.py \
 	tests/test_dirty_ring.py tests/test_vm_api_extras.py
 
-.PHONY: test run lint typecheck pytest pytest-pure build pure bench clean docs
+.PHONY: test run lint typecheck pytest pytest-pure build pure bench clean docs test-kernels
 
 $(STAMP): pyproject.toml $(ENGINE_SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,10 +59,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy src tests benchmarks examples
 
 pytest: $(STAMP)
-	MEMSLOTS_EXPECT_BUILD=compiled $(BIN)/python -m pytest -q -rs
+	MEMSLOTS_EXPECT_BUILD=compiled $(BIN)/python -m pytest -q -rfEs
 
 pytest-pure: $(PURE_STAMP)
-	PYTHONPATH=$(PURE) MEMSLOTS_EXPECT_BUILD=pure $(BIN)/python -m pytest -q -rs $(ENGINE_TESTS) \
+	PYTHONPATH=$(PURE) MEMSLOTS_EXPECT_BUILD=pure $(BIN)/python -m pytest -q -rfEs $(ENGINE_TESTS) \
 		$(addprefix $(PURE)/memslots/,$(addsuffix .py,$(COMPILED_MODULES)))
 
 # the site: user guide (docs/*.md, README.md) and API reference, read from the pure build
@@ -75,7 +75,21 @@ docs: $(DOCS_STAMP) $(PURE_STAMP)
 	rm -rf build/doctrees
 	@echo "docs: build/docs/index.html"
 
-test: lint typecheck pytest pytest-pure docs
+#: every check runs even when an earlier one failed; the failed ones are named at the end
+#: and make exits non-zero
+TEST_STEPS := lint typecheck pytest pytest-pure docs
+test: $(STAMP)
+	@failed=""; for step in $(TEST_STEPS); do \
+		$(MAKE) --no-print-directory $$step || failed="$$failed $$step"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed"; exit 1; fi; \
+	echo "make test: every step passed ($(TEST_STEPS))"
+
+#: the kernel matrix: Debian's kernels booted under QEMU, the engine checked against each
+#: (memslots conform --kernel ...; needs QEMU, network access to Debian's archive the
+#: first time, and about 2 minutes a kernel)
+test-kernels: $(STAMP)
+	$(BIN)/python benchmarks/kernel_matrix.py --check
 
 run: $(STAMP)
 	$(BIN)/memslots replay

@@ -11,7 +11,8 @@ page), else by its language and content:
     not run here, for the reason given (one is required);
 ``<!-- parse-only: REASON -->``
     a synopsis or a recipe: each ``memslots`` line is parsed by the command line's parser
-    (placeholders in capitals stand for a value, ``[...]`` for optional parts), not run;
+    (placeholders in capitals stand for a value, ``[...]`` for optional parts, ``a|b``
+    for a choice), not run;
 ``<!-- needs: kvm -->``, ``<!-- needs: matplotlib -->``
     run where that is available, skipped (saying so) elsewhere;
 ``<!-- output -->``
@@ -220,7 +221,12 @@ def test_synopses_name_real_options(block: Block) -> None:
     lines = list(_commands(block.body.replace("[", " ").replace("]", " ")))
     assert lines, f"{block.where}: a parse-only block without a memslots command"
     for argv in lines:
-        words = [w for w in argv if w not in ("...", "|")]
+        words = []
+        for w in argv:
+            if w == "|" or re.fullmatch(r"\d?>>?", w):  # a pipe, a redirection: the end
+                break
+            if w != "...":
+                words.append(w.split("|")[0] if "|" in w else w)  # a|b: one of them
         words = ["1" if re.fullmatch(r"[A-Z][A-Z0-9_]*", w) else w for w in words]
         if words and words[0] in SUBCOMMANDS:
             try:

@@ -67,7 +67,7 @@ from memslots.constants import (
     U32_MAX,
     U64_MAX,
 )
-from memslots.errors import MemslotError
+from memslots.errors import MemslotError, Refusal
 from memslots.slot import Memslot
 
 if TYPE_CHECKING:
@@ -143,7 +143,11 @@ def enable_manual_dirty_log_protect(vm: VmView, flags: int) -> None:
     if flags & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
         allowed = vm.limits.manual_dirty_log_caps
     if not 0 <= flags <= U64_MAX or flags & ~allowed:
-        raise MemslotError(EINVAL, f"manual dirty log protect flags {flags:#x}")
+        raise MemslotError(
+            EINVAL,
+            f"manual dirty log protect flags {flags:#x}",
+            Refusal("manual-protect-flags", "virt/kvm/kvm_main.c: kvm_vm_ioctl_enable_cap_generic"),
+        )
     with vm.slots_lock:
         vm.manual_dirty_log_protect = flags
 
@@ -152,12 +156,33 @@ def _check_slot_number(vm: VmView, slot: int) -> None:
     """The ``as_id``/``id`` check of GET and CLEAR: EINVAL for an address space that does
     not exist and for ids that are not user slots (internal ids included)."""
     if not 0 <= slot <= U32_MAX:
-        raise MemslotError(EINVAL, f"slot {slot:#x} does not fit in u32")
+        raise MemslotError(
+            EINVAL,
+            f"slot {slot:#x} does not fit in u32",
+            Refusal(
+                "log-slot",
+                "virt/kvm/kvm_main.c: kvm_get_dirty_log_protect, kvm_clear_dirty_log_protect",
+            ),
+        )
     as_id, id = slot >> 16, slot & 0xFFFF
     if as_id >= vm.nr_address_spaces:
-        raise MemslotError(EINVAL, f"slot {slot:#x}: address space {as_id} does not exist")
+        raise MemslotError(
+            EINVAL,
+            f"slot {slot:#x}: address space {as_id} does not exist",
+            Refusal(
+                "log-slot",
+                "virt/kvm/kvm_main.c: kvm_get_dirty_log_protect, kvm_clear_dirty_log_protect",
+            ),
+        )
     if id >= vm.limits.max_user_slots:
-        raise MemslotError(EINVAL, f"slot {slot:#x}: id {id} is not a user slot")
+        raise MemslotError(
+            EINVAL,
+            f"slot {slot:#x}: id {id} is not a user slot",
+            Refusal(
+                "log-slot",
+                "virt/kvm/kvm_main.c: kvm_get_dirty_log_protect, kvm_clear_dirty_log_protect",
+            ),
+        )
 
 
 def _logged_slot(vm: VmView, slot: int) -> tuple[Memslot, bytearray]:
@@ -165,10 +190,25 @@ def _logged_slot(vm: VmView, slot: int) -> tuple[Memslot, bytearray]:
     Caller holds ``vm.slots_lock`` (so the active set cannot change)."""
     s = vm.memslots(slot >> 16).id_to_memslot(slot & 0xFFFF)
     if s is None:
-        raise MemslotError(ENOENT, f"slot {slot:#x} does not exist")
+        raise MemslotError(
+            ENOENT,
+            f"slot {slot:#x} does not exist",
+            Refusal(
+                "log-missing",
+                "virt/kvm/kvm_main.c: kvm_get_dirty_log_protect, kvm_clear_dirty_log_protect",
+            ),
+        )
     bm = s.dirty_bitmap
     if bm is None:
-        raise MemslotError(ENOENT, f"slot {slot:#x} does not log dirty pages")
+        raise MemslotError(
+            ENOENT,
+            f"slot {slot:#x} does not log dirty pages",
+            Refusal(
+                "log-not-logging",
+                "virt/kvm/kvm_main.c: kvm_get_dirty_log_protect, kvm_clear_dirty_log_protect",
+                s,
+            ),
+        )
     return s, bm
 
 
@@ -220,22 +260,32 @@ def clear_dirty_log(vm: VmView, slot: int, first_page: int, num_pages: int, bitm
     with vm.slots_lock:
         _check_slot_number(vm, slot)
         if not 0 <= first_page <= U64_MAX or first_page & 63:
-            raise MemslotError(EINVAL, f"first_page {first_page} is not a multiple of 64")
+            raise MemslotError(
+                EINVAL,
+                f"first_page {first_page} is not a multiple of 64",
+                Refusal("clear-range", "virt/kvm/kvm_main.c: kvm_clear_dirty_log_protect"),
+            )
         s, bm = _logged_slot(vm, slot)
         n = s.npages
         if not 0 <= num_pages <= U32_MAX or first_page > n or num_pages > n - first_page:
             raise MemslotError(
-                EINVAL, f"pages [{first_page}, +{num_pages}) outside the slot's {n} pages"
+                EINVAL,
+                f"pages [{first_page}, +{num_pages}) outside the slot's {n} pages",
+                Refusal("clear-range", "virt/kvm/kvm_main.c: kvm_clear_dirty_log_protect"),
             )
         if num_pages < n - first_page and num_pages & 63:
             raise MemslotError(
-                EINVAL, f"num_pages {num_pages} is not a multiple of 64 and not up to the end"
+                EINVAL,
+                f"num_pages {num_pages} is not a multiple of 64 and not up to the end",
+                Refusal("clear-range", "virt/kvm/kvm_main.c: kvm_clear_dirty_log_protect"),
             )
         nbytes = dirty_bitmap_bytes(num_pages)
         mask_view = memoryview(bitmap).cast("B")
         if len(mask_view) < nbytes:
             raise MemslotError(
-                EFAULT, f"bitmap has {len(mask_view)} bytes, {num_pages} pages need {nbytes}"
+                EFAULT,
+                f"bitmap has {len(mask_view)} bytes, {num_pages} pages need {nbytes}",
+                Refusal("clear-bitmap", "virt/kvm/kvm_main.c: kvm_clear_dirty_log_protect"),
             )
         base = first_page >> 3
         for off in range(0, nbytes, _CHUNK):

@@ -92,7 +92,7 @@ from memslots.constants import (
     U32_MAX,
     U64_MAX,
 )
-from memslots.errors import MemslotError, require
+from memslots.errors import MemslotError, Refusal, require
 from memslots.slot import Memslot
 from memslots.view import VmView
 
@@ -540,23 +540,53 @@ def enable_dirty_ring(vm: RingVmView, size: int, acq_rel: bool = False) -> None:
     # ACQ_REL, its plain KVM_CAP_DIRTY_LOG_RING answering 0)
     if not (limits.dirty_ring_acq_rel if acq_rel else limits.dirty_ring_max):
         cap = "KVM_CAP_DIRTY_LOG_RING" + ("_ACQ_REL" if acq_rel else "")
-        raise MemslotError(EINVAL, f"{cap} is not offered by this kernel")
+        raise MemslotError(
+            EINVAL,
+            f"{cap} is not offered by this kernel",
+            Refusal("ring-cap", "virt/kvm/kvm_main.c: kvm_vm_ioctl_enable_cap_generic"),
+        )
     if not 0 <= size <= U64_MAX:
-        raise MemslotError(EINVAL, f"ring size {size:#x} does not fit u64")
+        raise MemslotError(
+            EINVAL,
+            f"ring size {size:#x} does not fit u64",
+            Refusal("ring-size", "virt/kvm/kvm_main.c: kvm_vm_ioctl_enable_dirty_log_ring"),
+        )
     size &= U32_MAX
     rsvd = KVM_DIRTY_RING_RSVD_ENTRIES
     if not size or size & (size - 1):
-        raise MemslotError(EINVAL, f"ring size {size:#x} is not a power of two")
+        raise MemslotError(
+            EINVAL,
+            f"ring size {size:#x} is not a power of two",
+            Refusal("ring-size", "virt/kvm/kvm_main.c: kvm_vm_ioctl_enable_dirty_log_ring"),
+        )
     if size < rsvd * KVM_DIRTY_GFN_SIZE or size < PAGE_SIZE:
-        raise MemslotError(EINVAL, f"ring size {size:#x} is below the minimum")
+        raise MemslotError(
+            EINVAL,
+            f"ring size {size:#x} is below the minimum",
+            Refusal("ring-size", "virt/kvm/kvm_main.c: kvm_vm_ioctl_enable_dirty_log_ring"),
+        )
     if size > KVM_DIRTY_RING_MAX_BYTES:
-        raise MemslotError(E2BIG, f"ring size {size:#x} is over {KVM_DIRTY_RING_MAX_BYTES:#x}")
+        raise MemslotError(
+            E2BIG,
+            f"ring size {size:#x} is over {KVM_DIRTY_RING_MAX_BYTES:#x}",
+            Refusal("ring-size", "virt/kvm/kvm_main.c: kvm_vm_ioctl_enable_dirty_log_ring"),
+        )
     rings = vm.dirty_rings
     if rings.size:
-        raise MemslotError(EINVAL, "the dirty ring is already enabled")
+        raise MemslotError(
+            EINVAL,
+            "the dirty ring is already enabled",
+            Refusal("ring-enabled", "virt/kvm/kvm_main.c: kvm_vm_ioctl_enable_dirty_log_ring"),
+        )
     with vm.slots_lock:
         if vm.created_vcpus:
-            raise MemslotError(EINVAL, "a vCPU was created before the dirty ring")
+            raise MemslotError(
+                EINVAL,
+                "a vCPU was created before the dirty ring",
+                Refusal(
+                    "ring-after-vcpu", "virt/kvm/kvm_main.c: kvm_vm_ioctl_enable_dirty_log_ring"
+                ),
+            )
         rings.size = size
         rings.acq_rel = acq_rel
 
@@ -578,10 +608,18 @@ def reset_dirty_rings(vm: RingVmView, rings: Iterable[DirtyRing | None]) -> int:
     entries reset. In FIRST_WRITE mode each validated group is re-armed.
     O(entries reset)."""
     if not vm.limits.reset_dirty_rings:  # kvm_vm_ioctl: no such ioctl before 5.11
-        raise MemslotError(ENOTTY, "KVM_RESET_DIRTY_RINGS does not exist in this kernel")
+        raise MemslotError(
+            ENOTTY,
+            "KVM_RESET_DIRTY_RINGS does not exist in this kernel",
+            Refusal("no-ioctl", "virt/kvm/kvm_main.c: kvm_vm_ioctl"),
+        )
     state = vm.dirty_rings
     if not state.size:
-        raise MemslotError(EINVAL, "the VM has no dirty ring")
+        raise MemslotError(
+            EINVAL,
+            "the VM has no dirty ring",
+            Refusal("ring-off", "virt/kvm/kvm_main.c: kvm_vm_ioctl_reset_dirty_pages"),
+        )
     with vm.slots_lock:
         reset_gfn = None
         if state.push_mode is PushMode.FIRST_WRITE:

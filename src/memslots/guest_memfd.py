@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from errno import EBADF, EINVAL
 
 from memslots.constants import PAGE_SHIFT, PAGE_SIZE
-from memslots.errors import MemslotError
+from memslots.errors import MemslotError, Refusal
 from memslots.slot import Memslot
 
 
@@ -41,7 +41,11 @@ def fd_identity(fd: int) -> tuple[int, int]:
     try:
         st = os.fstat(fd)
     except (OSError, OverflowError) as exc:  # fget(fd) of a closed or huge fd: EBADF
-        raise MemslotError(EBADF, f"guest_memfd {fd} is not open") from exc
+        raise MemslotError(
+            EBADF,
+            f"guest_memfd {fd} is not open",
+            Refusal("gmem-fd", "virt/kvm/guest_memfd.c: kvm_gmem_bind"),
+        ) from exc
     return st.st_dev, st.st_ino
 
 
@@ -49,9 +53,17 @@ def check_create(size: int, flags: int, valid_flags: int) -> None:
     """``kvm_gmem_create``'s checks: EINVAL for flags outside ``valid_flags``, then for a
     size that is zero or not page aligned."""
     if flags & ~valid_flags:
-        raise MemslotError(EINVAL, f"guest_memfd flags {flags:#x} not supported")
+        raise MemslotError(
+            EINVAL,
+            f"guest_memfd flags {flags:#x} not supported",
+            Refusal("gmem-create-flags", "virt/kvm/guest_memfd.c: kvm_gmem_create"),
+        )
     if size <= 0 or size & (PAGE_SIZE - 1):
-        raise MemslotError(EINVAL, "guest_memfd size must be a non-zero page multiple")
+        raise MemslotError(
+            EINVAL,
+            "guest_memfd size must be a non-zero page multiple",
+            Refusal("gmem-create-size", "virt/kvm/guest_memfd.c: kvm_gmem_create"),
+        )
 
 
 class GuestMemfdTable:
@@ -87,14 +99,26 @@ class GuestMemfdTable:
         ``VmLimits.gmem_bound_errno``)."""
         f = self._files.get(self._identity(fd))
         if f is None:
-            raise MemslotError(EINVAL, f"fd {fd} is not a guest_memfd of this VM")
+            raise MemslotError(
+                EINVAL,
+                f"fd {fd} is not a guest_memfd of this VM",
+                Refusal("gmem-file", "virt/kvm/guest_memfd.c: kvm_gmem_bind"),
+            )
         if offset & (PAGE_SIZE - 1) or offset + (npages << PAGE_SHIFT) > f.size:
-            raise MemslotError(EINVAL, "guest_memfd range outside the file")
+            raise MemslotError(
+                EINVAL,
+                "guest_memfd range outside the file",
+                Refusal("gmem-range", "virt/kvm/guest_memfd.c: kvm_gmem_bind"),
+            )
         start = offset >> PAGE_SHIFT
         end = start + npages
         for s, e in f.bindings.values():
             if s < end and start < e:
-                raise MemslotError(bound_errno, "guest_memfd range already bound")
+                raise MemslotError(
+                    bound_errno,
+                    "guest_memfd range already bound",
+                    Refusal("gmem-bound", "virt/kvm/guest_memfd.c: kvm_gmem_bind"),
+                )
         return f
 
     def bind(self, slot: Memslot, fd: int, offset: int, bound_errno: int = EINVAL) -> None:

@@ -40,7 +40,7 @@ from memslots.constants import (
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MEMSLOT_INVALID,
 )
-from memslots.errors import MemslotError, require
+from memslots.errors import MemslotError, Refusal, require
 from memslots.lockdep import lockdep_assert_held
 from memslots.memslot_set import MemslotSet
 from memslots.slot import Memslot
@@ -478,7 +478,11 @@ class Vm(VmApi[MemslotSet]):
         if change in (Change.CREATE, Change.MOVE):
             assert new is not None
             if new.base_gfn + new.npages - 1 > self.limits.max_gfn:
-                raise MemslotError(EINVAL, "gfn range beyond the maximum gfn")
+                raise MemslotError(
+                    EINVAL,
+                    "gfn range beyond the maximum gfn",
+                    Refusal("max-gfn", "arch/x86/kvm/x86.c: kvm_arch_prepare_memory_region"),
+                )
         self.faults.check("arch_prepare")
         if change is Change.FLAGS_ONLY:
             assert old is not None and new is not None

@@ -54,7 +54,7 @@ from memslots.constants import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from memslots.errors import MemslotError, require
+from memslots.errors import MemslotError, Refusal, require
 from memslots.faults import FaultInjector
 from memslots.guest_memfd import GuestMemfdTable
 from memslots.guest_memory import GuestRegion, HostMemory
@@ -265,11 +265,23 @@ class VmApi(Generic[SetT]):
         created, EEXIST for an id in use. O(1)."""
         limits = self.limits
         if not 0 <= id < limits.max_vcpu_ids:
-            raise MemslotError(EINVAL, f"vCPU id {id} is not below {limits.max_vcpu_ids}")
+            raise MemslotError(
+                EINVAL,
+                f"vCPU id {id} is not below {limits.max_vcpu_ids}",
+                Refusal("vcpu-id", "virt/kvm/kvm_main.c: kvm_vm_ioctl_create_vcpu"),
+            )
         if self.created_vcpus >= limits.max_vcpus:
-            raise MemslotError(EINVAL, f"the VM has {limits.max_vcpus} vCPUs already")
+            raise MemslotError(
+                EINVAL,
+                f"the VM has {limits.max_vcpus} vCPUs already",
+                Refusal("vcpu-count", "virt/kvm/kvm_main.c: kvm_vm_ioctl_create_vcpu"),
+            )
         if id in vcpus:
-            raise MemslotError(EEXIST, f"vCPU {id} exists")
+            raise MemslotError(
+                EEXIST,
+                f"vCPU {id} exists",
+                Refusal("vcpu-exists", "virt/kvm/kvm_main.c: kvm_vm_ioctl_create_vcpu"),
+            )
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """``KVM_CREATE_GUEST_MEMFD``: a guest_memfd of ``size`` bytes for this VM's
@@ -285,7 +297,11 @@ class VmApi(Generic[SetT]):
         """What ``KVM_CREATE_GUEST_MEMFD`` answers, without creating anything: ENOTTY where
         the kernel has no guest_memfd, then ``kvm_gmem_create``'s checks. O(1)."""
         if not self.limits.guest_memfd:
-            raise MemslotError(ENOTTY, "KVM_CREATE_GUEST_MEMFD does not exist in this kernel")
+            raise MemslotError(
+                ENOTTY,
+                "KVM_CREATE_GUEST_MEMFD does not exist in this kernel",
+                Refusal("no-ioctl", "virt/kvm/kvm_main.c: kvm_vm_ioctl"),
+            )
         _guest_memfd.check_create(size, flags, self.limits.guest_memfd_flags)
 
     def register_invalidate_callback(self, cb: InvalidateCallback) -> None:
@@ -317,7 +333,11 @@ class VmApi(Generic[SetT]):
         True
         """
         if not _dirty_ring.kvm_use_dirty_bitmap(self):
-            raise MemslotError(ENXIO, "the dirty ring is on: there are no dirty bitmaps")
+            raise MemslotError(
+                ENXIO,
+                "the dirty ring is on: there are no dirty bitmaps",
+                Refusal("log-ring-on", "virt/kvm/kvm_main.c: kvm_get_dirty_log_protect"),
+            )
         return _dirty_log.get_dirty_log(self, slot)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Buffer) -> None:
@@ -326,7 +346,11 @@ class VmApi(Generic[SetT]):
         ENXIO first while the dirty ring is on.
         See :func:`memslots.dirty_log.clear_dirty_log`. O(num_pages / 8)."""
         if not _dirty_ring.kvm_use_dirty_bitmap(self):
-            raise MemslotError(ENXIO, "the dirty ring is on: there are no dirty bitmaps")
+            raise MemslotError(
+                ENXIO,
+                "the dirty ring is on: there are no dirty bitmaps",
+                Refusal("log-ring-on", "virt/kvm/kvm_main.c: kvm_clear_dirty_log_protect"),
+            )
         _dirty_log.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
 
     @property

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from errno import EINVAL
 from typing import TYPE_CHECKING, Any
 
-# the module, not the class: memslots.profiles imports memslots.kvm.abi, which runs this
-# package (and so this module) first when memslots.profiles is imported before it
+# the module, not the class: importing memslots.profiles first imports this package
+# (for memslots.kvm.abi) while profiles is still half-initialised
 from memslots import profiles as _profiles
 from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, U32_MAX, U64_MAX
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 #: tests/test_cli_robust.py checks it)
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("replay", "replay a memslot trace on the engine, the array and /dev/kvm, and compare"),
+    (
+        "check",
+        "explain every failed call of a trace and find what loses data or faults the guest",
+    ),
     ("record", "run a VMM (or attach to one) and record its memslot calls, one trace per run"),
     (
         "bench",

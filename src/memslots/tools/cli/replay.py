@@ -369,6 +369,18 @@ def _errors(con: Console, report: ReplayReport) -> None:
     _show(con, "Errors by errno (number of calls)", t)
 
 
+def _explained(con: Console, report: ReplayReport) -> None:
+    """Every failed record with why it failed: the kernel check and its function."""
+    rows = [(rec, report.explanation(i)) for i, rec in enumerate(report.records)]
+    failed = [(rec, why) for rec, why in rows if why is not None]
+    if not failed:
+        return
+    con.print(f"[bold]Failed calls explained[/] ({plural(len(failed), 'call')}):")
+    for rec, why in failed:
+        assert why is not None
+        con.print(f"  line {rec.line}: {why.line()}", highlight=False, markup=False)
+
+
 def _disagreements(con: Console, report: ReplayReport) -> None:
     found = report.disagreements()
     maps = report.map_disagreements()
@@ -536,6 +548,7 @@ def render(
             _calls(con, vm)
         _kinds(con, vm)
         _errors(con, vm)
+        _explained(con, vm)
         _disagreements(con, vm)
         _memory_map(con, vm)
         _timings(con, vm)

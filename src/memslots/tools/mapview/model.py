@@ -168,6 +168,9 @@ class Column:
     agree: bool
     time_ns: int = 0
     slot: int | None = None
+    #: why the record failed (:mod:`memslots.tools.check.explain`), or ""
+    why: str = ""
+    #: the implementation whose answer the strip shows
     primary: str = "engine"
 
     @property
@@ -188,7 +191,8 @@ class Column:
             f"{name} {'n/a' if err is None else errno_name(err)}"
             for name, err in self.results.items()
         ]
-        return ", ".join(parts)
+        text = ", ".join(parts)
+        return f"{text}; why: {self.why}" if self.why else text
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -470,7 +474,8 @@ def _columns(report: ReplayReport) -> list[Column]:
                 o.agree,
                 rec.time_ns,
                 rec.slot if isinstance(rec, MemslotCall) else None,
-                report.primary,
+                why.line() if (why := report.explanation(o.index)) is not None else "",
+                primary=report.primary,
             )
         )
     return out

@@ -20,6 +20,7 @@ from memslots.constants import (
 )
 from memslots.errors import errno_name
 from memslots.slot import Memslot
+from memslots.tools.check.explain import Explanation, unexplained
 from memslots.tools.text import plural
 from memslots.tools.traces import (
     ClearDirtyLog,
@@ -227,6 +228,8 @@ class ImplRun:
     memory_map: dict[int, list[MapEntry]] | None = None
     details: dict[int, str] = dataclasses.field(default_factory=dict)
     changes: list[SlotChange] = dataclasses.field(default_factory=list)
+    #: why each record it refused failed (the primary model's; docs/check.md)
+    explanations: dict[int, Explanation] = dataclasses.field(default_factory=dict)
 
     @property
     def ran(self) -> bool:
@@ -519,6 +522,17 @@ class ReplayReport:
                     )
         return out
 
+    def explanation(self, index: int) -> Explanation | None:
+        """Why record ``index`` failed, when it did (recorded or on the primary model):
+        the kernel check and function (:mod:`memslots.tools.check.explain`). O(1)."""
+        found = self.runs[self.primary].explanations.get(index)
+        if found is None and index < len(self.calls_and_records):
+            recorded = self.calls_and_records[index].result
+            if recorded:
+                results = self.runs[self.primary].results
+                found = unexplained(recorded, results[index] if index < len(results) else None)
+        return found
+
     def memory_map(self) -> dict[int, list[MapEntry]]:
         """The primary implementation's final memory map: address space -> slots in gfn
         order, hvas as in the trace (empty when it did not finish). O(slots)."""
@@ -596,6 +610,9 @@ class ReplayReport:
         )
         if o.details:
             row["details"] = o.details
+        explanation = self.explanation(o.index)
+        if explanation is not None:
+            row["explanation"] = explanation.to_json()
         return row
 
     def disagreements_json(self) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from memslots.kvm.abi import (
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
 )
 from memslots.profiles import KernelProfile
+from memslots.tools.check.explain import Explanation, Placements, explain, unexplained
 from memslots.tools.replay.kernel import KernelSession, open_kernel
 from memslots.tools.replay.relocation import HvaCluster
 from memslots.tools.replay.report import (
@@ -141,6 +142,7 @@ class _Runner:
         hazards: list[Hazard] | None,
         vm_number: int,
         exact_until: int,
+        explain: bool = False,
     ) -> None:
         self.name = name
         self.target = target
@@ -153,6 +155,11 @@ class _Runner:
         self.bitmaps: dict[int, bytes] = {}
         self.details: dict[int, str] = {}
         self.alive = True
+        #: why each failed record failed (the primary model's refusals; see
+        #: memslots.tools.check.explain), and where each live slot was placed
+        self.explanations: dict[int, Explanation] | None = {} if explain else None
+        self.placements = Placements()
+        self.error: OSError | None = None
 
     # ------------------------------------------------------------------ one step
     def step(self, index: int, rec: Record) -> int | None:
@@ -160,7 +167,22 @@ class _Runner:
         try:
             return self._step(index, rec)
         except OSError as exc:
+            self.error = exc
             return exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else EINVAL
+
+    def explain_step(self, index: int, rec: Record, err: int | None, change: str) -> None:
+        """After ``step`` (outside the measured time): explain a failure of the record,
+        or note where a memslot call placed its slot. Only the primary model explains."""
+        explanations = self.explanations
+        if explanations is None:
+            return
+        if err and self.error is not None:
+            explanations[index] = explain(self.error, rec, self.placements)
+        elif rec.result and err == 0:
+            explanations[index] = unexplained(rec.result, err)
+        elif err == 0 and isinstance(rec, MemslotCall):
+            self.placements.note(rec, change)
+        self.error = None
 
     def _step(self, index: int, rec: Record) -> int | None:
         t = self.target
@@ -324,12 +346,15 @@ def _run(
             if kind_list is not None:
                 if not is_call:
                     kind_list.append(rec.kind)
+                    runner.explain_step(index, rec, err, "")
                 elif err:
                     kind_list.append("failed")
+                    runner.explain_step(index, rec, err, "failed")
                 else:
                     change = getattr(target, "last_change", None)
                     kind = str(getattr(change, "value", "unknown"))
                     kind_list.append(kind)
+                    runner.explain_step(index, rec, err, kind)
                     if changes is not None and kind in _CHANGES and isinstance(rec, MemslotCall):
                         old = live.pop(rec.slot, None)
                         new = None if kind == "delete" else _slot_entry(target, rec.slot)
@@ -460,6 +485,7 @@ def replay(
                 hazards if name == primary else None,
                 vm,
                 exact_until,
+                explain=name == primary,
             )
             changes: list[SlotChange] = []
             try:
@@ -482,6 +508,7 @@ def replay(
                 kinds,
                 details=runner.details,
                 changes=changes,
+                explanations=runner.explanations or {},
             )
             if not crash:
                 run.memory_map = memory_map(model.memslots, limits.nr_address_spaces)

@@ -8,8 +8,9 @@ import re
 
 import pytest
 
-import memslots.tools.cli as cli
-from memslots.tools.cli import ProgressLines, main
+import memslots.tools.cli.progress as progress
+from memslots.tools.cli import main
+from memslots.tools.cli.progress import ProgressLines
 
 
 def test_progress_lines_come_when_due(
@@ -17,7 +18,7 @@ def test_progress_lines_come_when_due(
 ) -> None:
     lines = ProgressLines("memslots x")
     lines.say("too early")  # PROGRESS_EVERY seconds have not passed
-    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.0)
     lines.say(lambda: "1/2 done")
     ProgressLines("memslots x", enabled=False).say("never")
     assert capsys.readouterr().err == "memslots x: 1/2 done\n"
@@ -26,7 +27,7 @@ def test_progress_lines_come_when_due(
 def test_replay_reports_progress_into_a_pipe(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.0)
     assert main(["replay", "--no-kvm"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err and all(
@@ -40,7 +41,7 @@ def test_replay_reports_progress_into_a_pipe(
 def test_conform_reports_progress_into_a_pipe(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.0)
     assert main(["conform", "--ops", "200", "--seed", "3", "--no-shrink"]) in (0, 1)
     err = capsys.readouterr().err.splitlines()
     assert "memslots conform: 128/200 operations, 0 disagreeing calls" in err or any(

@@ -23,8 +23,7 @@ import errno
 import importlib
 import os
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from memslots.errors import KvmUnavailable, MemslotError
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
 
 #: every subcommand, in the order ``memslots --help`` lists them: its name (its module is
 #: ``memslots.tools.cli.NAME``) and its one-line help (the module's parser says the same,
-#: tests/test_cli_robust.py checks it)
+#: tests/test_cli_parser.py checks it)
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("replay", "replay a memslot trace on the engine, the array and /dev/kvm, and compare"),
     (
@@ -101,41 +100,6 @@ def console(*, stderr: bool = False, file: IO[str] | None = None) -> rich.consol
         tty = False
     # highlight=False: rich would colour numbers, paths and brackets of plain text at random
     return Console(file=file, stderr=stderr, width=None if tty else PIPE_WIDTH, highlight=False)
-
-
-#: seconds between two progress lines on a standard error that is not a terminal
-PROGRESS_EVERY = 5.0
-
-
-class ProgressLines:
-    """The progress of a long run as plain lines on standard error, for when it is not a
-    terminal (a log file, a CI job; a terminal gets rich's bar instead): ``say(text)``
-    prints ``COMMAND: TEXT`` when :data:`PROGRESS_EVERY` seconds have passed since the
-    start or the last line, else nothing; ``text`` may be a callable, only called then.
-    O(1) a call."""
-
-    def __init__(self, command: str, *, enabled: bool = True) -> None:
-        self.command = command
-        self.enabled = enabled
-        self._last = time.monotonic()
-
-    def say(self, text: str | Callable[[], str]) -> None:
-        """Print ``COMMAND: TEXT`` if a line is due."""
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self._last < PROGRESS_EVERY:
-            return
-        self._last = now
-        _say(f"{self.command}: {text() if callable(text) else text}")
-
-
-def stderr_is_terminal() -> bool:
-    """Whether standard error is a terminal (False when it is closed or fails)."""
-    try:
-        return sys.stderr is not None and sys.stderr.isatty()
-    except (ValueError, OSError):
-        return False
 
 
 class _Version(argparse.Action):

@@ -28,9 +28,10 @@ from rich.progress import (
 from memslots.errors import errno_name
 from memslots.kvm.abi import KVM_DEV_PATH, kvm_unavailable
 from memslots.kvm.vm import ENGINE_RAISED
-from memslots.tools.cli import CliError, ProgressLines, stderr_is_terminal
+from memslots.tools.cli import CliError
 from memslots.tools.cli import console as cli_console
 from memslots.tools.cli.options import int_range
+from memslots.tools.cli.progress import ProgressLines, stderr_is_terminal
 from memslots.tools.conform import (
     RING_OPS,
     ConformReport,

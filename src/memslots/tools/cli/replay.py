@@ -47,8 +47,9 @@ from memslots.constants import PAGE_SIZE
 from memslots.errors import KvmUnavailable, errno_name
 from memslots.kvm import kvm_unavailable
 from memslots.profiles import KernelProfile
-from memslots.tools.cli import CliError, ProgressLines, stderr_is_terminal
+from memslots.tools.cli import CliError
 from memslots.tools.cli import console as cli_console
+from memslots.tools.cli.progress import ProgressLines, stderr_is_terminal
 from memslots.tools.mapview import PNG_EXTRA, build, matplotlib_available, render_html, render_png
 from memslots.tools.replay import (
     KINDS,

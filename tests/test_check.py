@@ -417,9 +417,9 @@ def test_replay_json_and_text_carry_the_explanation(
     )
     assert main(["replay", str(path), "--no-kvm", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    row = doc["calls"][1]
+    row = doc["records"][1]
     assert row["explanation"]["check"] == "overlap" and row["explanation"]["record"] == 1
-    assert "explanation" not in doc["calls"][0]
+    assert "explanation" not in doc["records"][0]
     assert main(["replay", str(path), "--no-kvm"]) == 0
     out = capsys.readouterr().out
     assert "Failed calls explained (1 call):" in out

@@ -47,9 +47,9 @@ def test_no_argument_replays_the_embedded_trace(capsys: pytest.CaptureFixture[st
     status, out, err = run(capsys, "--no-kvm")
     assert status == 0, err
     assert err == ""
-    assert "Replaying seabios.log: 37 calls, qemu format" in out
+    assert "Replaying seabios.log: 37 memslot calls, qemu format" in out
     assert "no TRACE given: the embedded trace" in out
-    assert "Agreement: 37/37 calls (100.0%)" in out
+    assert "Agreement: 37/37 records compared (100.0%)" in out
     assert "vs recorded: engine 37/37" in out
     kinds = section(out, "Calls by kind")
     assert re.search(r"│ create │\s+23 │", kinds)
@@ -93,7 +93,7 @@ def test_every_shared_trace_replays_in_agreement(
 ) -> None:
     status, out, err = run(capsys, str(TRACES / name), "--no-kvm")
     assert status == 0, err
-    assert re.search(r"Agreement: (\d+)/\1 calls \(100\.0%\)", out)
+    assert re.search(r"Agreement: (\d+)/\1 records compared \(100\.0%\)", out)
 
 
 @pytest.mark.kvm
@@ -126,8 +126,8 @@ def test_json_is_one_document(capsys: pytest.CaptureFixture[str]) -> None:
     }  # fmt: skip
     assert doc["agreement"]["rate"] == 1.0
     assert doc["implementations"]["kernel"]["status"] == "off"
-    assert len(doc["calls"]) == 69
-    assert doc["calls"][0]["where"].endswith("migrate-dirty-log.log:1")
+    assert len(doc["records"]) == 69 and doc["calls"] == 69
+    assert doc["records"][0]["where"].endswith("migrate-dirty-log.log:1")
 
 
 def test_impl_engine_only(capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,7 +165,7 @@ def test_stdin(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("sys.stdin", io.StringIO(GOOD + OVERLAP))
     status, out, _ = run(capsys, "-", "--no-kvm")
     assert status == 0
-    assert "Replaying <stdin>: 2 calls, qemu format" in out
+    assert "Replaying <stdin>: 2 memslot calls, qemu format" in out
     errors = section(out, "Errors by errno")
     assert re.search(r"│\s+17 │ EEXIST │\s+1 │\s+1 │", errors)
 
@@ -177,7 +177,7 @@ def test_disagreement_shows_the_trace_line_and_fails(
     trace.write_text(GOOD + OVERLAP.replace("ret=-17", "ret=0"))
     status, out, _ = run(capsys, str(trace), "--no-kvm")
     assert status == 1
-    assert "Agreement: 1/2 calls (50.0%)" in out
+    assert "Agreement: 1/2 records compared (50.0%)" in out
     table = section(out, f"Disagreements (1 call; line of {trace})")
     assert re.search(r"│\s+2 │\s+1 │ -\s+│ 0x0 │ 4 KiB │ 0x7f0000001000 │ OK\s+│ EEXIST │", table)
 
@@ -193,7 +193,9 @@ def test_malformed_line_is_one_line_error(
     status, out, err = run(capsys, str(trace), "--no-kvm")
     assert status == 2
     assert out == ""
-    assert err == f"memslots replay: error: {trace}:2: flags=zz is not 0x-hex\n"
+    assert err == (
+        f"memslots replay: error: {trace}:2: flags=zz is not 0x-hex (--skip-bad skips such lines)\n"
+    )
     assert "Traceback" not in err
 
 
@@ -202,7 +204,9 @@ def test_malformed_json_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     trace.write_text('{"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 4096}\n')
     status, _, err = run(capsys, str(trace), "--no-kvm")
     assert status == 2
-    assert err.splitlines() == [f"memslots replay: error: {trace}:1: missing userspace_addr"]
+    assert err.splitlines() == [
+        f"memslots replay: error: {trace}:1: missing userspace_addr (--skip-bad skips such lines)"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -237,8 +241,8 @@ def test_skip_bad_goes_on_and_lists_skipped_lines(
     trace.write_text(GOOD + BAD + OVERLAP)
     status, out, err = run(capsys, str(trace), "--no-kvm", "--skip-bad")
     assert status == 0, err
-    assert "Replaying" in out and "2 calls" in out
-    assert "Skipped 1 malformed line(s):" in out
+    assert "Replaying" in out and "2 memslot calls" in out
+    assert "Skipped 1 malformed line:" in out
     assert f"{trace}:2: flags=zz is not 0x-hex" in out
     status, out, _ = run(capsys, str(trace), "--no-kvm", "--skip-bad", "--json")
     doc = json.loads(out)
@@ -270,7 +274,7 @@ def test_record_then_replay_gives_the_same_tables(
     assert f"Recorded 37 calls with the engine's results to {recorded}" in first
     status, second, _ = run(capsys, str(recorded), "--no-kvm")
     assert status == 0
-    assert "Replaying" in second and "37 calls, jsonl format" in second
+    assert "Replaying" in second and "37 memslot calls, jsonl format" in second
     assert stable_sections(second) == stable_sections(first)
 
 

@@ -419,7 +419,7 @@ def test_cli_writes_the_page(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out = tmp_path / "map.html"
     assert main(["replay", "--no-kvm", "--html", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "Agreement: 37/37 calls (100.0%)" in stdout
+    assert "Agreement: 37/37 records compared (100.0%)" in stdout
     assert f"Wrote the memory map over the trace to {out}" in stdout
     c = check_page(out.read_text())
     assert len(final_rows(c)) == 9

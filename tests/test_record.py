@@ -4,6 +4,7 @@ replayed; exit status, Ctrl-C, a killed command, attaching; the seccomp filter."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -186,6 +187,46 @@ def test_command_not_found_and_usage(capsys: pytest.CaptureFixture[str]) -> None
     assert "nothing to record" in capsys.readouterr().err
     assert main(["record", "--pid", "1", "--", "true"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_statuses_as_a_shell_gives_them_and_as_the_table_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/cli.md's table: 126 for a command that cannot be run, 127 for none, 2 for a
+    process that does not exist or cannot be traced and for a trace that cannot be
+    written; the ptrace request by name and the cause."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not a program\n")
+    for command, status, message in (
+        (str(text), 126, f"{text}: Permission denied"),
+        (str(tmp_path), 126, f"{tmp_path}: Permission denied"),
+        (str(tmp_path / "nosuch"), 127, f"{tmp_path / 'nosuch'}: No such file or directory"),
+    ):
+        assert main(["record", "-o", str(tmp_path / "t.jsonl"), "--", command]) == status
+        assert capsys.readouterr().err == f"memslots record: error: {message}\n"
+    free = next(pid for pid in range(4194304, 1, -1) if not Path(f"/proc/{pid}").exists())
+    assert main(["record", "-o", str(tmp_path / "t.jsonl"), "--pid", str(free)]) == 2
+    assert capsys.readouterr().err == f"memslots record: error: --pid {free}: no such process\n"
+    me = os.getpid()
+    assert main(["record", "-o", str(tmp_path / "t.jsonl"), "--pid", str(me)]) == 2
+    assert capsys.readouterr().err == (
+        f"memslots record: error: cannot trace: ptrace(PTRACE_SEIZE, {me}): Operation not"
+        " permitted (a process cannot trace itself)\n"
+    )
+    assert main(["record", "-o", str(tmp_path / "no" / "t.jsonl"), "--", "true"]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_a_reader_of_standard_output_that_goes_away_ends_it_silently() -> None:
+    """``record -o - | head -c 100``: the reader leaves, the recording ends quietly."""
+    proc = subprocess.Popen(
+        [*MEMSLOTS, "record", "-o", "-", "--", "sleep", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the end record is written
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (0, "")
 
 
 def test_ctrl_c_leaves_a_complete_trace(tmp_path: Path) -> None:

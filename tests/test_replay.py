@@ -226,7 +226,7 @@ def test_json_document_has_the_documented_keys() -> None:
     assert set(doc) == {
         "version", "vm", "pid", "vm_type", "attached", "trace", "primary", "implementations",
         "limits", "hva_relocation", "kinds", "errors", "agreement", "disagreements",
-        "map_disagreements", "memory_map", "timings", "notes", "calls",
+        "map_disagreements", "memory_map", "timings", "notes", "calls", "records",
     }  # fmt: skip
     assert doc["trace"] == {
         "source": "t", "embedded": False, "format": "jsonl", "calls": 9, "records": 9,
@@ -246,8 +246,9 @@ def test_json_document_has_the_documented_keys() -> None:
     engine = doc["timings"]["engine"]
     assert engine["calls"] == 9
     assert set(engine["by_kind"]) == {"create", "move", "flags", "no-op", "failed", "delete"}
-    assert doc["calls"][2]["kind"] == "move"
-    assert doc["calls"][5]["results"]["engine"] == errno.EEXIST
+    assert doc["calls"] == 9  # the number; the rows are "records", as in vms[i]
+    assert doc["records"][2]["kind"] == "move"
+    assert doc["records"][5]["results"]["engine"] == errno.EEXIST
 
 
 def test_recorded_calls_replay_to_the_same_report() -> None:

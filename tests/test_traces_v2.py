@@ -409,8 +409,8 @@ def test_cli_multi_vm_json_and_exit_status(
     assert doc["agreement"]["rate"] == 1.0
     assert main(["replay", str(path), "--no-kvm"]) == 0
     out = capsys.readouterr().out
-    assert "Replaying" in out and "3 calls in 2 VMs" in out
-    assert "Total: 2 VMs, agreement 3/3 calls (100.0%)" in out
+    assert "Replaying" in out and "3 memslot calls in 2 VMs" in out
+    assert "Total: 2 VMs, agreement 3/3 records compared (100.0%)" in out
     path.write_text("\n".join([*lines[:-1], lines[-1].replace("-1 EEXIST (File exists)", "0")]))
     assert main(["replay", str(path), "--no-kvm", "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)

@@ -60,6 +60,25 @@ def compiled() -> bool:
     return bool(ext)
 
 
+def installed_compiled() -> bool:
+    """True when every module of :data:`COMPILED_MODULES` would be imported from its
+    compiled extension: what :func:`compiled` says (a stale build in a source checkout
+    warns alike), found from the modules' files without importing them (``memslots
+    --version`` stays fast). O(modules)."""
+    import importlib.util
+
+    files: dict[str, str | None] = {}
+    for name in COMPILED_MODULES:
+        spec = importlib.util.find_spec(f"memslots.{name}")
+        if spec is None or not _is_extension(spec.origin):
+            return False
+        files[name] = spec.origin
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.exists(os.path.join(root, "setup.py")):  # a source checkout, as compiled()
+        warn_if_stale(files)
+    return True
+
+
 def warn_if_stale(files: dict[str, str | None]) -> None:
     """Warn when an engine source is newer than the compiled module that shadows it (the
     edit would not run). :func:`compiled` checks this in source checkouts (editable

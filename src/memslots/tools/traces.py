@@ -75,10 +75,12 @@ from memslots.validate import VmLimits
 from memslots.view import MemslotTarget
 
 __all__ = [
+    "BINARY",
     "EMBEDDED_TRACE_NAME",
     "FORMATS",
     "MAX_LINE",
     "MAX_RECORDS",
+    "NOT_A_TRACE",
     "TRACE_FORMAT_NAME",
     "TRACE_VERSION",
     "ClearDirtyLog",
@@ -107,6 +109,7 @@ __all__ = [
     "call_to_json",
     "detect_format",
     "embedded_trace_path",
+    "is_binary",
     "load_trace",
     "parse_errno",
     "parse_trace",
@@ -562,15 +565,30 @@ class TraceFormatError(ValueError):
     ``FILE:LINE: message``.
     """
 
-    def __init__(self, source: str, line: int, message: str) -> None:
+    def __init__(self, source: str, line: int, message: str, skippable: bool = False) -> None:
         self.source = source
         self.line = line
         self.message = message
+        #: a malformed line that ``skip_bad`` (``memslots replay --skip-bad``) would skip;
+        #: False for what ends the whole input (binary data, a line too long, too many)
+        self.skippable = skippable
         where = f"{source}:{line}" if line else source
         super().__init__(f"{where}: {message}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.source, self.line, self.message))
+        return (type(self), (self.source, self.line, self.message, self.skippable))
+
+
+#: how every reader ends the message of an input that is no trace at all
+NOT_A_TRACE: Final = "not a memslot trace"
+#: what a reader says of a line that is binary data (a NUL, or bytes that are not UTF-8)
+BINARY: Final = "binary data, not text"
+
+
+def is_binary(line: str) -> bool:
+    """Whether a line read as UTF-8 with ``errors="replace"`` is binary data: it holds
+    a NUL or a byte that is not UTF-8 (U+FFFD). O(len(line))."""
+    return "\x00" in line or "\ufffd" in line
 
 
 class _LineError(Exception):
@@ -606,8 +624,10 @@ def parse_errno(text: str) -> int:
 def _check_range(name: str, value: int, limit: int) -> int:
     if not 0 <= value <= limit:
         width = "u32" if limit == U32_MAX else "u64" if limit == U64_MAX else f"0..{limit}"
-        shown = str(value) if abs(value) < 1 << 80 else f"a {len(str(value))}-digit number"
-        raise _LineError(f"{name}={shown} is out of range ({width})")
+        if abs(value) < 1 << 80:
+            raise _LineError(f"{name}={value} is out of range ({width})")
+        digits = len(str(abs(value)))
+        raise _LineError(f"{name} is out of range ({width}): a number of {digits} digits")
     return value
 
 
@@ -631,26 +651,30 @@ class _Reader:
     def bad(self, line: int, message: str) -> None:
         """Raise, or (with ``skip_bad``) note, a malformed line (at most
         :data:`MAX_RECORDS` are noted: more is an error)."""
-        error = TraceFormatError(self.source, line, message)
+        error = TraceFormatError(self.source, line, message, skippable=True)
         if not self.skip_bad:
             raise error
         if self.errors is not None:
             if len(self.errors) >= MAX_RECORDS:
                 raise TraceFormatError(
-                    self.source, line, f"more than {MAX_RECORDS} malformed lines: not a trace"
+                    self.source, line, f"more than {MAX_RECORDS} malformed lines: {NOT_A_TRACE}"
                 )
             self.errors.append(error)
 
     def lines(self, lines: Iterable[str]) -> Iterator[tuple[int, str]]:
         """``(number, line)`` pairs; a line over :data:`MAX_LINE` characters is an error
-        (and ends the input: what follows it cannot be trusted to be lines)."""
+        that ends the input (what follows cannot be trusted to be lines); a line of binary
+        data (:func:`is_binary`) is a malformed line (:meth:`bad`)."""
         for number, raw in enumerate(lines, 1):
             if len(raw) > MAX_LINE:
                 raise TraceFormatError(
                     self.source,
                     number,
-                    f"line longer than {MAX_LINE >> 20} MiB: not a memslot trace",
+                    f"line longer than {MAX_LINE >> 20} MiB: {NOT_A_TRACE}",
                 )
+            if is_binary(raw):
+                self.bad(number, f"{BINARY}: {NOT_A_TRACE}")
+                continue
             yield number, raw
 
 
@@ -1123,7 +1147,9 @@ def _load_object(text: str) -> dict[str, Any]:
             # a key given twice (or a '":' inside a string): find out with the slow hook
             obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
-        raise _LineError(f"bad JSON: {exc.msg} at column {exc.colno}") from None
+        # ("Unterminated string starting at" names its column itself)
+        at = "" if exc.msg.endswith(" at") else " at"
+        raise _LineError(f"bad JSON: {exc.msg}{at} column {exc.colno}") from None
     except (ValueError, RecursionError):
         # Python refuses integers of more than 4300 digits and very deep nesting
         raise _LineError("bad JSON: a number too long or nesting too deep") from None
@@ -1593,12 +1619,22 @@ StrPath = str | os.PathLike[str]
 def _detect_in(lines: Iterable[str], source: str) -> TraceFormat | None:
     """The format of the first line that tells; ``"jsonl"`` when nothing but blank and
     comment lines; None when no line tells. Reads at most :data:`_MAX_DETECT_LINES`
-    lines (more is an error)."""
+    lines (more is an error, and so is binary data: neither is a malformed line that
+    ``skip_bad`` could skip)."""
+    try:
+        return _detect_format_of(lines, source)
+    except TraceFormatError as exc:
+        raise TraceFormatError(exc.source, exc.line, exc.message) from None
+
+
+def _detect_format_of(lines: Iterable[str], source: str) -> TraceFormat | None:
     only_comments = True
     for number, raw in _Reader(source, False, None).lines(lines):
         if number > _MAX_DETECT_LINES:
             raise TraceFormatError(
-                source, number, f"no memslot record in the first {_MAX_DETECT_LINES} lines"
+                source,
+                number,
+                f"no memslot record in the first {_MAX_DETECT_LINES} lines: {NOT_A_TRACE}",
             )
         text = raw.strip()
         if not text or text.startswith("#"):
@@ -1661,7 +1697,7 @@ def detect_format(
         raise TraceFormatError(
             label,
             0,
-            "not a memslot trace: no QEMU kvm_set_user_memory line, no strace"
+            f"{NOT_A_TRACE}: no QEMU kvm_set_user_memory line, no strace"
             " KVM_SET_USER_MEMORY_REGION or KVM_CREATE_VM ioctl and no JSON Lines object found",
         )
     return fmt

@@ -1,13 +1,18 @@
 """The ``memslots`` command line tool.
 
-Each subcommand lives in its own module of this package and exposes
-``register(subparsers)``, which adds its parser and sets ``func`` (a callable taking the
-parsed namespace and returning an exit status). Errors reach the user as one line on
-stderr and a non-zero exit status, never as a traceback: a :class:`CliError`, a
-:class:`memslots.errors.KvmUnavailable`, a memslot error, an OS error, Ctrl-C (status
-130), standard output that is closed, full or fails (status 2; a reader that went away,
-``| head``, ends the output silently), even a bug (``internal error``, status 1; the
-environment variable ``MEMSLOTS_TRACEBACK=1`` lets its traceback through). Standard
+Each subcommand lives in its own module of this package, ``memslots.tools.cli.NAME``, and
+exposes ``register(subparsers)``, which adds its parser and sets ``func`` (a callable
+taking the parsed namespace and returning an exit status). :data:`COMMANDS` lists them
+with their one-line help; a module is imported only when its subcommand runs (or its
+``--help`` is asked for), so ``memslots --version`` and ``memslots --help`` load none of
+them. A new subcommand is one entry there and its module.
+
+Errors reach the user as one line on stderr and a non-zero exit status, never as a
+traceback (the statuses of docs/cli.md's table): a :class:`CliError`, a
+:class:`memslots.errors.KvmUnavailable`, a memslot error, an OS error (status 2), Ctrl-C
+(status 130), standard output that is closed, full or fails (status 2; a reader that went
+away, ``| head``, ends the output silently), even a bug (``internal error``, status 1;
+the environment variable ``MEMSLOTS_TRACEBACK=1`` lets its traceback through). Standard
 error that is closed or fails is written to no more.
 """
 
@@ -18,17 +23,40 @@ import errno
 import importlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from memslots.errors import KvmUnavailable, MemslotError
 
+TYPE_CHECKING = False  # typing is not imported: ``memslots --version`` stays fast
 if TYPE_CHECKING:
+    from typing import IO, Any, NoReturn
+
     import rich.console
 
-#: subcommand modules, in the order ``memslots --help`` lists them
-SUBCOMMANDS = ("replay", "check", "record", "bench", "conform", "stress", "demo", "profiles")
+#: every subcommand, in the order ``memslots --help`` lists them: its name (its module is
+#: ``memslots.tools.cli.NAME``) and its one-line help (the module's parser says the same,
+#: tests/test_cli_parser.py checks it)
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("replay", "replay a memslot trace on the engine, the array and /dev/kvm, and compare"),
+    (
+        "check",
+        "explain every failed call of a trace and find what loses data or faults the guest",
+    ),
+    ("record", "run a VMM (or attach to one) and record its memslot calls, one trace per run"),
+    (
+        "bench",
+        "memslot_perf_test scenarios and a slot-count sweep: the engine (compiled and pure),"
+        " the array design, the kernel and peer libraries",
+    ),
+    ("conform", "random operation sequences against /dev/kvm: agreement rate, minimal reproducers"),
+    ("stress", "concurrent readers check every lookup while a writer changes slots"),
+    ("demo", "a short tour of the engine, printing the memory map"),
+    ("profiles", "list the named kernel profiles (what each kernel answers differently)"),
+)
+
+#: the subcommands' names, in the order ``memslots --help`` lists them
+SUBCOMMANDS = tuple(name for name, _ in COMMANDS)
 
 #: subcommands that write nothing to standard output unless asked to (``record -o -``
 #: checks for itself)
@@ -45,12 +73,12 @@ class CliError(Exception):
 
 def version_text() -> str:
     """What ``memslots --version`` prints: the version, the build and the Python."""
-    import platform
-
     import memslots
+    from memslots._build import installed_compiled
 
-    build = "compiled build (mypyc)" if memslots.COMPILED else "pure-Python build"
-    return f"memslots {memslots.__version__}, {build}, Python {platform.python_version()}"
+    build = "compiled build (mypyc)" if installed_compiled() else "pure-Python build"
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"memslots {memslots.__version__}, {build}, Python {python}"
 
 
 #: the width of rich's output when it goes to a file or a pipe: wide enough for every
@@ -70,7 +98,8 @@ def console(*, stderr: bool = False, file: IO[str] | None = None) -> rich.consol
         tty = stream.isatty()
     except (ValueError, OSError):  # a closed stream: its writes are reported elsewhere
         tty = False
-    return Console(file=file, stderr=stderr, width=None if tty else PIPE_WIDTH)
+    # highlight=False: rich would colour numbers, paths and brackets of plain text at random
+    return Console(file=file, stderr=stderr, width=None if tty else PIPE_WIDTH, highlight=False)
 
 
 class _Version(argparse.Action):
@@ -84,6 +113,36 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, with the width found as ``shutil.get_terminal_size``
+    finds it (``$COLUMNS``, the terminal, else 80) without importing shutil, which every
+    ``add_argument`` would (``memslots --version`` stays fast)."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _columns() -> int:
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors, like every other error of the tool:
     ``memslots replay: error: argument --impl: invalid choice: ... (memslots replay
@@ -92,6 +151,10 @@ class _Parser(argparse.ArgumentParser):
 
     #: the subcommands' parsers, by name (on the top-level parser)
     subcommands: dict[str, argparse.ArgumentParser]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         _say(f"{self.prog}: error: {message} ({self.prog} --help lists the options)")
@@ -109,19 +172,37 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand registered."""
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser. The subcommands named in ``commands`` (default: every one)
+    get their real parser, which imports their module; the others only a name and a help
+    line in ``memslots --help``, which imports nothing."""
+    wanted = set(SUBCOMMANDS if commands is None else commands)
     parser = _Parser(
         prog="memslots",
         description="KVM's tree-based memslots: replay traces, benchmark, check conformance.",
     )
     parser.add_argument("--version", action=_Version)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        module = importlib.import_module(f"memslots.tools.cli.{name}")
-        module.register(sub)
+    # (prog given: argparse would otherwise format a usage line, importing shutil)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="memslots")
+    for name, help_text in COMMANDS:
+        if name in wanted:
+            module = importlib.import_module(f"memslots.tools.cli.{name}")
+            module.register(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     parser.subcommands = dict(sub.choices)
     return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the
+    top-level options take no value), or None."""
+    for i, word in enumerate(argv):
+        if word == "--":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if not word.startswith("-") or word == "-":
+            return word
+    return None
 
 
 class _Stdout:
@@ -251,18 +332,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _guarded_streams() as out:
         status, reported = 0, True
         try:
-            parser = build_parser()
+            words = sys.argv[1:] if argv is None else list(argv)
+            parser = build_parser([c] if (c := command_of(words)) in SUBCOMMANDS else [])
             try:
                 args = parser.parse_args(argv)
+                if not getattr(args, "func", None):
+                    parser.error(f"no command given: one of {', '.join(SUBCOMMANDS)}")
             except SystemExit as exc:  # --help, --version, a usage error (already said)
                 status = exc.code if isinstance(exc.code, int) else 2
             else:
                 if args.command:
                     command = f"memslots {args.command}"
-                if not getattr(args, "func", None):
-                    parser.print_help()
-                    status = 2
-                elif out is None and args.command not in _NO_STDOUT:
+                if out is None and args.command not in _NO_STDOUT:
                     raise CliError("standard output is closed")
                 else:
                     try:
@@ -287,9 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = 1
         except OSError as exc:
             reported = out is None or out.failed is None
-            if reported:
+            if reported:  # a file that cannot be read or written: status 2, as the table says
                 _say(f"{command}: error: {os_error_text(exc)}")
-                status = 1
+                status = 2
         except KeyboardInterrupt:
             _say(f"{command}: interrupted")
             status = 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ from memslots.kvm.abi import KVM_DEV_PATH, kvm_unavailable
 from memslots.kvm.vm import ENGINE_RAISED
 from memslots.tools.cli import CliError
 from memslots.tools.cli import console as cli_console
+from memslots.tools.cli.options import int_range
+from memslots.tools.cli.progress import ProgressLines, stderr_is_terminal
 from memslots.tools.conform import (
     RING_OPS,
     ConformReport,
@@ -40,10 +43,24 @@ from memslots.tools.conform import (
     replay_ops,
     run_conform,
 )
-from memslots.tools.traces import MAX_LINE
+from memslots.tools.text import plural as _n
+from memslots.tools.traces import (
+    BINARY,
+    MAX_LINE,
+    TRACE_FORMAT_NAME,
+    bounded_lines,
+    detect_format,
+    is_binary,
+)
 
 #: the operation kinds the dirty-ring line of the report counts, in this order
 RING_OP_NAMES = tuple(cls.name for cls in RING_OPS)
+#: the most operations ``--ops`` takes (about 40 minutes here at 4000 operations a second)
+MAX_OPS = 10_000_000
+#: the largest ``--seed``
+MAX_SEED = (1 << 64) - 1
+#: the most kinds of disagreement ``--max-reproducers`` shrinks
+MAX_REPRODUCERS = 1000
 
 
 def register(sub: Any) -> None:
@@ -57,18 +74,26 @@ def register(sub: Any) -> None:
         "any disagreement.",
     )
     p.add_argument(
-        "--ops", type=_positive, default=5000, metavar="N", help="operations to run (5000)"
+        "--ops",
+        type=int_range(1, MAX_OPS),
+        default=5000,
+        metavar="N",
+        help=f"operations to run, 1..{MAX_OPS} (5000)",
     )
     p.add_argument(
-        "--seed", type=int, default=None, metavar="S", help="random seed (default: a new one)"
+        "--seed",
+        type=int_range(0, MAX_SEED),
+        default=None,
+        metavar="S",
+        help="random seed, 0..2^64-1 (default: a new one)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument(
         "--max-reproducers",
-        type=_positive,
+        type=int_range(1, MAX_REPRODUCERS),
         default=10,
         metavar="K",
-        help="shrink at most K kinds of disagreement (10)",
+        help=f"shrink at most K kinds of disagreement, 1..{MAX_REPRODUCERS} (10)",
     )
     p.add_argument("--no-shrink", action="store_true", help="report disagreements unshrunk")
     p.add_argument(
@@ -82,20 +107,13 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
-
-
 def check_kvm(path: str) -> None:
     """Raise :class:`memslots.errors.KvmUnavailable` (one line, status 2, as every
     command reports it) unless ``path`` is a usable KVM: conform checks the engine
-    against a real kernel."""
+    against a real kernel. A ``--device`` path other than ``/dev/kvm`` that does not
+    exist is a mistyped path (``no such file``), not a machine without KVM."""
+    if path != KVM_DEV_PATH and not os.path.lexists(path):
+        raise CliError(f"--device {path}: no such file")
     unavailable = kvm_unavailable(path)
     if unavailable is not None:
         raise unavailable
@@ -118,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
+    # a bar on a terminal, else a line every few seconds
+    lines = ProgressLines("memslots conform", enabled=not stderr_is_terminal())
     with Progress(
         *columns, console=console, transient=True, disable=not console.is_terminal
     ) as progress:
@@ -126,9 +146,11 @@ def run(args: argparse.Namespace) -> int:
         def on_progress(done: int, bad: int) -> None:
             if done % 64 == 0 or done == args.ops:
                 progress.update(task, completed=done, bad=bad)
+                lines.say(lambda: f"{done}/{args.ops} operations, {_n(bad, 'disagreeing call')}")
 
         def on_shrink(i: int, n: int) -> None:
             progress.update(task, description=f"shrinking {i + 1}/{n}")
+            lines.say(f"shrinking kind {i + 1} of {n} disagreements")
 
         report = run_conform(
             args.ops,
@@ -148,13 +170,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_report(r: ConformReport) -> None:
     print(
-        f"memslots conform: {r.operations} operations on {r.vms} VMs, seed {r.seed}"
+        f"memslots conform: {_n(r.operations, 'operation')} on {_n(r.vms, 'VM')}, seed {r.seed}"
         f" ({r.seconds:.1f} s)"
     )
     if r.profile is not None:
         p = r.profile
         print(f"kernel: Linux {p.release} ({p.arch}): {p.summary()}")
-    print(f"calls answered by kernel and engine: {r.calls} ({r.kernel_calls} ioctls)")
+    print(f"calls answered by kernel and engine: {r.calls} ({_n(r.kernel_calls, 'ioctl')})")
     print(f"agreement: {r.agreed}/{r.calls} ({100 * r.agreement:.3f}%)")
     if r.ring_operations:
         counts = ", ".join(f"{n} {r.kinds[n]}" for n in RING_OP_NAMES if n in r.kinds)
@@ -172,10 +194,6 @@ def _print_report(r: ConformReport) -> None:
     for i, f in enumerate(r.findings, 1):
         print()
         _print_finding(i, f)
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _describe(f: Finding) -> str:
@@ -204,12 +222,14 @@ def _print_finding(i: int, f: Finding) -> None:
 
 def _bounded_lines(fp: IO[str], source: str) -> Iterator[str]:
     """The lines of ``fp``, none read whole past :data:`MAX_LINE` characters (an error
-    then: memory stays bounded, ``/dev/zero`` included)."""
+    then: memory stays bounded, ``/dev/zero`` included), none of binary data."""
     number = 0
     while line := fp.readline(MAX_LINE + 1):
         number += 1
         if len(line) > MAX_LINE:
             raise CliError(f"{source}:{number}: line longer than {MAX_LINE >> 20} MiB: {NOT_REPRO}")
+        if is_binary(line):
+            raise CliError(f"{source}:{number}: {BINARY}: {NOT_REPRO}")
         yield line
 
 
@@ -219,21 +239,40 @@ NOT_REPRO = "not a conform reproducer (one JSON operation a line; traces go to m
 
 def _load_reproducer(path: Path) -> list[Op]:
     """The operations of a reproducer file, or one-line :class:`CliError` naming the file
-    and the problem: unreadable, not UTF-8 text, a line that is no operation, or no
-    operation at all."""
+    and the problem: unreadable, binary data, a memslot trace (``memslots replay``'s),
+    a line that is no operation, or no operation at all."""
     source = str(path)
     try:
-        with path.open(encoding="utf-8-sig") as fp:
+        with path.open(encoding="utf-8-sig", errors="replace") as fp:
             ops = list(read_ops(_bounded_lines(fp, source), source))
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise CliError(f"{path}: not UTF-8 text: {NOT_REPRO}") from None
     except ValueError as exc:
+        if _is_trace(path):
+            raise CliError(
+                f"{path} is a memslots trace, not a conform reproducer: use memslots replay {path}"
+            ) from None
         raise CliError(f"{exc}: {NOT_REPRO}") from None
     if not ops:
         raise CliError(f"{path}: no operations (empty, or only comments): {NOT_REPRO}")
     return ops
+
+
+def _is_trace(path: Path) -> bool:
+    """Whether ``path`` is a trace ``memslots replay`` reads: a QEMU log, strace output or
+    a JSON Lines trace with its version 2 header."""
+    try:
+        fmt = detect_format(path)
+        if fmt != "jsonl":
+            return True
+        with path.open(encoding="utf-8-sig", errors="replace") as fp:
+            for line in bounded_lines(fp):
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    return json.loads(text).get("format") == TRACE_FORMAT_NAME  # type: ignore[no-any-return]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return False
 
 
 def _replay(args: argparse.Namespace, ops: list[Op]) -> int:
@@ -263,7 +302,7 @@ def _replay(args: argparse.Namespace, ops: list[Op]) -> int:
         )
     else:
         print(
-            f"memslots conform --replay {path}: {len(done)} operations, {calls} calls,"
+            f"memslots conform --replay {path}: {_n(len(done), 'operation')}, {_n(calls, 'call')},"
             f" {len(bad)} disagreeing"
         )
         for i, d in found:

@@ -11,13 +11,21 @@ from rich.table import Table
 from memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotError, Vm
 from memslots.errors import errno_name
 from memslots.tools.cli import console as cli_console
+from memslots.tools.text import size_text
 
 MB = 1 << 20
 
 
 def register(sub: Any) -> None:
     """Add the ``demo`` subcommand."""
-    p = sub.add_parser("demo", help="a short tour of the engine, printing the memory map")
+    p = sub.add_parser(
+        "demo",
+        help="a short tour of the engine, printing the memory map",
+        description=(
+            "A short tour of the engine on a VM without /dev/kvm: the memory map after each"
+            " of a few creates, a flags change, a move, a rejected overlap and a delete."
+        ),
+    )
     p.set_defaults(func=run)
 
 
@@ -47,7 +55,7 @@ def memory_map(vm: Vm, title: str | None = None) -> Table:
             str(s.as_id),
             str(s.id),
             f"{gpa:#x}-{gpa + s.memory_size - 1:#x}",
-            f"{s.memory_size // 1024} KiB",
+            size_text(s.memory_size),
             flag_names(s.flags),
             f"{s.userspace_addr:#x}",
         )

@@ -1,13 +1,16 @@
-"""Progress of a long run on standard error, as plain lines: what ``memslots bench``
-and ``bench --dirty`` print when standard error is not a terminal (a terminal gets a
-live bar), so that a run into a log still says every few seconds how far it got."""
+"""Progress of a long run on standard error, as plain lines: what ``memslots bench``,
+``bench --dirty``, ``conform`` and ``replay`` print when standard error is not a terminal
+(a terminal gets a live bar), so that a run into a log still says every few seconds how
+far it got."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable
 
-__all__ = ["PROGRESS_EVERY", "LineProgress", "stderr_is_terminal"]
+__all__ = ["PROGRESS_EVERY", "LineProgress", "ProgressLines", "stderr_is_terminal"]
 
 #: seconds between progress lines
 PROGRESS_EVERY = 5.0
@@ -43,6 +46,31 @@ class LineProgress:
         self._done += steps
         if time.monotonic() - self._last >= self.every:
             self._say()
+
+
+class ProgressLines:
+    """Plain progress lines for a run without phases (``conform``, ``replay``):
+    ``say(text)`` prints ``COMMAND: TEXT`` on standard error when :data:`PROGRESS_EVERY`
+    seconds have passed since the start or the last line, else nothing; ``text`` may be
+    a callable, only called then. Nothing at all unless ``enabled`` (a terminal has its
+    bar). O(1) a call."""
+
+    def __init__(self, command: str, *, enabled: bool = True) -> None:
+        self.command = command
+        self.enabled = enabled
+        self._last = time.monotonic()
+
+    def say(self, text: str | Callable[[], str]) -> None:
+        """Print ``COMMAND: TEXT`` if a line is due."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < PROGRESS_EVERY:
+            return
+        self._last = now
+        line = f"{self.command}: {text() if callable(text) else text}"
+        with contextlib.suppress(OSError, ValueError):  # standard error closed or full
+            print(line, file=sys.stderr, flush=True)
 
 
 def stderr_is_terminal() -> bool:

@@ -13,21 +13,30 @@ attaches to a running process instead (every syscall of it then stops the record
 for the process) and detaches on Ctrl-C. Replay the trace with ``memslots replay FILE``.
 
 Exit status: COMMAND's (its exit code, or 128 + the signal that ended it); with ``--pid``,
-the process's if it ended while attached, else 0; 127 when COMMAND cannot be found, 2 for
-a usage error, 1 when the program cannot be traced. Ctrl-C is passed to COMMAND (a second
-one kills it); the trace is complete and on disk either way.
+the process's if it ended while attached, else 0; 127 when COMMAND cannot be found, 126
+when it cannot be run (not executable), 2 for a usage error, a process that does not
+exist or cannot be traced, or a trace that cannot be written (a reader of ``-o -`` that
+goes away ends the output silently, status 0). Ctrl-C is passed to COMMAND (a second one
+kills it); the trace is complete and on disk either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import shutil
 import sys
 from typing import Any, Final
 
 from memslots.tools.cli import CliError
+from memslots.tools.cli.options import int_range
+from memslots.tools.text import plural
 from memslots.tools.traces import TraceWriteError
+
+#: the largest process id Linux gives (``PID_MAX_LIMIT`` on 64-bit)
+PID_MAX: Final = 1 << 22
 
 #: where the trace goes without ``-o``
 DEFAULT_OUTPUT: Final = "memslots-trace.jsonl"
@@ -54,7 +63,11 @@ def register(sub: Any) -> None:
         default=DEFAULT_OUTPUT,
         help=f"trace file, '-' for standard output (default: {DEFAULT_OUTPUT})",
     )
-    p.add_argument("--pid", type=int, help="attach to this running process instead")
+    p.add_argument(
+        "--pid",
+        type=int_range(1, PID_MAX, what="a process id"),
+        help="attach to this running process instead",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="to run")
     p.set_defaults(func=run)
@@ -77,6 +90,62 @@ def _open_output(path: str) -> tuple[int, bool]:
         raise CliError(f"-o {path}: {exc.strerror or exc}") from None
 
 
+def _check_command(name: str) -> None:
+    """COMMAND must be a program this user may run, as a shell would check: a name
+    without ``/`` is looked up on ``PATH`` (none: ``command not found``, status 127); a
+    path that exists but cannot be run (not executable, a directory) is ``Permission
+    denied``, status 126."""
+    if "/" not in name:
+        if shutil.which(name) is None:
+            raise CliError(f"{name}: command not found", status=127)
+        return
+    if not os.path.exists(name):
+        raise CliError(f"{name}: No such file or directory", status=127)
+    if os.path.isdir(name) or not os.access(name, os.X_OK):
+        raise CliError(f"{name}: Permission denied", status=126)
+
+
+def refusal_cause(pid: int) -> str | None:
+    """Why the kernel may refuse to ptrace process ``pid`` (``ptrace_attach`` in
+    kernel/ptrace.c and the Yama LSM, security/yama/yama_lsm.c), from what this process
+    can see: itself, a process already traced, Yama's ``ptrace_scope``, another user's
+    process, a kernel thread; for root, what is left. None when nothing is known."""
+    if pid == os.getpid():
+        return "a process cannot trace itself"
+    status = _read(f"/proc/{pid}/status")
+    tracer = re.search(r"^TracerPid:\s*(\d+)", status, re.M)
+    if tracer and tracer.group(1) != "0":
+        return f"process {pid} is already traced by process {tracer.group(1)}"
+    if status and not _read(f"/proc/{pid}/cmdline"):
+        return f"process {pid} is a kernel thread"
+    scope = _read("/proc/sys/kernel/yama/ptrace_scope").strip()
+    if scope == "3":
+        return "kernel.yama.ptrace_scope is 3: no process may be traced"
+    root = os.geteuid() == 0
+    if scope == "2" and not root:
+        return "kernel.yama.ptrace_scope is 2: only root may attach"
+    uid = re.search(r"^Uid:\s*\d+\s+(\d+)", status, re.M)
+    if not root and uid and int(uid.group(1)) != os.geteuid():
+        return f"process {pid} belongs to another user: run as root"
+    if scope == "1" and not root:
+        return "kernel.yama.ptrace_scope is 1: only a parent may trace; run as root"
+    if root:
+        return (
+            f"the kernel refused although this is root: process {pid} is not dumpable,"
+            " belongs to a user namespace this one has no CAP_SYS_PTRACE over, or a"
+            " security module protects it"
+        )
+    return None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fp:
+            return fp.read()
+    except OSError:
+        return ""
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; returns COMMAND's exit status."""
     from memslots.tools.record import record
@@ -88,25 +157,26 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("give either --pid PID or COMMAND, not both")
     if args.pid is None and not command:
         raise CliError("nothing to record: give COMMAND after '--' (or --pid PID)")
-    if args.pid is not None and args.pid <= 0:
-        raise CliError(f"--pid {args.pid}: not a process id")
-    if command and shutil.which(command[0]) is None:
-        raise CliError(f"{command[0]}: command not found", status=127)
+    if command:
+        _check_command(command[0])
     fd, owned = _open_output(args.output)
     label = "standard output" if args.output == "-" else args.output
     try:
         try:
             result = record(fd, argv=command) if command else record(fd, pid=args.pid)
         except TraceWriteError as exc:
-            raise CliError(f"-o {args.output}: {exc.strerror}", 1) from None
+            if exc.errno == errno.EPIPE and args.output == "-":
+                return 0  # the reader went away (``| head``): the output ends silently
+            raise CliError(f"-o {args.output}: {exc.strerror}") from None
         except PermissionError as exc:
+            why = refusal_cause(args.pid) if args.pid is not None else None
             raise CliError(
-                f"cannot trace: {exc.strerror or exc} (needs ptrace rights)", 1
+                f"cannot trace: {exc.strerror or exc}" + (f" ({why})" if why else "")
             ) from None
         except ProcessLookupError:
-            raise CliError(f"--pid {args.pid}: no such process", 1) from None
+            raise CliError(f"--pid {args.pid}: no such process") from None
         except OSError as exc:
-            raise CliError(f"cannot trace: {exc}", 1) from None
+            raise CliError(f"cannot trace: {exc.strerror or exc}") from None
     finally:
         if owned:
             os.close(fd)
@@ -117,11 +187,12 @@ def run(args: argparse.Namespace) -> int:
             "killed": f"was killed (status {result.status})",
             "detached": "was detached and runs on",
         }.get(result.reason, result.reason)
-        vms = f"{result.vms} VM{'' if result.vms == 1 else 's'}"
-        calls = f"{result.calls} memslot call{'' if result.calls == 1 else 's'}"
+        vms = plural(result.vms, "VM")
+        calls = plural(result.calls, "memslot call")
         unreadable = f", {result.unreadable} unreadable" if result.unreadable else ""
         print(
-            f"memslots record: {vms}, {calls}, {result.records} records{unreadable} to {label};"
+            f"memslots record: {vms}, {calls}, {plural(result.records, 'record')}{unreadable}"
+            f" to {label};"
             f" {what} {ended}",
             file=sys.stderr,
         )

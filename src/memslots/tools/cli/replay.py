@@ -49,6 +49,7 @@ from memslots.kvm import kvm_unavailable
 from memslots.profiles import KernelProfile
 from memslots.tools.cli import CliError
 from memslots.tools.cli import console as cli_console
+from memslots.tools.cli.progress import ProgressLines, stderr_is_terminal
 from memslots.tools.mapview import PNG_EXTRA, build, matplotlib_available, render_html, render_png
 from memslots.tools.replay import (
     KINDS,
@@ -61,6 +62,7 @@ from memslots.tools.replay import (
     flag_names,
     replay_trace,
 )
+from memslots.tools.text import plural, size_text
 from memslots.tools.traces import (
     EMBEDDED_TRACE_NAME,
     FORMATS,
@@ -101,11 +103,16 @@ def register(sub: Any) -> None:
         metavar="TRACE",
         help="trace file, '-' for stdin; default: the embedded SeaBIOS trace",
     )
-    p.add_argument(
+    kvm = p.add_mutually_exclusive_group()
+    kvm.add_argument(
         "--kvm",
-        action=argparse.BooleanOptionalAction,
+        action="store_const",
+        const=True,
         default=None,
         help="replay on /dev/kvm too (default: when it is usable)",
+    )
+    kvm.add_argument(
+        "--no-kvm", dest="kvm", action="store_const", const=False, help="not on /dev/kvm"
     )
     p.add_argument(
         "--impl",
@@ -166,27 +173,13 @@ def _load(args: argparse.Namespace) -> tuple[Trace, bool, list[TraceFormatError]
         trace = load_trace(path, fmt=fmt, skip_bad=args.skip_bad, errors=errors, source=label)
         return trace, args.trace is None, errors
     except TraceFormatError as exc:
-        raise CliError(str(exc)) from None
+        hint = " (--skip-bad skips such lines)" if exc.skippable and not args.skip_bad else ""
+        raise CliError(f"{exc}{hint}") from None
     except (OSError, ValueError) as exc:
         raise CliError(f"{label}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 # =========================================================================== formatting
-
-
-def _size(n: int) -> str:
-    """``512 MiB``, ``44 KiB``: exact in the largest unit that divides ``n``; a long
-    number of KiB becomes ``528.7 MiB``; ``0`` for 0."""
-    if not n:
-        return "0"
-    units = (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
-    for unit, shift in units:
-        if n and n % (1 << shift) == 0 and (n >> shift) < 100_000:
-            return f"{n >> shift} {unit}"
-    for unit, shift in units:
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
 
 
 def _us(ns: float) -> str:
@@ -207,10 +200,6 @@ def _flags(flags: int) -> str:
     return "|".join(flag_names(flags)) or "-"
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 _CALL_COLUMNS: Final = ("slot", "flags", "gpa", "size", "hva")
 _CALL_RIGHT: Final = ("line", "slot", "size")
 
@@ -226,7 +215,7 @@ def _call_cells(c: Record) -> tuple[str, ...]:
         str(c.slot),
         _flags(c.flags) + (" (v2)" if c.v2 else ""),
         f"{c.guest_phys_addr:#x}",
-        _size(c.memory_size) if c.memory_size % PAGE_SIZE == 0 else f"{c.memory_size:#x}",
+        size_text(c.memory_size) if c.memory_size % PAGE_SIZE == 0 else f"{c.memory_size:#x}",
         f"{c.userspace_addr:#x}",
     )
 
@@ -247,10 +236,9 @@ def _show(con: Console, title: str, t: Table) -> None:
 
 
 def _header(con: Console, trace: TraceReport, report: ReplayReport, embedded: bool) -> None:
-    vms = len(trace.vms)
-    what = _plural(trace.calls, "call")
-    if vms > 1:
-        what += f" in {vms} VMs"
+    what = _counts(trace.calls, sum(len(vm.records) for vm in trace.vms))
+    if len(trace.vms) > 1:
+        what += f" in {plural(len(trace.vms), 'VM')}"
     version = " v2" if trace.version == 2 else ""
     con.print(
         f"[bold]Replaying {trace.source}[/]: {what}, {trace.fmt}{version} format",
@@ -283,17 +271,31 @@ def _header(con: Console, trace: TraceReport, report: ReplayReport, embedded: bo
     }.get(report.limits_source, report.limits_source)
     con.print(
         f"  limits  {source}"
-        f": {_plural(lim.nr_address_spaces, 'address space')},"
+        f": {plural(lim.nr_address_spaces, 'address space')},"
         f" {lim.max_user_slots} slots, max gfn {lim.max_gfn:#x},"
         f" READONLY {'yes' if lim.readonly_mem else 'no'}",
         highlight=False,
     )
     if trace.skipped:
-        con.print(f"[yellow]Skipped {len(trace.skipped)} malformed line(s):[/]")
+        con.print(f"[yellow]Skipped {plural(len(trace.skipped), 'malformed line')}:[/]")
         for e in trace.skipped[:_LIST_LIMIT]:
             con.print(f"  {e}", highlight=False, markup=False)
         if len(trace.skipped) > _LIST_LIMIT:
             con.print(f"  ... and {len(trace.skipped) - _LIST_LIMIT} more")
+
+
+def _counts(calls: int, records: int) -> str:
+    """``30 memslot calls, 34 records`` (the records only when there are others than
+    memslot calls)."""
+    what = plural(calls, "memslot call")
+    return what if records == calls else f"{what}, {plural(records, 'record')}"
+
+
+def _compared(agreeing: int, n: int) -> str:
+    """``32/32 records compared (100.0%)``: the agreement over the records that had two
+    results to compare."""
+    records = "record" if n == 1 else "records"
+    return f"{agreeing}/{n} {records} compared ({agreement_percent(agreeing, n)})"
 
 
 def _relocation(con: Console, report: ReplayReport) -> None:
@@ -306,7 +308,7 @@ def _relocation(con: Console, report: ReplayReport) -> None:
     total = sum(c.size for c in clusters)
     con.print(
         f"[bold]hvas relocated[/] for /dev/kvm: the trace's hvas belong to the traced process;"
-        f"\n  its {len(clusters)} hva cluster{'s' if len(clusters) > 1 else ''} ({_size(total)})"
+        f"\n  its {plural(len(clusters), 'hva cluster')} ({size_text(total)})"
         f" {'are' if len(clusters) > 1 else 'is'} mapped onto HostMemory here,"
         " keeping every offset and overlap:",
         highlight=False,
@@ -315,7 +317,7 @@ def _relocation(con: Console, report: ReplayReport) -> None:
     for c in clusters[:_LIST_LIMIT]:
         t.add_row(
             f"{c.start:#x}-{c.end - 1:#x}",
-            _size(c.size),
+            size_text(c.size),
             f"{c.addr:#x}",
             f"{'+' if c.delta >= 0 else '-'}{abs(c.delta):#x}",
         )
@@ -329,8 +331,7 @@ def _agreement(con: Console, report: ReplayReport) -> None:
     style = "green" if agreeing == n else "red"
     pairs = report.agreement_pairs()
     con.print(
-        f"[bold {style}]Agreement: {agreeing}/{_plural(n, 'call')}"
-        f" ({agreement_percent(agreeing, n)})[/]",
+        f"[bold {style}]Agreement: {_compared(agreeing, n)}[/]",
         highlight=False,
     )
     for against in ("recorded", "kernel", "engine"):
@@ -375,7 +376,7 @@ def _explained(con: Console, report: ReplayReport) -> None:
     failed = [(rec, why) for rec, why in rows if why is not None]
     if not failed:
         return
-    con.print(f"[bold]Failed calls explained[/] ({_plural(len(failed), 'call')}):")
+    con.print(f"[bold]Failed calls explained[/] ({plural(len(failed), 'call')}):")
     for rec, why in failed:
         assert why is not None
         con.print(f"  line {rec.line}: {why.line()}", highlight=False, markup=False)
@@ -396,7 +397,7 @@ def _disagreements(con: Console, report: ReplayReport) -> None:
                 *_call_cells(d.call),
                 *(_result(d.results[c], "?" if c == "recorded" else "n/a") for c in cols),
             )
-        _show(con, f"Disagreements ({_plural(len(found), 'call')}; line of {report.source})", t)
+        _show(con, f"Disagreements ({plural(len(found), 'call')}; line of {report.source})", t)
         for d in found:
             if d.detail:
                 con.print(f"  line {d.call.line}: {d.detail}", highlight=False, markup=False)
@@ -411,7 +412,7 @@ def map_table(entries: list[MapEntry]) -> Table:
         t.add_row(
             str(e.id),
             f"{e.gpa_start:#x}-{e.gpa_end:#x}",
-            _size(e.size),
+            size_text(e.size),
             _flags(e.flags),
             f"{e.userspace_addr:#x}",
         )
@@ -505,7 +506,7 @@ def _hazards(con: Console, trace: TraceReport) -> None:
         )
     _show(
         con,
-        f"Hazards ({_plural(len(trace.hazards), 'range')} unmapped or discarded while a live"
+        f"Hazards ({plural(len(trace.hazards), 'range')} unmapped or discarded while a live"
         " slot mapped it)",
         t,
     )
@@ -513,10 +514,12 @@ def _hazards(con: Console, trace: TraceReport) -> None:
 
 def _vm_title(con: Console, report: ReplayReport) -> None:
     extra = " (existed before recording began)" if report.attached else ""
+    what = "no memslot calls"
+    if report.records:
+        what = _counts(len(report.calls), len(report.records))
     pid = f", process {report.pid}" if report.pid else ""
     con.print(
-        f"\n[bold underline]VM {report.vm}[/]{pid}: {_plural(len(report.calls), 'memslot call')},"
-        f" {_plural(len(report.records), 'record')}{extra}",
+        f"\n[bold underline]VM {report.vm}[/]{pid}: {what}{extra}",
         highlight=False,
     )
 
@@ -538,6 +541,8 @@ def render(
     for vm in report.vms:
         if several:
             _vm_title(con, vm)
+            if not vm.records:
+                continue  # the title said it: nothing to tabulate
         _relocation(con, vm)
         _agreement(con, vm)
         if calls:
@@ -553,8 +558,8 @@ def render(
         style = "green" if agreeing == n else "red"
         bad = [str(vm.vm) for vm in report.vms if not vm.ok]
         con.print(
-            f"\n[bold {style}]Total: {len(report.vms)} VMs, agreement {agreeing}/"
-            f"{_plural(n, 'call')} ({agreement_percent(agreeing, n)})"
+            f"\n[bold {style}]Total: {plural(len(report.vms), 'VM')}, agreement"
+            f" {_compared(agreeing, n)}"
             + (f"; disagreeing VMs: {', '.join(bad)}" if bad else "")
             + "[/]",
             highlight=False,
@@ -670,7 +675,7 @@ def run(args: argparse.Namespace) -> int:
     (:func:`memslots.tools.cli.main`)."""
     trace, embedded, skipped = _load(args)
     if not trace.records:  # (its memslot calls are among them)
-        bad = f", {len(skipped)} malformed line(s) skipped" if skipped else ""
+        bad = f", {plural(len(skipped), 'malformed line')} skipped" if skipped else ""
         raise CliError(f"{trace.source}: no memslot calls found ({trace.fmt} format{bad})")
     unavailable = kvm_unavailable() if args.kvm else None
     if unavailable is not None:
@@ -689,17 +694,24 @@ def run(args: argparse.Namespace) -> int:
         args.kvm = False
     impls: tuple[ImplName, ...] = ("engine", "array") if args.impl == "all" else (args.impl,)
     total = len(trace.records)
+    tty = stderr_is_terminal()
+    # a bar on a terminal, else a line every few seconds
+    lines = ProgressLines("memslots replay", enabled=not tty)
+
+    def progress(name: str, done: int, total: int) -> None:
+        if bar.enabled:
+            bar(name, done, total)
+        lines.say(lambda: f"replaying on {name}: {done}/{total} records")
+
     try:
-        with _ProgressBar(
-            enabled=total >= _PROGRESS_MIN and sys.stderr is not None and sys.stderr.isatty()
-        ) as bar:
+        with _ProgressBar(enabled=total >= _PROGRESS_MIN and tty) as bar:
             report = replay_trace(
                 trace,
                 impls=impls,
                 kernel=args.kvm,
                 embedded=embedded,
                 skipped=skipped,
-                progress=bar if bar.enabled else None,
+                progress=progress,
                 profile=profile,
             )
     except ValueError as exc:
@@ -707,7 +719,7 @@ def run(args: argparse.Namespace) -> int:
     except KvmUnavailable:
         raise
     except OSError as exc:
-        raise CliError(f"/dev/kvm: {exc}", status=1) from None
+        raise CliError(f"/dev/kvm: {exc}") from None  # a device that cannot be used: 2
 
     if args.record:
         _write_record(args, report, trace)
@@ -722,7 +734,7 @@ def run(args: argparse.Namespace) -> int:
             render(report, sys.stdout, embedded=embedded, calls=args.calls)
             if args.record:
                 print(
-                    f"Recorded {_plural(report.calls, 'call')} with the"
+                    f"Recorded {plural(report.calls, 'call')} with the"
                     f" {report.vms[0].primary}'s results to {args.record}"
                 )
             for line in pictures:

@@ -36,6 +36,7 @@ from memslots.tools.mapview.model import (
     slot_style,
 )
 from memslots.tools.replay import flag_names
+from memslots.tools.text import plural
 
 __all__ = ["render_html"]
 
@@ -253,13 +254,16 @@ def _hazards(panel: Panel, g: _Geometry) -> list[str]:
     out = ['<g class="hazards">']
     for i, h in enumerate(panel.hazards):
         top, height = panel.axis.span(h.gpa_start, h.gpa_end)
-        x = g.x(h.index)
-        y0, y1 = g.y(top), g.y(top) + max(2.0, height)
+        # a band at least 6 px wide, inside the plot even after the last record
+        w = max(6.0, g.cw)
+        x = min(g.x(h.index), _LEFT + g.width - w)
+        y0, y1 = g.y(top), max(4.0, height)
         out.append(
             f'<g class="hazard" data-h="{i}" data-a="{h.index}">'
-            f'<line x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y0)}" y2="{_n(y1)}"'
-            f' stroke="{HAZARD_COLOUR}" stroke-width="3"/>'
-            f'<path d="M{_n(x - 5)},{_n(_TOP - 2)} h10 l-5,8 z" fill="{HAZARD_COLOUR}"/>'
+            f'<rect x="{_n(x)}" width="{_n(w)}" y="{_n(y0)}" height="{_n(y1)}"'
+            f' fill="{HAZARD_COLOUR}" fill-opacity="0.85"/>'
+            f'<path d="M{_n(x + w / 2 - 6)},{_n(_TOP - 2)} h12 l-6,10 z"'
+            f' fill="{HAZARD_COLOUR}"/>'
             f"<title>{_e(h.text)}</title></g>"
         )
     out.append("</g>")
@@ -283,8 +287,8 @@ def _defs(panel: Panel) -> str:
 def _svg(panel: Panel, number: int) -> str:
     g = _Geometry(panel)
     label = (
-        f"memory map of VM {panel.vm}, address space {panel.as_id}: {len(panel.bars)} slot"
-        f" lifetimes over {len(panel.columns)} records"
+        f"memory map of VM {panel.vm}, address space {panel.as_id}:"
+        f" {plural(len(panel.bars), 'slot lifetime')} over {plural(len(panel.columns), 'record')}"
     )
     parts = [
         f'<svg class="map" data-panel="{number}" width="{_n(g.total_width)}"'
@@ -323,7 +327,7 @@ def _final_table(panel: Panel) -> str:
         )
     return (
         '<table class="final"><caption>Final map, address space '
-        f"{panel.as_id} ({len(panel.final_map)} slots)</caption>"
+        f"{panel.as_id} ({plural(len(panel.final_map), 'slot')})</caption>"
         "<thead><tr><th>slot</th><th>gpa range</th><th>size</th><th>flags</th>"
         "<th>hva (trace)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
     )
@@ -370,7 +374,10 @@ def _legend() -> str:
 
 
 def _vm_header(vm: VmSummary, several: bool) -> str:
-    agree = f"{vm.agreeing}/{vm.compared}" if vm.compared else "nothing to compare"
+    if vm.compared:
+        agree = f"{vm.agreeing}/{plural(vm.compared, 'record')} compared"
+    else:
+        agree = "nothing to compare"
     kinds = ", ".join(f"{n} {k}" for k, n in vm.kinds.items())
     pid = f", process {vm.pid}" if vm.pid else ""
     attached = " (existed before recording began)" if vm.attached else ""
@@ -383,11 +390,16 @@ def _vm_header(vm: VmSummary, several: bool) -> str:
             f' value="index" checked data-vm="{vm.vm}"> record index</label> <label><input'
             f' type="radio" name="x-vm{vm.vm}" value="time" data-vm="{vm.vm}"> time</label></p>'
         )
-    return (
-        f"{title}<p>{vm.records} records ({vm.calls} memslot calls) replayed on"
-        f" {_e(', '.join(vm.ran) or 'nothing')}; the map is the {_e(vm.primary)}'s."
-        f" Agreement: {_e(agree)}. {_e(kinds)}.</p>{notes}{toggle}"
-    )
+    if not vm.records:
+        return f"{title}<p>No records: nothing to draw.</p>{notes}"
+    sentences = [
+        f"{plural(vm.records, 'record')} ({plural(vm.calls, 'memslot call')}) replayed on"
+        f" {', '.join(vm.ran) or 'nothing'}; the map is the {vm.primary}'s",
+        f"Agreement: {agree}",
+    ]
+    if kinds:
+        sentences.append(kinds)
+    return f"{title}<p>{_e('. '.join(sentences))}.</p>{notes}{toggle}"
 
 
 def _call_json(c: Column) -> dict[str, Any]:
@@ -403,7 +415,8 @@ def _data(view: MapView) -> dict[str, Any]:
     """What the script reads: per VM its records, per panel its bars and hazards."""
     vms: dict[str, Any] = {}
     for vm in view.vms:
-        columns = view.panels_of(vm.vm)[0].columns
+        mine = view.panels_of(vm.vm)
+        columns = mine[0].columns if mine else []
         times = list(itertools.accumulate((c.time_ns for c in columns), max))  # in order
         t0 = times[0] if times else 0
         vms[str(vm.vm)] = {
@@ -655,29 +668,28 @@ def _page(view: MapView) -> Iterable[str]:
     yield f"<style>{_style()}</style></head><body>"
     yield f"<h1>Guest-physical memory map of <code>{_e(source)}</code></h1>"
     embedded = " (the trace shipped with memslots)" if view.embedded else ""
-    hazards = f", {view.hazards} hazards" if view.hazards else ""
+    hazards = f", {plural(view.hazards, 'hazard')}" if view.hazards else ""
     yield (
-        f"<p>{_e(fmt)}{embedded}: {calls} memslot calls in {len(view.vms)}"
-        f" VM{'s' if several else ''}{hazards}. Each slot is a bar over the records it"
+        f"<p>{_e(fmt)}{embedded}: {plural(calls, 'memslot call')} in"
+        f" {plural(len(view.vms), 'VM')}{hazards}. Each slot is a bar over the records it"
         " lived, from the one that made it to the one that ended it; addresses grow"
         " downwards on an axis cut at every slot boundary (a piece's height grows with the"
         " log of its size, unused stretches are squeezed). Hover for the slot and the"
         " record, click to pin.</p>"
     )
     yield _legend()
-    for number, panel in enumerate(view.panels):
-        vm = next(v for v in view.vms if v.vm == panel.vm)
-        if panel is view.panels_of(vm.vm)[0]:
-            yield f'<section class="vm" id="vm{vm.vm}">{_vm_header(vm, several)}'
-        yield f'<div class="panel" id="{panel.key}">'
-        yield f"<h3>VM {panel.vm}, address space {panel.as_id}</h3>"
-        yield '<div class="row"><figure style="margin:0">'
-        yield _svg(panel, number)
-        yield "</figure>"
-        yield _final_table(panel)
-        yield "</div></div>"
-        if panel is view.panels_of(vm.vm)[-1]:
-            yield "</section>"
+    number = {id(panel): i for i, panel in enumerate(view.panels)}
+    for vm in view.vms:
+        yield f'<section class="vm" id="vm{vm.vm}">{_vm_header(vm, several)}'
+        for panel in view.panels_of(vm.vm):
+            yield f'<div class="panel" id="{panel.key}">'
+            yield f"<h3>VM {panel.vm}, address space {panel.as_id}</h3>"
+            yield '<div class="row"><figure style="margin:0">'
+            yield _svg(panel, number[id(panel)])
+            yield "</figure>"
+            yield _final_table(panel)
+            yield "</div></div>"
+        yield "</section>"
     yield "<footer>Made by <code>memslots replay --html</code>.</footer>"
     yield '<div id="tip" hidden></div>'
     yield f'<script type="application/json" id="mapview-data">{_script_json(_data(view))}</script>'

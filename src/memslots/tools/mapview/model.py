@@ -43,6 +43,7 @@ from memslots.tools.replay import (
     describe_record,
     flag_names,
 )
+from memslots.tools.text import size_text
 from memslots.tools.traces import MemslotCall
 
 __all__ = [
@@ -127,22 +128,6 @@ def slot_style(flags: int) -> SlotStyle:
     return _STYLE["ro"] if ro else _STYLE["ram"]
 
 
-def size_text(n: int) -> str:
-    """``"44 KiB"``, ``"512 MiB"``, ``"3.5 GiB"``: exact when a unit divides ``n``, else
-    one decimal. O(1).
-
-    >>> size_text(0xB000), size_text(0x1FF40000), size_text(3 << 30)
-    ('44 KiB', '511.2 MiB', '3 GiB')
-    """
-    units = (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
-    for unit, shift in units:
-        if n >= 1 << shift:
-            if n % (1 << shift) == 0:
-                return f"{n >> shift} {unit}"
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
-
-
 def record_ticks(records: int, width: float) -> list[int]:
     """The record indexes to label on an axis ``width`` pixels wide: every 1, 2 or 5 times
     a power of ten, about one per 60 pixels. O(ticks).
@@ -185,13 +170,17 @@ class Column:
     slot: int | None = None
     #: why the record failed (:mod:`memslots.tools.check.explain`), or ""
     why: str = ""
+    #: the implementation whose answer the strip shows
+    primary: str = "engine"
 
     @property
     def strip(self) -> str:
-        """The key of :data:`CALL_KINDS` the call strip shows for this record."""
+        """The key of :data:`CALL_KINDS` the call strip shows for this record: what the
+        primary model did with it (a refusal by another implementation is a
+        disagreement, marked apart)."""
         if self.kind in CALL_KINDS:
             return self.kind
-        if any(r for r in self.results.values()):
+        if self.results.get(self.primary):
             return "failed"
         return "other"
 
@@ -486,6 +475,7 @@ def _columns(report: ReplayReport) -> list[Column]:
                 rec.time_ns,
                 rec.slot if isinstance(rec, MemslotCall) else None,
                 why.line() if (why := report.explanation(o.index)) is not None else "",
+                primary=report.primary,
             )
         )
     return out
@@ -592,7 +582,8 @@ def _summary(report: ReplayReport, columns: Sequence[Column]) -> VmSummary:
 
 def build(report: TraceReport | ReplayReport) -> MapView:
     """The timeline of a replay: one panel per VM and address space that had a slot or
-    a failed call (address space 0 for a VM that had neither). O(records) per VM plus
+    a failed call (address space 0 for a VM that had neither; none for a VM without
+    records). O(records) per VM plus
     O(k log k) for an axis of k ranges."""
     if isinstance(report, ReplayReport):
         report = TraceReport([report], [], report.source, report.embedded, report.fmt)
@@ -600,7 +591,8 @@ def build(report: TraceReport | ReplayReport) -> MapView:
     vms = []
     for vm in report.vms:
         mine = _panels(vm, report.hazards)
-        panels += mine
+        if vm.records:  # a VM without records gets no panel: there is nothing to draw
+            panels += mine
         vms.append(_summary(vm, mine[0].columns))
     return MapView(
         report.source,

@@ -28,6 +28,7 @@ from memslots.tools.mapview.model import (
     slot_style,
 )
 from memslots.tools.replay import flag_names
+from memslots.tools.text import plural
 
 __all__ = ["PNG_EXTRA", "matplotlib_available", "render_png"]
 
@@ -75,8 +76,8 @@ def _draw_panel(ax: Any, table_ax: Any, panel: Panel, plot_px: float, body_px: f
     ax.set_xlim(0, n)
     ax.set_ylim(height, strip_top)
     ax.set_title(
-        f"VM {panel.vm}, address space {panel.as_id}: {len(panel.bars)} slot lifetimes,"
-        f" {len(panel.columns)} records",
+        f"VM {panel.vm}, address space {panel.as_id}: {plural(len(panel.bars), 'slot lifetime')},"
+        f" {plural(len(panel.columns), 'record')}",
         fontsize=10,
         loc="left",
     )
@@ -173,8 +174,11 @@ def _draw_panel(ax: Any, table_ax: Any, panel: Panel, plot_px: float, body_px: f
     _boxes(ax, fails, facecolor="none", edgecolor=FAILED_COLOUR, linestyles="--", linewidths=1.2)
     for hz in panel.hazards:
         top, h = axis.span(hz.gpa_start, hz.gpa_end)
-        ax.vlines(hz.index, top, top + max(2.0, h), color=HAZARD_COLOUR, lw=2.5)
-        ax.plot([hz.index], [strip_top + _STRIP / 2], marker="v", color=HAZARD_COLOUR, ms=7)
+        # a box at least one record (and 4 px) wide, inside the plot after the last one too
+        w = max(1.0, 4 / px_per_col)
+        x = min(float(hz.index), n - w)
+        _boxes(ax, [(x, top, w, max(4.0, h))], facecolor=HAZARD_COLOUR, linewidths=0)
+        ax.plot([x + w / 2], [strip_top + _STRIP / 2], marker="v", color=HAZARD_COLOUR, ms=8)
 
     # the final map beside it
     table_ax.axis("off")
@@ -197,7 +201,9 @@ def _draw_panel(ax: Any, table_ax: Any, panel: Panel, plot_px: float, body_px: f
         rows.append(["", f"... and {len(entries) - _TABLE_ROWS} more", "", ""])
         colours.append("#ffffff")
     table_ax.set_title(
-        f"Final map, address space {panel.as_id} ({len(entries)} slots)", fontsize=9, loc="left"
+        f"Final map, address space {panel.as_id} ({plural(len(entries), 'slot')})",
+        fontsize=9,
+        loc="left",
     )
     row_h = min(_ROW_PX / body_px, 1 / (len(rows) + 1))
     table = table_ax.table(
@@ -242,11 +248,13 @@ def render_png(view: MapView, path: str) -> None:
         weight="bold",
         va="top",
     )
-    vms = len(view.vms)
+    empty = [str(vm.vm) for vm in view.vms if not vm.records]
+    undrawn = f" (VM {', '.join(empty)}: no records)" if empty else ""
     fig.text(
         0.01,
         1 - 32 / total,
-        f"{fmt}: {calls} memslot calls in {vms} VM{'s' if vms > 1 else ''}. Slots as bars"
+        f"{fmt}: {plural(calls, 'memslot call')} in {plural(len(view.vms), 'VM')}{undrawn}."
+        " Slots as bars"
         " over the records they lived; gpa grows downwards, each piece of the axis sized by"
         " the log of its size, unused stretches squeezed.",
         fontsize=8.5,

@@ -58,6 +58,21 @@ PTRACE_SEIZE: Final = 0x4206
 PTRACE_INTERRUPT: Final = 0x4207
 PTRACE_LISTEN: Final = 0x4208
 PTRACE_GET_SYSCALL_INFO: Final = 0x420E
+#: the requests above by number, for messages
+_REQUEST_NAMES: Final = {
+    PTRACE_TRACEME: "PTRACE_TRACEME",
+    PTRACE_CONT: "PTRACE_CONT",
+    PTRACE_KILL: "PTRACE_KILL",
+    PTRACE_DETACH: "PTRACE_DETACH",
+    PTRACE_SYSCALL: "PTRACE_SYSCALL",
+    PTRACE_SETOPTIONS: "PTRACE_SETOPTIONS",
+    PTRACE_GETEVENTMSG: "PTRACE_GETEVENTMSG",
+    PTRACE_GETSIGINFO: "PTRACE_GETSIGINFO",
+    PTRACE_SEIZE: "PTRACE_SEIZE",
+    PTRACE_INTERRUPT: "PTRACE_INTERRUPT",
+    PTRACE_LISTEN: "PTRACE_LISTEN",
+    PTRACE_GET_SYSCALL_INFO: "PTRACE_GET_SYSCALL_INFO",
+}
 
 PTRACE_O_TRACESYSGOOD: Final = 1
 PTRACE_O_TRACEFORK: Final = 1 << 1
@@ -113,11 +128,18 @@ def _raise(what: str) -> None:
     raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+def request_name(request: int) -> str:
+    """``"PTRACE_SEIZE"`` for 0x4206: the name of a ptrace request this module knows, else
+    its number in hex. O(1)."""
+    return _REQUEST_NAMES.get(request, f"{request:#x}")
+
+
 def ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
-    """``ptrace(request, pid, addr, data)``; the result, or OSError with the errno. O(1)."""
+    """``ptrace(request, pid, addr, data)``; the result, or OSError with the errno (its
+    text names the request: ``ptrace(PTRACE_SEIZE, 1): Operation not permitted``). O(1)."""
     ret: int = _ptrace(request, pid, addr or None, data or None)
     if ret == -1:
-        _raise(f"ptrace({request:#x}, {pid})")
+        _raise(f"ptrace({request_name(request)}, {pid})")
     return ret
 
 

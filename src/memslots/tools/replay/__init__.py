@@ -68,7 +68,7 @@ are stable; numbers are integers unless stated; errnos are numbers (0 for succes
 where unknown or not modelled) except where keyed by name. Every document has::
 
     {
-      "version": 2,
+      "version": 3,
       "trace": {"source": str, "embedded": bool, "format": str | null,
                 "trace_version": 1 | 2 | null, "vms": int, "calls": int, "records": int,
                 "skipped": [{"source": str, "line": int, "message": str}, ...]},
@@ -125,7 +125,8 @@ per replayed record)::
     }
 
 For a trace of one VM the top level is, besides ``vms`` and ``hazards``, that VM's
-document with ``calls`` as the list of rows (the keys of version 1 of this document).
+document (version 2 of this document had the rows there under ``calls``, which is now
+always the number of memslot calls; the rows are ``records`` everywhere).
 
 Costs: a replay is O(n) records on each implementation, each at the implementation's cost
 (O(log n) for the engine, O(n) for the array); relocation is O(n log n) once per VM.

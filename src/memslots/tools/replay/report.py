@@ -21,6 +21,7 @@ from memslots.constants import (
 from memslots.errors import errno_name
 from memslots.slot import Memslot
 from memslots.tools.check.explain import Explanation, unexplained
+from memslots.tools.text import plural
 from memslots.tools.traces import (
     ClearDirtyLog,
     CreateGuestMemfd,
@@ -61,7 +62,7 @@ IMPLS: Final[tuple[ImplName, ...]] = ("engine", "array", "kernel")
 #: returned an error); other records are of their own kind (``get_dirty_log``...)
 KINDS: Final = ("create", "delete", "move", "flags", "no-op", "failed")
 #: report version in the JSON document
-JSON_VERSION: Final = 2
+JSON_VERSION: Final = 3
 
 
 def flag_names(flags: int) -> list[str]:
@@ -513,8 +514,9 @@ class ReplayReport:
                     out.append(
                         (
                             name,
-                            f"address space {a}: {len(only_p)} slot(s) only in {self.primary}"
-                            f" (ids {[e.id for e in only_p]}), {len(only_o)} only in {name}"
+                            f"address space {a}: {plural(len(only_p), 'slot')} only in"
+                            f" {self.primary} (ids {[e.id for e in only_p]}),"
+                            f" {len(only_o)} only in {name}"
                             f" (ids {[e.id for e in only_o]})",
                         )
                     )
@@ -687,7 +689,8 @@ class ReplayReport:
             },
             "timings": self.timings(),
             "notes": list(self.notes),
-            "calls": [self._record_row(o) for o in outcomes],
+            "calls": len(calls),
+            "records": [self._record_row(o) for o in outcomes],
         }
 
     def recorded_calls(self) -> list[MemslotCall]:
@@ -748,12 +751,7 @@ class TraceReport:
         For a one-VM trace it is that VM's document plus ``vms`` and ``hazards``. O(n):
         each VM's document is made once (the entry of ``vms`` shares its parts)."""
         docs = [vm.to_json() for vm in self.vms]
-        vm_docs = []
-        for vm, doc in zip(self.vms, docs, strict=True):
-            vm_doc = {k: v for k, v in doc.items() if k != "calls"}
-            vm_doc["records"] = doc["calls"]  # the rows, under their own name
-            vm_doc["calls"] = len(vm.calls)
-            vm_docs.append(vm_doc)
+        vm_docs = [dict(doc) for doc in docs]
         trace_info: dict[str, Any] = {
             "source": self.source,
             "embedded": self.embedded,

@@ -86,10 +86,10 @@ test: $(STAMP)
 	echo "make test: every step passed ($(TEST_STEPS))"
 
 #: the kernel matrix: Debian's kernels booted under QEMU, the engine checked against each
-#: (memslots conform --kernel ...; needs QEMU, network access to Debian's archive the
-#: first time, and about 2 minutes a kernel)
+#: (memslots conform --kernel ... and replay --kernel ...; needs QEMU, network access to
+#: Debian's archive the first time, and about half a minute a kernel)
 test-kernels: $(STAMP)
-	$(BIN)/python benchmarks/kernel_matrix.py --check
+	MEMSLOTS_KERNEL_MATRIX=1 $(BIN)/python -m pytest -q -rfEs -p no:cacheprovider tests/kernels
 
 run: $(STAMP)
 	$(BIN)/memslots replay

@@ -16,6 +16,10 @@ from memslots import Vm
 from memslots.baseline import ArrayVm
 from memslots.kvm import kvm_available
 
+#: the kernel matrix (Debian's kernels under QEMU, minutes each) runs only in ``make
+#: test-kernels``, which sets MEMSLOTS_KERNEL_MATRIX=1
+collect_ignore = [] if os.environ.get("MEMSLOTS_KERNEL_MATRIX") == "1" else ["kernels"]
+
 #: either design: the tree engine (``KvmVm`` too) or the array baseline
 AnyVm = Vm | ArrayVm
 
@@ -78,3 +82,22 @@ def needs_feature(*fields: str) -> pytest.MarkDecorator:
         bool(missing),
         reason=f"this kernel ({os.uname().release}) lacks {', '.join(missing)}",
     )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The kernel matrix's table (``make test-kernels``): agreement and time per kernel."""
+    matrix = sys.modules.get("test_matrix")
+    results: list[dict[str, object]] = getattr(matrix, "RESULTS", [])
+    if not results:
+        return
+    tr = terminalreporter
+    tr.section("kernel matrix")
+    tr.write_line(f"{'kernel':<16} {'release':<24} {'run':<44} {'agreement':>20} {'time':>7}")
+    for r in results:
+        calls = int(str(r["calls"]))
+        agreed = int(str(r["agreed"]))
+        pct = f"{100 * agreed / calls:.1f}%" if calls else "-"
+        tr.write_line(
+            f"{r['kernel']!s:<16} {r['release']!s:<24} {r['what']!s:<44}"
+            f" {agreed:>6}/{calls:<6} {pct:>6} {r['seconds']!s:>6}s"
+        )

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
-from errno import EINVAL
 from itertools import pairwise
 
 from memslots.constants import (
@@ -84,7 +83,14 @@ from memslots.dirty_log import alloc_dirty_bitmap
 from memslots.errors import MemslotError, require
 from memslots.lockdep import lockdep_assert_held
 from memslots.slot import Memslot
-from memslots.validate import Change, Decision, LimitsSource, make_limits
+from memslots.validate import (
+    Change,
+    Decision,
+    LimitsSource,
+    check_gmem_only,
+    check_max_gfn,
+    make_limits,
+)
 from memslots.vm_api import VmApi
 
 
@@ -614,12 +620,11 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
     def _arch_prepare_memory_region(
         self, old: Memslot | None, new: Memslot | None, change: Change
     ) -> None:
-        """``kvm_arch_prepare_memory_region`` (x86): metadata for CREATE and MOVE (the
-        highest gfn is checked, as mainline does), arch data carried over by FLAGS_ONLY."""
+        """``kvm_arch_prepare_memory_region``: metadata for CREATE and MOVE (the highest
+        gfn is checked, as mainline does), arch data carried over by FLAGS_ONLY."""
         if new is not None and change is not Change.FLAGS_ONLY:
-            last_gfn = new.base_gfn + new.npages - 1
-            if last_gfn > self.limits.max_gfn:
-                raise MemslotError(EINVAL, f"gfn {last_gfn:#x} beyond the maximum gfn")
+            check_max_gfn(self.limits, new.base_gfn, new.npages)
+            check_gmem_only(self.limits, new)
         self.faults.check("arch_prepare")
         if change is Change.FLAGS_ONLY:
             assert old is not None and new is not None

@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Iterator
-from errno import E2BIG, EINVAL, ENOTTY
+from errno import E2BIG, EINVAL
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 from memslots import dirty_log as _dirty_log
@@ -609,7 +609,7 @@ def reset_dirty_rings(vm: RingVmView, rings: Iterable[DirtyRing | None]) -> int:
     O(entries reset)."""
     if not vm.limits.reset_dirty_rings:  # kvm_vm_ioctl: no such ioctl before 5.11
         raise MemslotError(
-            ENOTTY,
+            vm.limits.unknown_ioctl_errno,
             "KVM_RESET_DIRTY_RINGS does not exist in this kernel",
             Refusal("no-ioctl", "virt/kvm/kvm_main.c: kvm_vm_ioctl"),
         )

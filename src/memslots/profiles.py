@@ -45,7 +45,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from errno import EEXIST, EINVAL, ENOTTY
+from errno import EEXIST, EFAULT, EINVAL, ENOTTY
 from typing import Any, Final, Protocol
 
 from memslots.constants import (
@@ -56,6 +56,7 @@ from memslots.constants import (
 )
 from memslots.errors import MemslotError
 from memslots.kvm import abi
+from memslots.kvm.abi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
 from memslots.validate import VmLimits
 
 __all__ = [
@@ -73,6 +74,10 @@ _MAX_GFN_52: Final = (1 << (52 - PAGE_SHIFT)) - 1
 _TASK_SIZE_4LEVEL: Final = (1 << 47) - PAGE_SIZE
 _TASK_SIZE_5LEVEL: Final = (1 << 56) - PAGE_SIZE
 _RING_MAX: Final = 1 << 20
+#: arm64: ``KVM_VM_TYPE_ARM_IPA_SIZE_MASK``, the IPA size bits of ``KVM_CREATE_VM``'s type
+_ARM_IPA_SIZE_MASK: Final = 0xFF
+#: ``KVM_CAP_ARM_VM_IPA_SIZE``
+KVM_CAP_ARM_VM_IPA_SIZE: Final = 165
 
 
 @dataclass(frozen=True)
@@ -122,9 +127,14 @@ class KernelProfile:
     dirty_ring_acq_rel: bool = True
     dirty_ring_with_bitmap: bool = False
     reset_dirty_rings: bool = True
+    unknown_ioctl_errno: int = ENOTTY
+    max_gfn_errno: int = EINVAL
+    gmem_needs_mmap: bool = False
     # the rest of what the kernel offers
     vm_types: int = _X86_VM_TYPES_DEFAULT
     memory_attributes: int = 0
+    #: arm64: ``KVM_CAP_ARM_VM_IPA_SIZE``, the largest IPA size a VM type may ask for
+    ipa_limit: int = 0
 
     # ----------------------------------------------------------------------------------
     def vm_limits(self, vm_type: int = 0) -> VmLimits:
@@ -282,6 +292,15 @@ def _version(release: str) -> tuple[int, int]:
         return 0, 0
 
 
+def _errno_of(call: Callable[[], object]) -> int:
+    """The errno of ``call`` (0 when it succeeds)."""
+    try:
+        call()
+    except MemslotError as exc:
+        return exc.errno or 0
+    return 0
+
+
 def _bisect(accepted: Callable[[int], bool], lo: int, hi: int) -> int:
     """The largest value in ``[lo, hi]`` that ``accepted`` takes (``accepted(lo)``
     holds and acceptance is monotonic)."""
@@ -303,9 +322,11 @@ def _accepts(vm: ProbeVm, gpa: int, size: int, hva: int) -> bool:
     return True
 
 
-def _probe_gmem(vm: ProbeVm, profile_flags: int) -> tuple[bool, int, int]:
-    """``(private_mem on the default VM, errno of a range bound twice, creation flags)``
-    found by trying them: a guest_memfd of 2 pages, bound by one slot, then by another."""
+def _probe_gmem(vm: ProbeVm, profile_flags: int) -> tuple[bool, bool, int, int]:
+    """``(private_mem on the default VM, gmem_needs_mmap, errno of a range bound twice,
+    creation flags)`` found by trying them: a guest_memfd of 2 pages, bound by one slot,
+    then by another."""
+    needs_mmap = False
     flags_ok = profile_flags
     if not flags_ok:
         for bit in range(8):
@@ -320,9 +341,20 @@ def _probe_gmem(vm: ProbeVm, profile_flags: int) -> tuple[bool, int, int]:
         try:
             vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 0, PAGE_SIZE, _PROBE_HVA, 0, fd)
         except MemslotError as exc:
-            if exc.errno == EINVAL:
-                return False, EINVAL, flags_ok
-            raise
+            if exc.errno != EINVAL:
+                raise
+            if not flags_ok & GUEST_MEMFD_FLAG_MMAP:
+                return False, False, EINVAL, flags_ok
+            # arm64 7.x: only gmem-only slots, on a guest_memfd made mmap-able
+            vm.close_fd(fd)
+            fd = vm.create_guest_memfd(2 * PAGE_SIZE, GUEST_MEMFD_FLAG_MMAP)
+            if _errno_of(
+                lambda: vm.set_user_memory_region2(
+                    1, KVM_MEM_GUEST_MEMFD, 0, PAGE_SIZE, _PROBE_HVA, 0, fd
+                )
+            ):
+                return False, False, EINVAL, flags_ok
+            needs_mmap = True
         bound_errno = 0
         try:
             vm.set_user_memory_region2(
@@ -333,7 +365,7 @@ def _probe_gmem(vm: ProbeVm, profile_flags: int) -> tuple[bool, int, int]:
         else:
             vm.set_user_memory_region(2, 0, 0, 0, 0)
         vm.set_user_memory_region(1, 0, 0, 0, 0)
-        return True, bound_errno or EINVAL, flags_ok
+        return True, needs_mmap, bound_errno or EINVAL, flags_ok
     finally:
         vm.close_fd(fd)
 
@@ -358,14 +390,26 @@ def _probe(kernel: ProbeKernel, release: str, arch: str) -> KernelProfile:
             0, (1 << (64 - PAGE_SHIFT)) - 1,
         )  # fmt: skip
         task_size_max = (last_page + 1) << PAGE_SHIFT
+        # what a slot one page past the highest gfn gets (none past 2^64: EINVAL, a wrap)
+        past = (max_gfn + 1) << PAGE_SHIFT
+        max_gfn_errno = (
+            _errno_of(lambda: vm.set_user_memory_region(0, 0, past, PAGE_SIZE, _PROBE_HVA))
+            if past < 1 << 64
+            else EINVAL
+        )
+        # what kvm_arch_vm_ioctl answers to an ioctl the kernel does not have: seen on
+        # KVM_CREATE_GUEST_MEMFD where it is missing, else the architecture's default
+        unknown_ioctl_errno = ENOTTY if arch == "x86_64" else EINVAL
+        if not guest_memfd:
+            unknown_ioctl_errno = _errno_of(lambda: vm.create_guest_memfd(PAGE_SIZE, 0))
         try:
             vm.reset_dirty_rings()
             reset = True
         except MemslotError as exc:
             reset = exc.errno != ENOTTY
-        private_mem, bound_errno, gmem_flags = False, EINVAL, 0
+        private_mem, needs_mmap, bound_errno, gmem_flags = False, False, EINVAL, 0
         if guest_memfd:
-            private_mem, bound_errno, gmem_flags = _probe_gmem(
+            private_mem, needs_mmap, bound_errno, gmem_flags = _probe_gmem(
                 vm, cap(abi.KVM_CAP_GUEST_MEMFD_FLAGS)
             )
     finally:
@@ -375,7 +419,7 @@ def _probe(kernel: ProbeKernel, release: str, arch: str) -> KernelProfile:
         release=release,
         version=version,
         arch=arch,
-        paging_levels=5 if task_size_max > 1 << 47 else 4,
+        paging_levels=5 if task_size_max > (1 << 48 if arch == "arm64" else 1 << 47) else 4,
         memslot_design="tree" if version >= (5, 17) else "array",
         source="probed: KVM_CHECK_EXTENSION and probes on scratch VMs",
         nr_address_spaces=nr_as,
@@ -388,6 +432,7 @@ def _probe(kernel: ProbeKernel, release: str, arch: str) -> KernelProfile:
         guest_memfd=guest_memfd,
         guest_memfd_flags=gmem_flags,
         gmem_bound_errno=bound_errno,
+        gmem_needs_mmap=needs_mmap,
         max_vcpu_ids=cap(abi.KVM_CAP_MAX_VCPU_ID) or 1,
         max_vcpus=cap(abi.KVM_CAP_MAX_VCPUS) or 1,
         manual_dirty_log_caps=cap(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
@@ -395,6 +440,9 @@ def _probe(kernel: ProbeKernel, release: str, arch: str) -> KernelProfile:
         dirty_ring_acq_rel=bool(cap(abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)),
         dirty_ring_with_bitmap=bool(cap(abi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)),
         reset_dirty_rings=reset,
+        unknown_ioctl_errno=unknown_ioctl_errno or ENOTTY,
+        max_gfn_errno=max_gfn_errno or EINVAL,
+        ipa_limit=cap(KVM_CAP_ARM_VM_IPA_SIZE) if arch == "arm64" else 0,
         vm_types=vm_types,
         memory_attributes=cap(abi.KVM_CAP_MEMORY_ATTRIBUTES),
     )
@@ -417,25 +465,51 @@ def _named() -> Iterator[KernelProfile]:
         # 5.10: array memslots, 509 user slots (KVM_USER_MEM_SLOTS before 5.11), no
         # REGION2, no guest_memfd, no dirty ring (5.11+: ENABLE_CAP is EINVAL and
         # KVM_RESET_DIRTY_RINGS an unknown ioctl), KVM_MAX_VCPU_ID 1023, KVM_MAX_VCPUS
-        # 288, and no max-gfn check in kvm_arch_prepare_memory_region (5.18+)
+        # 288, and no max-gfn check in kvm_arch_prepare_memory_region (5.18+): only the
+        # wrap of gpa + size past 2^64 limits a slot
         name="5.10", release="5.10", version=(5, 10), memslot_design="array", source=debian,
-        max_user_slots=509, max_gfn=(1 << 52) - 1, user_memory2=False, guest_memfd=False,
+        max_user_slots=509, max_gfn=(1 << 52) - 2, user_memory2=False, guest_memfd=False,
         max_vcpu_ids=1023, max_vcpus=288, dirty_ring_max=0, dirty_ring_acq_rel=False,
-        reset_dirty_rings=False, vm_types=_X86_VM_TYPES_DEFAULT,
+        reset_dirty_rings=False,
     )  # fmt: skip
     yield KernelProfile(
         name="6.1", release="6.1", version=(6, 1), source=debian,
         user_memory2=False, guest_memfd=False, max_vcpu_ids=4096, max_vcpus=1024,
     )  # fmt: skip
     yield KernelProfile(
-        # Debian sets CONFIG_KVM_MAX_NR_VCPUS=4096: vCPU ids up to 16383
+        # Debian sets CONFIG_KVM_MAX_NR_VCPUS=4096: vCPU ids up to 16383; guest_memfd
+        # exists but the default VM type takes no KVM_MEM_GUEST_MEMFD slot
         name="6.12", release="6.12", version=(6, 12), source=debian,
         max_vcpu_ids=16384, max_vcpus=4096, memory_attributes=8,
     )  # fmt: skip
     yield KernelProfile(
-        # kvm_gmem_bind answers EEXIST for a range already bound
+        # guest_memfd slots on the default VM, the creation flags MMAP and INIT_SHARED,
+        # and kvm_gmem_bind answers EEXIST for a range already bound
         name="7.2", release="7.2", version=(7, 2), source=debian,
-        max_vcpu_ids=16384, max_vcpus=4096, memory_attributes=8, gmem_bound_errno=EEXIST,
+        max_vcpu_ids=16384, max_vcpus=4096, memory_attributes=8, private_mem=True,
+        guest_memfd_flags=GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        gmem_bound_errno=EEXIST,
+    )  # fmt: skip
+    arm64 = KernelProfile(
+        name="", release="", version=(0, 0),
+        # arm64: no internal slots (32767 user slots), one address space, a 40-bit IPA
+        # for VM type 0 (the type sets it: KVM_VM_TYPE_ARM_IPA_SIZE), EFAULT past it,
+        # only the ACQ_REL dirty ring (with a bitmap), EINVAL for unknown VM ioctls, a
+        # 52-bit user address space (LPA2 under QEMU's max CPU), 512 vCPUs (GICv3)
+        arch="arm64", source="measured on Debian's arm64 kernel under QEMU (virt, GICv3)",
+        nr_address_spaces=1, max_user_slots=32767, max_gfn=(1 << 28) - 1,
+        max_gfn_errno=EFAULT, task_size_max=1 << 52, paging_levels=5, ipa_limit=52,
+        max_vcpu_ids=512, max_vcpus=512, dirty_ring_max=0, dirty_ring_acq_rel=True,
+        dirty_ring_with_bitmap=True, unknown_ioctl_errno=EINVAL,
+    )  # fmt: skip
+    yield dataclasses.replace(
+        arm64, name="6.12", release="6.12", version=(6, 12), guest_memfd=False
+    )
+    yield dataclasses.replace(
+        # guest_memfd, whose slots must be mmap-able (gmem-only) on arm64
+        arm64, name="7.2", release="7.2", version=(7, 2), private_mem=True,
+        gmem_needs_mmap=True,
+        guest_memfd_flags=GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
     )  # fmt: skip
     yield KernelProfile(
         # the development host: KVM's PVM backend, no SMM address space, no guest_memfd

@@ -86,6 +86,14 @@ class VmLimits:
     the only ring arm64 has),
     ``dirty_ring_with_bitmap`` (``KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP``, arm64 6.3+),
     ``reset_dirty_rings`` (the ``KVM_RESET_DIRTY_RINGS`` ioctl exists: 5.11+).
+
+    Where architectures differ: ``arch`` (``"x86_64"``, ``"arm64"``),
+    ``unknown_ioctl_errno`` (what ``kvm_arch_vm_ioctl`` answers to an ioctl the kernel
+    does not have: ENOTTY on x86, EINVAL on arm64), ``max_gfn_errno`` (what
+    ``kvm_arch_prepare_memory_region`` answers for a slot past the highest gfn: EINVAL on
+    x86, EFAULT on arm64, where the limit is the VM's IPA size), ``gmem_needs_mmap``
+    (arm64 7.x: a guest_memfd slot's file must have been made mmap-able,
+    ``GUEST_MEMFD_FLAG_MMAP``, else EINVAL).
     """
 
     nr_address_spaces: int
@@ -106,6 +114,10 @@ class VmLimits:
     dirty_ring_acq_rel: bool = True
     dirty_ring_with_bitmap: bool = False
     reset_dirty_rings: bool = True
+    arch: str = "x86_64"
+    unknown_ioctl_errno: int = ENOTTY
+    max_gfn_errno: int = EINVAL
+    gmem_needs_mmap: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.nr_address_spaces <= 0xFFFF:
@@ -128,6 +140,45 @@ class VmLimits:
     def vm_limits(self, vm_type: int = 0) -> VmLimits:
         """These limits (a :class:`LimitsSource` of one VM: ``Vm(profile=limits)``)."""
         return self
+
+
+#: where each architecture checks the highest gfn of a new slot
+_ARCH_PREPARE: Final = {
+    "x86_64": "arch/x86/kvm/x86.c: kvm_arch_prepare_memory_region",
+    "arm64": "arch/arm64/kvm/mmu.c: kvm_arch_prepare_memory_region",
+}
+
+
+def check_max_gfn(limits: VmLimits, base_gfn: int, npages: int) -> None:
+    """``kvm_arch_prepare_memory_region``'s limit for a CREATE or MOVE: the slot may not
+    go past ``limits.max_gfn`` (x86: ``kvm_mmu_max_gfn()``, EINVAL, 5.18+; arm64: the
+    VM's IPA size, EFAULT). O(1)."""
+    last_gfn = base_gfn + npages - 1
+    if last_gfn > limits.max_gfn:
+        _refuse(
+            limits.max_gfn_errno, "max-gfn", _ARCH_PREPARE.get(limits.arch, limits.arch),
+            f"gfn {last_gfn:#x} is beyond the VM's highest gfn {limits.max_gfn:#x}",
+        )  # fmt: skip
+
+
+#: ``GUEST_MEMFD_FLAG_MMAP``: a guest_memfd that userspace may mmap (gmem-only slots)
+GUEST_MEMFD_FLAG_MMAP: Final = 1 << 0
+
+
+def check_gmem_only(limits: VmLimits, new: Memslot) -> None:
+    """arm64's ``kvm_arch_prepare_memory_region`` (7.x): a guest_memfd slot must be
+    gmem-only, its file made with ``GUEST_MEMFD_FLAG_MMAP`` (arm64 has no VM type with
+    private-only memory): EINVAL otherwise. Nothing where ``limits.gmem_needs_mmap`` is
+    off. O(1)."""
+    if limits.gmem_needs_mmap and new.gmem is not None:
+        gmem_file, _ = new.gmem
+        if not gmem_file.flags & GUEST_MEMFD_FLAG_MMAP:
+            _refuse(
+                EINVAL, "gmem-not-mmap", _ARCH_PREPARE.get(limits.arch, limits.arch),
+                "a guest_memfd slot on this kernel needs a guest_memfd made with"
+                " GUEST_MEMFD_FLAG_MMAP",
+                new,
+            )  # fmt: skip
 
 
 class LimitsSource(Protocol):
@@ -349,7 +400,7 @@ def check_set_user_memory_region(
     # kvm_vm_ioctl: KVM_SET_USER_MEMORY_REGION2 is an unknown ioctl before 6.8
     if v2 and not limits.user_memory2:
         _refuse(
-            ENOTTY, "no-ioctl", KVM_VM_IOCTL,
+            limits.unknown_ioctl_errno, "no-ioctl", KVM_VM_IOCTL,
             "KVM_SET_USER_MEMORY_REGION2 does not exist before Linux 6.8",
         )  # fmt: skip
     check_abi_fields(

@@ -40,12 +40,19 @@ from memslots.constants import (
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MEMSLOT_INVALID,
 )
-from memslots.errors import MemslotError, Refusal, require
+from memslots.errors import MemslotError, require
 from memslots.lockdep import lockdep_assert_held
 from memslots.memslot_set import MemslotSet
 from memslots.slot import Memslot
 from memslots.sync import FREE_THREADED_BUILD
-from memslots.validate import Change, Decision, LimitsSource, make_limits
+from memslots.validate import (
+    Change,
+    Decision,
+    LimitsSource,
+    check_gmem_only,
+    check_max_gfn,
+    make_limits,
+)
 from memslots.vm_api import VmApi
 
 if TYPE_CHECKING:
@@ -473,16 +480,12 @@ class Vm(VmApi[MemslotSet]):
     def _arch_prepare_memory_region(
         self, old: Memslot | None, new: Memslot | None, change: Change
     ) -> None:
-        """``kvm_arch_prepare_memory_region`` (x86): the max-gfn check and metadata
-        allocation for CREATE/MOVE, arch data carried over on FLAGS_ONLY."""
+        """``kvm_arch_prepare_memory_region``: the max-gfn check and metadata allocation
+        for CREATE/MOVE, arch data carried over on FLAGS_ONLY."""
         if change in (Change.CREATE, Change.MOVE):
             assert new is not None
-            if new.base_gfn + new.npages - 1 > self.limits.max_gfn:
-                raise MemslotError(
-                    EINVAL,
-                    "gfn range beyond the maximum gfn",
-                    Refusal("max-gfn", "arch/x86/kvm/x86.c: kvm_arch_prepare_memory_region"),
-                )
+            check_max_gfn(self.limits, new.base_gfn, new.npages)
+            check_gmem_only(self.limits, new)
         self.faults.check("arch_prepare")
         if change is Change.FLAGS_ONLY:
             assert old is not None and new is not None

@@ -37,7 +37,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Container, Iterator
 from contextlib import AbstractContextManager
-from errno import EBADF, EEXIST, EINVAL, ENOTTY, ENXIO
+from errno import EBADF, EEXIST, EINVAL, ENXIO
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
@@ -298,7 +298,7 @@ class VmApi(Generic[SetT]):
         the kernel has no guest_memfd, then ``kvm_gmem_create``'s checks. O(1)."""
         if not self.limits.guest_memfd:
             raise MemslotError(
-                ENOTTY,
+                self.limits.unknown_ioctl_errno,
                 "KVM_CREATE_GUEST_MEMFD does not exist in this kernel",
                 Refusal("no-ioctl", "virt/kvm/kvm_main.c: kvm_vm_ioctl"),
             )

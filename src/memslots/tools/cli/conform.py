@@ -12,9 +12,9 @@ import argparse
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.progress import (
     BarColumn,
@@ -27,9 +27,10 @@ from rich.progress import (
 
 from memslots.errors import errno_name
 from memslots.kvm.abi import KVM_DEV_PATH, kvm_unavailable
-from memslots.kvm.vm import ENGINE_RAISED
+from memslots.kvm.vm import ENGINE_RAISED, KvmVm
 from memslots.tools.cli import CliError
 from memslots.tools.cli import console as cli_console
+from memslots.tools.cli.kernel_option import add_kernel_options, booted_kernel
 from memslots.tools.cli.options import int_range
 from memslots.tools.cli.progress import ProgressLines, stderr_is_terminal
 from memslots.tools.conform import (
@@ -52,6 +53,9 @@ from memslots.tools.traces import (
     detect_format,
     is_binary,
 )
+
+if TYPE_CHECKING:
+    from memslots.tools.kernels.session import KernelSession
 
 #: the operation kinds the dirty-ring line of the report counts, in this order
 RING_OP_NAMES = tuple(cls.name for cls in RING_OPS)
@@ -104,6 +108,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--device", default=KVM_DEV_PATH, metavar="PATH", help="the KVM device (/dev/kvm)"
     )
+    add_kernel_options(p)
     p.set_defaults(func=run)
 
 
@@ -121,11 +126,23 @@ def check_kvm(path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand; the exit status."""
+    if args.kernel is not None and args.device != KVM_DEV_PATH:
+        raise CliError("--kernel and --device: the calls go to one kernel")
     if args.replay:
         ops = _load_reproducer(Path(args.replay))  # the file's problems first: no KVM needed
-        check_kvm(args.device)
-        return _replay(args, ops)
-    check_kvm(args.device)
+        with booted_kernel(args) as kernel:
+            if kernel is None:
+                check_kvm(args.device)
+            return _replay(args, ops, kernel)
+    with booted_kernel(args) as kernel:
+        if kernel is None:
+            check_kvm(args.device)
+        return _run(args, kernel)
+
+
+def _run(args: argparse.Namespace, kernel: KernelSession | None) -> int:
+    """The random run, on ``kernel`` (booted under QEMU) or ``--device``."""
+    vm_factory: Callable[..., KvmVm] = KvmVm if kernel is None else kernel.vm_factory
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     console = cli_console(stderr=True)
     columns = (
@@ -156,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
             args.ops,
             seed,
             path=args.device,
+            vm_factory=vm_factory,
             progress=on_progress,
             shrink_findings=not args.no_shrink,
             max_reproducers=args.max_reproducers,
@@ -275,9 +293,10 @@ def _is_trace(path: Path) -> bool:
     return False
 
 
-def _replay(args: argparse.Namespace, ops: list[Op]) -> int:
+def _replay(args: argparse.Namespace, ops: list[Op], kernel: KernelSession | None) -> int:
     path = Path(args.replay)
-    done, found = replay_ops(ops, path=args.device)
+    vm_factory: Callable[..., KvmVm] = KvmVm if kernel is None else kernel.vm_factory
+    done, found = replay_ops(ops, path=args.device, vm_factory=vm_factory)
     calls = sum(map(is_compared, done))
     bad = {i for i, _ in found}
     if args.json:

@@ -49,6 +49,7 @@ from memslots.kvm import kvm_unavailable
 from memslots.profiles import KernelProfile
 from memslots.tools.cli import CliError
 from memslots.tools.cli import console as cli_console
+from memslots.tools.cli.kernel_option import add_kernel_options, booted_kernel
 from memslots.tools.cli.progress import ProgressLines, stderr_is_terminal
 from memslots.tools.mapview import PNG_EXTRA, build, matplotlib_available, render_html, render_png
 from memslots.tools.replay import (
@@ -62,6 +63,7 @@ from memslots.tools.replay import (
     flag_names,
     replay_trace,
 )
+from memslots.tools.replay.kernel import KernelVm
 from memslots.tools.text import plural, size_text
 from memslots.tools.traces import (
     EMBEDDED_TRACE_NAME,
@@ -138,6 +140,7 @@ def register(sub: Any) -> None:
         help="the engine and the array answer as kernel NAME would (memslots profiles lists"
         " them; with --no-kvm: predict how that kernel answers the trace)",
     )
+    add_kernel_options(p)
     # pictures of the memory map over the trace (memslots.tools.mapview)
     p.add_argument(
         "--html",
@@ -681,6 +684,8 @@ def run(args: argparse.Namespace) -> int:
     if unavailable is not None:
         raise unavailable  # one line, as every command reports it
     _check_pictures(args)
+    if args.kernel is not None and (args.kvm is False or args.profile is not None):
+        raise CliError("--kernel replays on that kernel: not with --no-kvm or --profile")
     profile = None
     if args.profile is not None:
         if args.kvm:
@@ -704,15 +709,20 @@ def run(args: argparse.Namespace) -> int:
         lines.say(lambda: f"replaying on {name}: {done}/{total} records")
 
     try:
-        with _ProgressBar(enabled=total >= _PROGRESS_MIN and tty) as bar:
+        with (
+            booted_kernel(args) as booted,
+            _ProgressBar(enabled=total >= _PROGRESS_MIN and tty) as bar,
+        ):
+            kernel_vm = None if booted is None else KernelVm(booted.vm_factory, booted.description)
             report = replay_trace(
                 trace,
                 impls=impls,
-                kernel=args.kvm,
+                kernel=True if booted is not None else args.kvm,
                 embedded=embedded,
                 skipped=skipped,
                 progress=progress,
                 profile=profile,
+                kernel_vm=kernel_vm,
             )
     except ValueError as exc:
         raise CliError(str(exc)) from None

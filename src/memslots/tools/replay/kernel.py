@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from memslots.kvm import KvmVm
@@ -22,7 +23,18 @@ from memslots.tools.traces import MemslotCall
 from memslots.validate import VmLimits
 from memslots.view import MemslotTarget
 
-__all__ = ["KernelSession", "open_kernel"]
+__all__ = ["KernelSession", "KernelVm", "open_kernel"]
+
+
+@dataclass(frozen=True, slots=True)
+class KernelVm:
+    """Where the kernel column's VMs come from when it is not this machine's /dev/kvm:
+    ``factory(strict=...)`` makes a :class:`memslots.kvm.KvmVm` on that kernel (a kernel
+    booted under QEMU: :attr:`memslots.tools.kernels.KernelSession.vm_factory`), and
+    ``description`` names it in the report."""
+
+    factory: Callable[..., KvmVm]
+    description: str
 
 
 class _TimedFd:
@@ -64,8 +76,8 @@ class KernelSession:
     ``/dev/kvm`` cannot be used.
     """
 
-    def __init__(self, calls: Sequence[MemslotCall]) -> None:
-        self.vm = KvmVm(strict=False)
+    def __init__(self, calls: Sequence[MemslotCall], kernel_vm: KernelVm | None = None) -> None:
+        self.vm = KvmVm(strict=False) if kernel_vm is None else kernel_vm.factory(strict=False)
         try:
             self._fd = _TimedFd(self.vm.fd)
             self.vm.fd = cast(Any, self._fd)
@@ -77,7 +89,11 @@ class KernelSession:
             raise
         self.limits: VmLimits = self.vm.limits
         self.target: MemslotTarget = self.vm
-        self.description = f"/dev/kvm (Linux {os.uname().release}) through memslots.kvm.KvmVm"
+        self.description = (
+            f"/dev/kvm (Linux {os.uname().release}) through memslots.kvm.KvmVm"
+            if kernel_vm is None
+            else f"{kernel_vm.description} through memslots.kvm.KvmVm"
+        )
 
     def ioctl_ns(self) -> int:
         """Duration of the last memslot ioctl in ns (0 if the last call made none)."""
@@ -108,7 +124,7 @@ class KernelSession:
         self.close()
 
 
-def open_kernel(calls: Sequence[MemslotCall]) -> KernelSession:
-    """A :class:`KernelSession` for ``calls``; raises OSError when ``/dev/kvm`` cannot be
-    used. O(n log n) for the relocation."""
-    return KernelSession(calls)
+def open_kernel(calls: Sequence[MemslotCall], kernel_vm: KernelVm | None = None) -> KernelSession:
+    """A :class:`KernelSession` for ``calls`` (on ``kernel_vm``'s kernel when given);
+    raises OSError when ``/dev/kvm`` cannot be used. O(n log n) for the relocation."""
+    return KernelSession(calls, kernel_vm)

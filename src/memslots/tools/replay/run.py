@@ -30,7 +30,7 @@ from memslots.kvm.abi import (
 )
 from memslots.profiles import KernelProfile
 from memslots.tools.check.explain import Explanation, Placements, explain, unexplained
-from memslots.tools.replay.kernel import KernelSession, open_kernel
+from memslots.tools.replay.kernel import KernelSession, KernelVm, open_kernel
 from memslots.tools.replay.relocation import HvaCluster
 from memslots.tools.replay.report import (
     Hazard,
@@ -282,10 +282,13 @@ class _Runner:
                     )
 
     def close(self) -> None:
-        """Close the guest_memfds this run made."""
+        """Close the guest_memfds this run made: a kernel's through its VM fd (under QEMU
+        they are the guest's descriptors), a model's memfds here."""
+        vm_fd = getattr(self.target, "fd", None)  # KvmVm's VM fd; the models have none
+        close = vm_fd.close_fd if vm_fd is not None else os.close
         for fd in self.ctx.owned:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                close(fd)
 
 
 def _slot_entry(target: Any, slot: int) -> MapEntry | None:
@@ -423,6 +426,7 @@ def replay(
     vm_type: int | None = None,
     attached: bool = False,
     hazards: list[Hazard] | None = None,
+    kernel_vm: KernelVm | None = None,
 ) -> ReplayReport:
     """Replay one VM's records (``calls``: memslot calls, and any other record of the VM;
     hva changes and ``release_vm`` only feed ``hazards`` when a list is given) on fresh VMs
@@ -435,6 +439,8 @@ def replay(
     models accept when the kernel does not run (default: :class:`memslots.Vm`'s x86-64
     defaults); with the kernel its own limits are used. ``source``, ``embedded``, ``fmt``,
     ``skipped``, ``vm``, ``pid``, ``vm_type``, ``attached`` only label the report.
+    ``kernel_vm``: the kernel column's VM on another kernel (one booted under QEMU:
+    :class:`memslots.tools.replay.kernel.KernelVm`) instead of this machine's /dev/kvm.
     ``progress(impl, done, total)`` is called before each implementation starts, every
     :data:`PROGRESS_EVERY` records and when it ends (never inside a measured call).
 
@@ -465,12 +471,12 @@ def replay(
     try:
         if kernel is None:
             try:
-                session = open_kernel(memslot_calls)
+                session = open_kernel(memslot_calls, kernel_vm)
             except OSError as exc:
                 note = str(exc) if isinstance(exc, KvmUnavailable) else f"/dev/kvm: {exc}"
                 runs["kernel"] = ImplRun("kernel", "unavailable", note=note)
         elif kernel:
-            session = open_kernel(memslot_calls)
+            session = open_kernel(memslot_calls, kernel_vm)
         if session is not None:
             limits, limits_source = session.limits, "kernel"
         elif limits is None:
@@ -639,6 +645,7 @@ def replay_trace(
     skipped: Sequence[TraceFormatError] = (),
     progress: Callable[[str, int, int], None] | None = None,
     profile: KernelProfile | None = None,
+    kernel_vm: KernelVm | None = None,
 ) -> TraceReport:
     """Replay every VM of ``trace``, each on its own fresh engine, ArrayVm and ``/dev/kvm``
     VM (one after the other), and find the hazards (hva ranges taken away under live
@@ -689,6 +696,7 @@ def replay_trace(
             vm_type=vm_type,
             attached=attached,
             hazards=hazards,
+            kernel_vm=kernel_vm,
         )
         if unavailable is not None:
             report.runs["kernel"] = ImplRun("kernel", "unavailable", note=str(unavailable))

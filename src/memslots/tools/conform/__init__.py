@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from memslots.errors import errno_name
+from memslots.errors import MemslotError, errno_name
 from memslots.kvm.abi import KVM_DEV_PATH
 from memslots.kvm.vm import ENGINE_RAISED, Disagreement, KvmVm
 from memslots.profiles import KernelProfile
@@ -68,6 +68,7 @@ from memslots.tools.conform.ops import (
     CloseFd,
     CreateGuestMemfd,
     CreateVcpu,
+    CreateVm,
     EnableDirtyRing,
     EnableManualDirtyLogProtect,
     GetDirtyLog,
@@ -152,7 +153,10 @@ def shrink(
     O(tests x len(ops)) kernel calls."""
 
     def reproduces(candidate: list[Op]) -> bool:
-        with Session(path=path, vm_factory=vm_factory) as s:
+        vm_type = 0
+        if candidate and isinstance(candidate[0], CreateVm):  # the VM's type
+            vm_type, candidate = candidate[0].type, candidate[1:]
+        with Session(path=path, vm_factory=vm_factory, vm_type=vm_type) as s:
             for op in candidate:
                 before = len(s.vm.disagreements)
                 s.run(op)
@@ -271,6 +275,17 @@ def reproduce(
     return done
 
 
+def _vm_type_errno(profile: KernelProfile | None, vm_type: int) -> int:
+    """What the profile predicts ``KVM_CREATE_VM(vm_type)`` answers (0: a VM)."""
+    if profile is None:
+        return 0
+    try:
+        profile.vm_limits(vm_type)
+    except MemslotError as exc:
+        return exc.errno or 0
+    return 0
+
+
 def run_conform(
     ops: int,
     seed: int,
@@ -306,7 +321,32 @@ def run_conform(
         # hundreds of slots over a wider one (deeper trees, fewer collisions)
         gen.ids, gen.gpa_pages = (24, 2048) if rng.random() < 0.8 else (400, 1 << 16)
         ring = rng.random() < ring_vms
-        with Session(path=path, vm_factory=vm_factory) as s:
+        vm_type = gen.vm_type(report.profile)
+        if vm_type:
+            # KVM_CREATE_VM of that type, compared: what the profile predicts (arm64: an
+            # IPA size out of range is EINVAL) against what the kernel answers
+            predicted = _vm_type_errno(report.profile, vm_type)
+            try:
+                made = Session(path=path, vm_factory=vm_factory, vm_type=vm_type)
+                made.close()
+                answered = 0
+            except MemslotError as exc:
+                answered = exc.errno or 0
+            create = CreateVm(vm_type, answered)
+            report.operations += 1
+            report.calls += 1
+            report.kinds["create_vm"] = report.kinds.get("create_vm", 0) + 1
+            if answered != predicted:
+                report.disagreeing_calls += 1
+                d = Disagreement(f"create_vm(type={vm_type:#x})", answered, predicted)
+                sig = signature(create, d)
+                if sig not in by_sig:
+                    by_sig[sig] = Finding(d, sig, [create])
+                else:
+                    by_sig[sig].count += 1
+            if answered:
+                continue
+        with Session(path=path, vm_factory=vm_factory, vm_type=vm_type) as s:
             vm = s.vm
             gen.use_limits(vm.limits)  # the kernel's, as KvmVm probed them
             report.profile = vm.profile
@@ -316,6 +356,8 @@ def run_conform(
             history = gen.prelude(ring=ring)
             for op in history:
                 s.run(op)
+            if vm_type:  # a reproducer starts by making a VM of the same type
+                history.insert(0, CreateVm(vm_type, 0))
             clean = True
             for _ in range(length):
                 op = gen.next(vm.slots(), s.vcpu_ids(), vm.dirty_ring_size)

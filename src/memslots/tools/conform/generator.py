@@ -21,6 +21,7 @@ from memslots.constants import (
     X86_MAX_GFN,
 )
 from memslots.dirty_log import dirty_bitmap_bytes
+from memslots.profiles import KernelProfile
 from memslots.slot import Memslot
 from memslots.tools.conform.ops import (
     CLOSED_FD,
@@ -165,6 +166,20 @@ class OpGenerator:
         self.max_gfn = limits.max_gfn
         self.max_user_slots = limits.max_user_slots
         self.task_size_max = limits.task_size_max
+
+    def vm_type(self, profile: KernelProfile | None) -> int:
+        """The type of the next VM (0 while the kernel is not known yet): on arm64 mostly
+        the default, else IPA sizes from 32 bits to the kernel's limit and out of range;
+        on x86 now and then a type the kernel may not offer."""
+        rng = self.rng
+        if profile is None or rng.random() < 0.6:
+            return 0
+        if profile.arch == "arm64":
+            limit = profile.ipa_limit or 40
+            return rng.choice(
+                (32, 33, 36, 40, 42, 44, 48, limit, limit, 31, 16, limit + 1, 0x100 | 40)
+            )
+        return 0 if rng.random() < 0.8 else rng.choice((1, 2, 3, 4, 0x80))
 
     # -- building blocks -------------------------------------------------------------
     def prelude(self, ring: bool = False) -> list[Op]:

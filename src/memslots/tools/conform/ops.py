@@ -21,7 +21,9 @@ answer (0 or an errno name) where the operation has one:
   :class:`CreateGuestMemfd`, a guest_memfd of the VM that later operations call ``fd``;
 - ``{"op": "open_devnull", "fd": 1001}``: :class:`OpenDevNull`, an open fd that is not a
   guest_memfd, called ``fd``;
-- ``{"op": "close_fd", "fd": 1000}``: :class:`CloseFd`.
+- ``{"op": "close_fd", "fd": 1000}``: :class:`CloseFd`;
+- ``{"op": "create_vm", "type": 36, "result": 0}``: :class:`CreateVm`, first in a
+  sequence: the VM is made with that type (arm64: a 36-bit IPA).
 
 The dirty ring (``KVM_CAP_DIRTY_LOG_RING``, see :mod:`memslots.dirty_ring`):
 
@@ -179,6 +181,17 @@ class OpenDevNull:
 
 
 @dataclass(frozen=True, slots=True)
+class CreateVm:
+    """``KVM_CREATE_VM`` of ``type`` (arm64: the IPA size in bits, 0 for 40; x86: a VM
+    type of ``KVM_CAP_VM_TYPES``). Only as the first operation of a sequence: the
+    session's VM is made with that type (a sequence without one uses type 0)."""
+
+    type: int
+    result: int | None = None
+    name: ClassVar[str] = "create_vm"
+
+
+@dataclass(frozen=True, slots=True)
 class CloseFd:
     """Close the file aliased ``fd`` (a guest_memfd's bindings end with it)."""
 
@@ -255,6 +268,7 @@ class MapMemory:
 #: one operation of a conformance run
 Op = (
     MemslotCall
+    | CreateVm
     | GetDirtyLog
     | ClearDirtyLog
     | EnableManualDirtyLogProtect
@@ -272,6 +286,7 @@ Op = (
 
 _COMPARED: Final = (
     MemslotCall,
+    CreateVm,
     CreateGuestMemfd,
     GetDirtyLog,
     ClearDirtyLog,
@@ -350,6 +365,8 @@ def op_to_json(op: Op) -> str:
         obj.update(hva=op.hva, size=op.size)
     elif isinstance(op, OpenDevNull | CloseFd):
         obj["fd"] = op.fd
+    elif isinstance(op, CreateVm):
+        obj["type"] = op.type
     result = getattr(op, "result", None)
     if result is not None:
         obj["result"] = _result_json(result)
@@ -375,6 +392,7 @@ def _result(obj: dict[str, Any]) -> int | None:
 
 
 _OP_KEYS: Final[dict[str, frozenset[str]]] = {
+    "create_vm": frozenset({"type"}),
     "get_dirty_log": frozenset({"slot"}),
     "clear_dirty_log": frozenset({"slot", "first_page", "num_pages", "bitmap"}),
     "enable_manual_dirty_log_protect": frozenset({"flags"}),
@@ -402,6 +420,8 @@ def _op_from_obj(obj: dict[str, Any]) -> Op:
     unknown = sorted(set(obj) - _OP_KEYS[name] - {"op", "result"})
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} for op {name}")
+    if name == "create_vm":
+        return CreateVm(_int(obj, "type", U32_MAX), _result(obj))
     if name == "get_dirty_log":
         return GetDirtyLog(_int(obj, "slot", U32_MAX), _result(obj))
     if name == "clear_dirty_log":

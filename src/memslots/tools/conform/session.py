@@ -17,6 +17,7 @@ from memslots.tools.conform.ops import (
     ClearDirtyLog,
     CreateGuestMemfd,
     CreateVcpu,
+    CreateVm,
     EnableDirtyRing,
     EnableManualDirtyLogProtect,
     GetDirtyLog,
@@ -46,9 +47,17 @@ class Session:
     """
 
     def __init__(
-        self, *, strict: bool = False, path: str = KVM_DEV_PATH, vm_factory: VmFactory = KvmVm
+        self,
+        *,
+        strict: bool = False,
+        path: str = KVM_DEV_PATH,
+        vm_factory: VmFactory = KvmVm,
+        vm_type: int = 0,
     ) -> None:
-        self.vm = vm_factory(strict=strict, path=path)
+        if vm_type:
+            self.vm = vm_factory(strict=strict, path=path, vm_type=vm_type)
+        else:  # (factories of tests that plant bugs take no type)
+            self.vm = vm_factory(strict=strict, path=path)
         self._fds: dict[int, int] = {}
         #: the vCPUs created so far, by id
         self.vcpus: dict[int, KvmVcpuHandle] = {}
@@ -136,6 +145,8 @@ class Session:
                 fd = _open_devnull(self.vm)
                 self._close_alias(op.fd)
                 self._fds[op.fd] = fd
+            elif isinstance(op, CreateVm):  # only first in a sequence (replay_ops)
+                raise ValueError("create_vm is only the first operation of a sequence")
             else:
                 self._close_alias(op.fd)
         except MemslotError as exc:
@@ -207,10 +218,20 @@ def replay_ops(
     """Run ``ops`` on a fresh VM (non-strict). Returns the operations with the kernel's
     answers as their ``result``, and ``(index, disagreement)`` for every call the kernel
     and the engine answered differently. O(len(ops)) kernel calls."""
+    ops = list(ops)
     done: list[Op] = []
     found: list[tuple[int, Disagreement]] = []
-    with Session(path=path, vm_factory=vm_factory) as s:
-        for i, op in enumerate(ops):
+    vm_type = 0
+    if ops and isinstance(ops[0], CreateVm):  # the VM's type: made by the session
+        vm_type = ops[0].type
+        try:
+            session = Session(path=path, vm_factory=vm_factory, vm_type=vm_type)
+        except MemslotError as exc:  # the kernel refused the type: nothing more to run
+            return [with_result(ops[0], exc.errno or 0)], found
+        session.close()
+        done.append(with_result(ops[0], 0))
+    with Session(path=path, vm_factory=vm_factory, vm_type=vm_type) as s:
+        for i, op in enumerate(ops[len(done) :], start=len(done)):
             before = len(s.vm.disagreements)
             done.append(with_result(op, s.run(op)))
             found.extend((i, d) for d in s.vm.disagreements[before:])

@@ -268,7 +268,7 @@ def _header(con: Console, trace: TraceReport, report: ReplayReport, embedded: bo
         con.print(f"  {name:<7} {text}", highlight=False)
     lim = report.limits
     source = {
-        "kernel": "from /dev/kvm",
+        "kernel": "of the kernel replayed on (probed)",
         "trace": "of the recording machine",
         "defaults": "x86-64 defaults",
     }.get(report.limits_source, report.limits_source)

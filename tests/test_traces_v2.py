@@ -253,12 +253,12 @@ def ring_records() -> list[Record]:
 
 @pytest.mark.kvm
 def test_v2_replay_of_the_dirty_ring_on_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    from memslots.tools.replay.kernel import KernelSession, open_kernel
+    from memslots.tools.replay.kernel import KernelSession, KernelVm, open_kernel
 
     sessions: list[KernelSession] = []
 
-    def keep(calls: list[MemslotCall]) -> KernelSession:
-        sessions.append(open_kernel(calls))
+    def keep(calls: list[MemslotCall], kernel_vm: KernelVm | None = None) -> KernelSession:
+        sessions.append(open_kernel(calls, kernel_vm))
         return sessions[-1]
 
     monkeypatch.setattr("memslots.tools.replay.run.open_kernel", keep)

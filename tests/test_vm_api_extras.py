@@ -128,7 +128,7 @@ def test_types_holding_pointers_are_refused(make_vm: MakeVm, ctype: type) -> Non
 def test_bad_write_obj_arguments(make_vm: MakeVm) -> None:
     vm, mem = vm_with_memory(make_vm)
     with vm:
-        with pytest.raises(TypeError, match="needs a ctypes type"):
+        with pytest.raises(TypeError, match="ctype must be given for a value of type int"):
             vm.write_obj(0x100000, 5)
         with pytest.raises(TypeError, match="write_guest"):
             vm.write_obj(0x100000, b"abc")

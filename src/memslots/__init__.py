@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     #: update.
     COMPILED: bool
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 #: each public name and the module that defines it
 _EXPORTS: dict[str, str] = {

@@ -604,8 +604,8 @@ def obj_bytes(obj: object, ctype: type | None = None) -> memoryview:
         return memoryview(cast("Buffer", obj)).cast("B")
     if ctype is None:
         raise TypeError(
-            f"write_obj needs a ctypes type for a {type(obj).__name__} value"
-            " (bytes-like data goes to write_guest)"
+            f"ctype must be given for a value of type {type(obj).__name__}: write_obj(gpa, value,"
+            " ctypes.c_uint32) (bytes-like data goes to write_guest)"
         )
     check_ctype(ctype)
     if not issubclass(ctype, ctypes._SimpleCData) or not isinstance(obj, int | float):

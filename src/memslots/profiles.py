@@ -142,10 +142,19 @@ class KernelProfile:
         type the kernel does not offer (``kvm_arch_init_vm``). On x86 a
         ``KVM_X86_SW_PROTECTED_VM`` has private memory and one address space
         (``kvm_arch_nr_memslot_as_ids``). O(1)."""
+        limits = VmLimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VmLimits)})
+        if self.arch == "arm64":
+            # arch/arm64/kvm/arm.c: kvm_arch_init_vm -> kvm_init_ipa_range: the type is
+            # the IPA size in bits (0: the default 40), which sets the highest gfn
+            ipa = vm_type & _ARM_IPA_SIZE_MASK
+            if vm_type & ~_ARM_IPA_SIZE_MASK or (ipa and not 32 <= ipa <= self.ipa_limit):
+                raise MemslotError(EINVAL, f"VM type {vm_type:#x}: no such IPA size")
+            if ipa:
+                limits = dataclasses.replace(limits, max_gfn=(1 << (ipa - self.page_shift)) - 1)
+            return limits
         if vm_type and not (0 <= vm_type < 64 and self.vm_types >> vm_type & 1):
             raise MemslotError(EINVAL, f"VM type {vm_type} is not offered by {self.name}")
-        limits = VmLimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VmLimits)})
-        if self.arch == "x86_64" and vm_type == KVM_X86_SW_PROTECTED_VM:
+        if vm_type == KVM_X86_SW_PROTECTED_VM:
             limits = dataclasses.replace(limits, nr_address_spaces=1, private_mem=True)
         return limits
 

@@ -259,7 +259,23 @@ class KvmVm(Vm):
                     if system is None
                     else _profiles.KernelProfile.probe(self._system)
                 )
-            self.fd: VmFd = self._system.create_vm(vm_type)
+            # KVM_CREATE_VM, compared: the engine's answer is the profile's for the type
+            engine = 0
+            try:
+                profile.vm_limits(vm_type)
+            except MemslotError as exc:
+                engine = exc.errno or 0
+            try:
+                self.fd: VmFd = self._system.create_vm(vm_type)
+            except MemslotError as exc:
+                if (exc.errno or 0) != engine:
+                    raise ConformanceError(
+                        Disagreement(f"create_vm(type={vm_type:#x})", exc.errno or 0, engine)
+                    ) from exc
+                raise
+            if engine:
+                self.fd.close()
+                raise ConformanceError(Disagreement(f"create_vm(type={vm_type:#x})", 0, engine))
         except BaseException:
             if system is None:
                 self._system.close()

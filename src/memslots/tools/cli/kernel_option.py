@@ -63,7 +63,8 @@ def booted_kernel(args: argparse.Namespace) -> Iterator[KernelSession | None]:
         given = [o for o, v in (("--arch", args.arch), ("--modules", args.modules),
                                 ("--paging", args.paging)) if v is not None]  # fmt: skip
         if given:
-            raise CliError(f"{' and '.join(given)} need --kernel")
+            verb = "needs" if len(given) == 1 else "need"
+            raise CliError(f"{' and '.join(given)} {verb} --kernel")
         yield None
         return
     if args.arch == "arm64" and args.paging is not None:

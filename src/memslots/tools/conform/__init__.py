@@ -52,7 +52,7 @@ from typing import Any
 
 from memslots.errors import MemslotError, errno_name
 from memslots.kvm.abi import KVM_DEV_PATH
-from memslots.kvm.vm import ENGINE_RAISED, Disagreement, KvmVm
+from memslots.kvm.vm import ENGINE_RAISED, ConformanceError, Disagreement, KvmVm
 from memslots.profiles import KernelProfile
 from memslots.tools.conform.generator import OpGenerator
 from memslots.tools.conform.ops import (
@@ -330,7 +330,9 @@ def run_conform(
                 made = Session(path=path, vm_factory=vm_factory, vm_type=vm_type)
                 made.close()
                 answered = 0
-            except MemslotError as exc:
+            except ConformanceError as exc:  # KvmVm compares the creation itself
+                answered, predicted = exc.kernel, exc.engine
+            except MemslotError as exc:  # refused by the kernel as the profile says
                 answered = exc.errno or 0
             create = CreateVm(vm_type, answered)
             report.operations += 1

@@ -206,3 +206,21 @@ def test_probe_measures_in_the_kernels_pages(shift: int) -> None:
     assert p.vm_limits().page_shift == shift
     with pytest.raises(ValueError, match="page size"):
         KernelProfile.probe(_EngineKernel(limits), page_size=8192)
+
+
+@pytest.mark.parametrize("series", ["6.12", "7.2"])
+def test_named_16k_profiles(series: str) -> None:
+    p = KernelProfile.named(f"{series}/arm64-16k")
+    four = KernelProfile.named(f"{series}/arm64")
+    assert (p.key, p.page_shift, p.arch) == (f"{series}/arm64-16k", 14, "arm64")
+    # the same kernel in 16 KiB pages: the 40-bit IPA of VM type 0 is 2^26 gfns
+    assert four.differences(p) == [
+        f"max_gfn: {(1 << 28) - 1} -> {(1 << 26) - 1}",
+        "page_shift: 12 -> 14",
+    ]
+    assert p.summary().endswith("16 KiB pages") and "KiB pages" not in four.summary()
+    vm = Vm(profile=p)
+    assert _errno(vm.set_user_memory_region, 0, 0, 0, 4096, HVA) == errno.EINVAL
+    vm.set_user_memory_region(0, 0, (1 << 40) - (1 << 14), 1 << 14, HVA)  # the last gfn
+    assert vm.slots()[0].base_gfn == p.max_gfn
+    assert KernelProfile.from_dict(p.to_dict()) == p

@@ -198,7 +198,8 @@ class KernelProfile:
         ]
 
     def summary(self) -> str:
-        """One line: what stands out about this kernel."""
+        """One line: what stands out about this kernel (its page size where it is not
+        4 KiB)."""
         feats = [
             f"{self.max_user_slots} slots",
             f"{self.nr_address_spaces} address space{'s' if self.nr_address_spaces != 1 else ''}",
@@ -219,15 +220,24 @@ class KernelProfile:
             ),
             f"{self.paging_levels}-level paging",
         ]
+        if self.page_shift != PAGE_SHIFT:
+            feats.append(f"{1 << (self.page_shift - 10)} KiB pages")
         return ", ".join(feats)
+
+    @property
+    def key(self) -> str:
+        """The name :meth:`named` knows it by: ``series/arch``, with the page size after
+        the architecture where it is not 4 KiB (``"6.12/arm64-16k"``)."""
+        pages = "" if self.page_shift == PAGE_SHIFT else f"-{1 << (self.page_shift - 10)}k"
+        return f"{self.name}/{self.arch}{pages}"
 
     # ----------------------------------------------------------------------------------
     @classmethod
     def named(cls, name: str) -> KernelProfile:
         """A named profile: ``"5.10"``, ``"6.1"``, ``"6.12"``, ``"7.2"`` (Debian's x86-64
         kernels), ``"6.18-pvm"`` (the development host's), with ``"/x86_64"`` or
-        ``"/arm64"`` after the series for an architecture. KeyError, listing the names,
-        for any other."""
+        ``"/arm64"`` after the series for an architecture, ``"/arm64-16k"`` for Debian's
+        arm64 kernels with 16 KiB pages. KeyError, listing the names, for any other."""
         key = name if "/" in name else f"{name}/x86_64"
         try:
             return _NAMED[key]
@@ -524,12 +534,24 @@ def _named() -> Iterator[KernelProfile]:
     yield dataclasses.replace(
         arm64, name="6.12", release="6.12", version=(6, 12), guest_memfd=False
     )
-    yield dataclasses.replace(
-        # guest_memfd, whose slots must be mmap-able (gmem-only) on arm64
+    arm64_72 = dataclasses.replace(
+        # guest_memfd, whose slots must be mmap-able (gmem-only) on arm64, and
+        # kvm_gmem_bind's EEXIST for a range already bound, as on x86
         arm64, name="7.2", release="7.2", version=(7, 2), private_mem=True,
-        gmem_needs_mmap=True,
+        gmem_needs_mmap=True, gmem_bound_errno=EEXIST,
         guest_memfd_flags=GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
     )  # fmt: skip
+    yield arm64_72
+    # Debian's arm64-16k flavour (CONFIG_ARM64_16K_PAGES): the same answers in 16 KiB
+    # pages; the 40-bit IPA of VM type 0 is 2^26 gfns
+    pages16k: dict[str, Any] = {
+        "page_shift": 14, "max_gfn": (1 << 26) - 1,
+        "source": "measured on Debian's arm64-16k kernel under QEMU (virt, GICv3)",
+    }  # fmt: skip
+    yield dataclasses.replace(
+        arm64, name="6.12", release="6.12", version=(6, 12), guest_memfd=False, **pages16k
+    )
+    yield dataclasses.replace(arm64_72, **pages16k)
     yield KernelProfile(
         # the development host: KVM's PVM backend, no SMM address space, no guest_memfd
         # (CONFIG_KVM_GUEST_MEMFD off since its 2026-12 build); max gfn 2^40 - 1
@@ -539,4 +561,4 @@ def _named() -> Iterator[KernelProfile]:
     )  # fmt: skip
 
 
-_NAMED: Final = {f"{p.name}/{p.arch}": p for p in _named()}
+_NAMED: Final = {p.key: p for p in _named()}

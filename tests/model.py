@@ -19,6 +19,8 @@ class Model:
     nr_as: int = 2
     max_user_slots: int = 32764
     max_gfn: int = (1 << 40) - 1
+    #: the kernel's page size in bytes (4 KiB; 16 or 64 KiB on such arm64 kernels)
+    page: int = 4096
     # (as_id, id) -> (base_gfn, npages, flags, hva)
     slots: dict[tuple[int, int], tuple[int, int, int, int]] = field(default_factory=dict)
     gen: list[int] = field(default_factory=list)
@@ -49,7 +51,8 @@ class Model:
             return errno.EINVAL
         if flags & ~3:
             return errno.EINVAL
-        if size % 4096 or gpa % 4096 or hva % 4096:
+        page = self.page
+        if size % page or gpa % page or hva % page:
             return errno.EINVAL
         if hva + size > TASK_SIZE_MAX:
             return errno.EINVAL
@@ -57,10 +60,10 @@ class Model:
             return errno.EINVAL
         if gpa + size >= U64:
             return errno.EINVAL
-        if size // 4096 > 2**31 - 1:
+        if size // page > 2**31 - 1:
             return errno.EINVAL
         old = self.slots.get((as_id, id))
-        base, n = gpa // 4096, size // 4096
+        base, n = gpa // page, size // page
         if size == 0:
             if old is None:
                 return errno.EINVAL

@@ -299,6 +299,10 @@ def test_parse_ready() -> None:
 
 def test_spec_parsing(tmp_path: Path) -> None:
     assert parse_spec("debian:7.2", arch="arm64") == KernelSpec(arch="arm64", series="7.2")
+    got = parse_spec("debian:6.12/16k", arch="arm64")
+    assert got == KernelSpec(arch="arm64", series="6.12", flavour="-16k")
+    assert str(got) == "debian:6.12/16k (arm64)"
+    assert parse_spec("debian:6.12/4K", arch="arm64") == KernelSpec(arch="arm64", series="6.12")
     image = tmp_path / "bzImage"
     image.write_bytes(b"x")
     got = parse_spec(str(image), modules=str(tmp_path))
@@ -313,6 +317,9 @@ def test_spec_parsing(tmp_path: Path) -> None:
         (("debian:6.1", "riscv64"), "unknown architecture 'riscv64': known are x86_64, arm64"),
         (("debian:6.1", "x86_64", "/"), "--modules goes with a kernel image path"),
         (("debian:6.1", "x86_64", "/nonexistent"), "/nonexistent: no such modules directory"),
+        (("debian:6.12/64k", "arm64"), "unknown page size '64k': Debian's arm64 kernels come"),
+        (("debian:6.12/16k",), "debian:6.12/16k: Debian's 16k kernels are arm64 ones"),
+        (("debian:4.19/16k", "arm64"), "unknown Debian kernel series '4.19'"),
     ],
 )
 def test_spec_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
@@ -371,6 +378,23 @@ def test_series_resolution_picks_the_newest_exact_name() -> None:
     pattern = spec.DEBIAN_SERIES["6.12"][1].format(arch="arm64")
     names = ["linux-image-6.12.9+deb13-arm64", "linux-image-6.12.10+deb13-arm64"]
     assert debian.rank_packages(names, pattern)[0] == "linux-image-6.12.10+deb13-arm64"
+    # the arm64-16k flavour: its own packages, not the -dbg or -unsigned ones, and the
+    # plain flavour never picks a 16k one
+    names = [
+        "linux-image-7.2.13+deb14-arm64",
+        "linux-image-7.2.13+deb14-arm64-16k",
+        "linux-image-7.2.13+deb14-arm64-16k-dbg",
+        "linux-image-7.2.13+deb14-arm64-16k-unsigned",
+        "linux-image-7.2.9+deb14-arm64-16k",
+        "linux-image-arm64-16k",
+    ]
+    assert debian.rank_packages(names, debian.package_pattern("7.2", "arm64", "-16k")) == [
+        "linux-image-7.2.13+deb14-arm64-16k",
+        "linux-image-7.2.9+deb14-arm64-16k",
+    ]
+    assert debian.rank_packages(names, debian.package_pattern("7.2", "arm64")) == [
+        "linux-image-7.2.13+deb14-arm64"
+    ]
 
 
 @pytest.mark.parametrize(

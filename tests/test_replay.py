@@ -440,3 +440,23 @@ def test_replayed_bitmaps_are_compared_page_by_page() -> None:
     assert compare(((1, 2),), bits, exact=False) == (
         "dirty pages replayed but not recorded: [9, 70]"
     )
+
+
+def test_memory_map_and_hazards_in_the_kernels_pages() -> None:
+    """With 16 KiB pages a slot's gpas, size and the gfns an unmap hits are counted in
+    16 KiB pages."""
+    from memslots.tools.replay.report import Hazard, MapEntry
+    from memslots.tools.traces import Munmap
+
+    vm = Vm(profile=VmLimits(1, 32767, (1 << 26) - 1, page_shift=14))
+    vm.set_user_memory_region(0, 0, 0x40000, 0x10000, 0x7F0000000000)
+    e = MapEntry.of(vm.slots()[0])
+    assert (e.gpa_start, e.gpa_end, e.size) == (0x40000, 0x4FFFF, 0x10000)
+    s = vm.slots()[0]
+    h = Hazard(
+        vm=0, slot=0, as_id=0, id=0, base_gfn=s.base_gfn, npages=s.npages, flags=0,
+        userspace_addr=s.userspace_addr, start=0x7F0000005000, end=0x7F0000009000,
+        call=Munmap(0x7F0000005000, 0x4000), page_shift=14,
+    )  # fmt: skip
+    assert (h.gfn_start, h.gfn_end) == (0x11, 0x13)  # pages 1 and 2 of the slot
+    assert h.to_json()["slot_size"] == 0x10000

@@ -77,7 +77,6 @@ from memslots.constants import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MEMSLOT_INVALID,
-    PAGE_SHIFT,
 )
 from memslots.dirty_log import alloc_dirty_bitmap
 from memslots.errors import MemslotError, require
@@ -196,7 +195,8 @@ class ArrayMemslotSet:
         hits = [
             s
             for s in self._slots
-            if s.userspace_addr <= last and start <= s.userspace_addr + (s.npages << PAGE_SHIFT) - 1
+            if s.userspace_addr <= last
+            and start <= s.userspace_addr + (s.npages << s.page_shift) - 1
         ]
         if len(hits) > 1:
             hits.sort(key=_hva_key)
@@ -475,7 +475,10 @@ class ArrayVm(VmApi[ArrayMemslotSet]):
             new: Memslot | None = None
             if d.change is not Change.DELETE:
                 self.faults.check("kzalloc_new")
-                new = Memslot(d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr)
+                new = Memslot(
+                    d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr,
+                    None, None, self.limits.page_shift,
+                )  # fmt: skip
                 if d.flags & KVM_MEM_GUEST_MEMFD:
                     self.guest_memfds.bind(
                         new, d.guest_memfd, d.guest_memfd_offset, self.limits.gmem_bound_errno

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from typing import Final
 
+#: the default page size, 4 KiB (x86-64, and arm64's usual build); a VM's own is
+#: ``VmLimits.page_shift``
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
+#: the page sizes KVM's kernels are built with: 4 KiB, and on arm64 also 16 and 64 KiB
+#: (``CONFIG_ARM64_16K_PAGES``, ``CONFIG_ARM64_64K_PAGES``)
+PAGE_SHIFTS: Final = (12, 14, 16)
 
 # uapi memslot flags (bits 0-15 are user flags)
 KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0

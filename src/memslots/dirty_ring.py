@@ -9,10 +9,11 @@ The ABI, as this module models it (the kernel functions are named in each docstr
 
 - **Enabling** (:func:`enable_dirty_ring`, ``kvm_vm_ioctl_enable_dirty_log_ring``): the
   size is in bytes per vCPU, truncated to u32 first; then, in this order, EINVAL for 0 or
-  a size that is not a power of two, EINVAL below ``max(4096, 64 entries * 16)``, E2BIG
-  above 65536 entries (1 MiB), EINVAL when a ring is already on (either capability: they
-  share ``kvm->dirty_ring_size``), EINVAL once any vCPU was ever created
-  (``kvm->created_vcpus`` never drops, not even when a vCPU fd is closed). A failed call
+  a size that is not a power of two, EINVAL below ``max(PAGE_SIZE, 64 entries * 16)``
+  (the kernel's page size, ``VmLimits.page_shift``: 4, 16 or 64 KiB), E2BIG above 65536
+  entries (1 MiB), EINVAL when a ring is already on (either capability: they share
+  ``kvm->dirty_ring_size``), EINVAL once any vCPU was ever created (``kvm->created_vcpus``
+  never drops, not even when a vCPU fd is closed). A failed call
   changes nothing. ACQ_REL differs only in its name: x86 is TSO, and the kernel side is the
   same code for both. ``KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`` is not available on x86
   (:func:`enable_dirty_ring_with_bitmap` is always EINVAL).
@@ -88,7 +89,6 @@ from memslots.constants import (
     KVM_DIRTY_RING_MAX_ENTRIES,
     KVM_DIRTY_RING_RSVD_ENTRIES,
     KVM_MEM_LOG_DIRTY_PAGES,
-    PAGE_SIZE,
     U32_MAX,
     U64_MAX,
 )
@@ -559,7 +559,8 @@ def enable_dirty_ring(vm: RingVmView, size: int, acq_rel: bool = False) -> None:
             f"ring size {size:#x} is not a power of two",
             Refusal("ring-size", "virt/kvm/kvm_main.c: kvm_vm_ioctl_enable_dirty_log_ring"),
         )
-    if size < rsvd * KVM_DIRTY_GFN_SIZE or size < PAGE_SIZE:
+    # the kernel's PAGE_SIZE: 16 or 64 KiB on such arm64 kernels
+    if size < rsvd * KVM_DIRTY_GFN_SIZE or size < 1 << limits.page_shift:
         raise MemslotError(
             EINVAL,
             f"ring size {size:#x} is below the minimum",

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from errno import EBADF, EINVAL
 
-from memslots.constants import PAGE_SHIFT, PAGE_SIZE
+from memslots.constants import PAGE_SHIFT
 from memslots.errors import MemslotError, Refusal
 from memslots.slot import Memslot
 
@@ -49,16 +49,16 @@ def fd_identity(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def check_create(size: int, flags: int, valid_flags: int) -> None:
+def check_create(size: int, flags: int, valid_flags: int, page_shift: int = PAGE_SHIFT) -> None:
     """``kvm_gmem_create``'s checks: EINVAL for flags outside ``valid_flags``, then for a
-    size that is zero or not page aligned."""
+    size that is zero or not aligned to the kernel's page size (``1 << page_shift``)."""
     if flags & ~valid_flags:
         raise MemslotError(
             EINVAL,
             f"guest_memfd flags {flags:#x} not supported",
             Refusal("gmem-create-flags", "virt/kvm/guest_memfd.c: kvm_gmem_create"),
         )
-    if size <= 0 or size & (PAGE_SIZE - 1):
+    if size <= 0 or size & ((1 << page_shift) - 1):
         raise MemslotError(
             EINVAL,
             "guest_memfd size must be a non-zero page multiple",
@@ -81,22 +81,29 @@ class GuestMemfdTable:
         guest_memfd of ``size`` bytes of this VM."""
         self._files[self._identity(fd)] = GuestMemfdFile(size, flags)
 
-    def create(self, size: int, flags: int = 0, valid_flags: int = 0) -> int:
+    def create(
+        self, size: int, flags: int = 0, valid_flags: int = 0, page_shift: int = PAGE_SHIFT
+    ) -> int:
         """``KVM_CREATE_GUEST_MEMFD`` for the engine alone: :func:`check_create`, then a
         memfd of ``size`` bytes stands in for the guest_memfd. The caller owns the
         returned fd."""
-        check_create(size, flags, valid_flags)
+        check_create(size, flags, valid_flags, page_shift)
         fd = os.memfd_create("memslots-guest-memfd", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         self.register(fd, size, flags)
         return fd
 
     def check_bind(
-        self, fd: int, offset: int, npages: int, bound_errno: int = EINVAL
+        self,
+        fd: int,
+        offset: int,
+        npages: int,
+        bound_errno: int = EINVAL,
+        page_shift: int = PAGE_SHIFT,
     ) -> GuestMemfdFile:
-        """Raise what ``kvm_gmem_bind`` would for binding ``npages`` at ``offset``;
-        ``bound_errno`` is its answer for a range already bound (EINVAL; EEXIST on 7.x,
-        ``VmLimits.gmem_bound_errno``)."""
+        """Raise what ``kvm_gmem_bind`` would for binding ``npages`` pages of ``1 <<
+        page_shift`` bytes at ``offset``; ``bound_errno`` is its answer for a range already
+        bound (EINVAL; EEXIST on 7.x, ``VmLimits.gmem_bound_errno``)."""
         f = self._files.get(self._identity(fd))
         if f is None:
             raise MemslotError(
@@ -104,13 +111,13 @@ class GuestMemfdTable:
                 f"fd {fd} is not a guest_memfd of this VM",
                 Refusal("gmem-file", "virt/kvm/guest_memfd.c: kvm_gmem_bind"),
             )
-        if offset & (PAGE_SIZE - 1) or offset + (npages << PAGE_SHIFT) > f.size:
+        if offset & ((1 << page_shift) - 1) or offset + (npages << page_shift) > f.size:
             raise MemslotError(
                 EINVAL,
                 "guest_memfd range outside the file",
                 Refusal("gmem-range", "virt/kvm/guest_memfd.c: kvm_gmem_bind"),
             )
-        start = offset >> PAGE_SHIFT
+        start = offset >> page_shift
         end = start + npages
         for s, e in f.bindings.values():
             if s < end and start < e:
@@ -124,8 +131,8 @@ class GuestMemfdTable:
     def bind(self, slot: Memslot, fd: int, offset: int, bound_errno: int = EINVAL) -> None:
         """Bind ``slot`` to ``[offset, offset + size)`` of ``fd``; records it in
         ``slot.gmem``."""
-        f = self.check_bind(fd, offset, slot.npages, bound_errno)
-        start = offset >> PAGE_SHIFT
+        f = self.check_bind(fd, offset, slot.npages, bound_errno, slot.page_shift)
+        start = offset >> slot.page_shift
         f.bindings[slot.slot] = (start, start + slot.npages)
         slot.gmem = (f, offset)
 

@@ -68,7 +68,6 @@ from memslots import dirty_log as _dirty_log
 from memslots.constants import (
     KVM_HVA_ERR_BAD,
     KVM_MEM_LOG_DIRTY_PAGES,
-    PAGE_SHIFT,
     PAGE_SIZE,
     U64_MAX,
 )
@@ -374,10 +373,12 @@ def _access(
         mark = _dirty_log.mark_pages_dirty_in_slot
     srcu = vm.srcu
     memslots = vm.memslots
+    shift = vm.limits.page_shift  # the kernel's page size
+    page_mask = (1 << shift) - 1
     pos = 0
     while pos < length:
-        gfn = gpa >> PAGE_SHIFT
-        off = gpa & _PAGE_MASK
+        gfn = gpa >> shift
+        off = gpa & page_mask
         idx = srcu.read_lock()
         try:
             slot = memslots(as_id).gfn_to_memslot(gfn)
@@ -389,7 +390,7 @@ def _access(
                     raise _efault(gpa, f"slot {slot.slot:#x} is being deleted or moved")
                 raise _efault(gpa, f"slot {slot.slot:#x} is read-only")
             assert slot is not None
-            n = ((slot.base_gfn + slot.npages - gfn) << PAGE_SHIFT) - off
+            n = ((slot.base_gfn + slot.npages - gfn) << shift) - off
             if n > length - pos:
                 n = length - pos
             hva += off
@@ -404,7 +405,7 @@ def _access(
                     raise _efault(gpa, f"hva {hva:#x}: its HostMemory was closed")
                 copy(mem._view, moff, pos, n)
             if write and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-                mark(slot, gfn, (off + n + _PAGE_MASK) >> PAGE_SHIFT)
+                mark(slot, gfn, (off + n + page_mask) >> shift)
         finally:
             srcu.read_unlock(idx)
         pos += n

@@ -52,6 +52,7 @@ from memslots.constants import (
     KVM_DIRTY_LOG_MANUAL_CAPS_X86,
     KVM_MEM_GUEST_MEMFD,
     PAGE_SHIFT,
+    PAGE_SHIFTS,
     PAGE_SIZE,
 )
 from memslots.errors import MemslotError
@@ -197,7 +198,8 @@ class KernelProfile:
         ]
 
     def summary(self) -> str:
-        """One line: what stands out about this kernel."""
+        """One line: what stands out about this kernel (its page size where it is not
+        4 KiB)."""
         feats = [
             f"{self.max_user_slots} slots",
             f"{self.nr_address_spaces} address space{'s' if self.nr_address_spaces != 1 else ''}",
@@ -218,15 +220,24 @@ class KernelProfile:
             ),
             f"{self.paging_levels}-level paging",
         ]
+        if self.page_shift != PAGE_SHIFT:
+            feats.append(f"{1 << (self.page_shift - 10)} KiB pages")
         return ", ".join(feats)
+
+    @property
+    def key(self) -> str:
+        """The name :meth:`named` knows it by: ``series/arch``, with the page size after
+        the architecture where it is not 4 KiB (``"6.12/arm64-16k"``)."""
+        pages = "" if self.page_shift == PAGE_SHIFT else f"-{1 << (self.page_shift - 10)}k"
+        return f"{self.name}/{self.arch}{pages}"
 
     # ----------------------------------------------------------------------------------
     @classmethod
     def named(cls, name: str) -> KernelProfile:
         """A named profile: ``"5.10"``, ``"6.1"``, ``"6.12"``, ``"7.2"`` (Debian's x86-64
         kernels), ``"6.18-pvm"`` (the development host's), with ``"/x86_64"`` or
-        ``"/arm64"`` after the series for an architecture. KeyError, listing the names,
-        for any other."""
+        ``"/arm64"`` after the series for an architecture, ``"/arm64-16k"`` for Debian's
+        arm64 kernels with 16 KiB pages. KeyError, listing the names, for any other."""
         key = name if "/" in name else f"{name}/x86_64"
         try:
             return _NAMED[key]
@@ -238,16 +249,19 @@ class KernelProfile:
     @classmethod
     def probe(
         cls, kernel: ProbeKernel | None = None, *, path: str = abi.KVM_DEV_PATH,
-        release: str | None = None, arch: str | None = None,
+        release: str | None = None, arch: str | None = None, page_size: int | None = None,
     ) -> KernelProfile:  # fmt: skip
-        """The profile of a live kernel: ``/dev/kvm`` of this machine (``path``), or
-        ``kernel``, an object with :class:`memslots.kvm.abi.KvmSystem`'s calls (a kernel
-        under QEMU), whose ``release`` and ``arch`` are then given. Creates a few scratch
-        VMs; about 250 ioctls. The host's profile is cached per path.
-        Raises :class:`memslots.errors.KvmUnavailable` when the device cannot be used."""
+        """The profile of a live kernel: ``/dev/kvm`` of this machine (``path``; its page
+        size is ``sysconf(_SC_PAGESIZE)``), or ``kernel``, an object with
+        :class:`memslots.kvm.abi.KvmSystem`'s calls (a kernel under QEMU), whose
+        ``release``, ``arch`` and ``page_size`` (4096 unless given: the guest reports
+        its own) are then given. Every probe is made in pages of that size. Creates a
+        few scratch VMs; about 250 ioctls. The host's profile is cached per path.
+        Raises :class:`memslots.errors.KvmUnavailable` when the device cannot be used;
+        ValueError for a page size KVM is not built with."""
         if kernel is None:
             return _probe_path(path)
-        return _probe(kernel, release or "unknown", arch or "x86_64")
+        return _probe(kernel, release or "unknown", arch or "x86_64", page_size or PAGE_SIZE)
 
 
 def profile_names() -> list[str]:
@@ -331,24 +345,26 @@ def _accepts(vm: ProbeVm, gpa: int, size: int, hva: int) -> bool:
     return True
 
 
-def _probe_gmem(vm: ProbeVm, profile_flags: int) -> tuple[bool, bool, int, int]:
+def _probe_gmem(
+    vm: ProbeVm, profile_flags: int, page: int = PAGE_SIZE
+) -> tuple[bool, bool, int, int]:
     """``(private_mem on the default VM, gmem_needs_mmap, errno of a range bound twice,
-    creation flags)`` found by trying them: a guest_memfd of 2 pages, bound by one slot,
-    then by another."""
+    creation flags)`` found by trying them: a guest_memfd of 2 pages (of ``page`` bytes),
+    bound by one slot, then by another."""
     needs_mmap = False
     flags_ok = profile_flags
     if not flags_ok:
         for bit in range(8):
             try:
-                fd = vm.create_guest_memfd(2 * PAGE_SIZE, 1 << bit)
+                fd = vm.create_guest_memfd(2 * page, 1 << bit)
             except MemslotError:
                 continue
             vm.close_fd(fd)
             flags_ok |= 1 << bit
-    fd = vm.create_guest_memfd(2 * PAGE_SIZE, 0)
+    fd = vm.create_guest_memfd(2 * page, 0)
     try:
         try:
-            vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 0, PAGE_SIZE, _PROBE_HVA, 0, fd)
+            vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 0, page, _PROBE_HVA, 0, fd)
         except MemslotError as exc:
             if exc.errno != EINVAL:
                 raise
@@ -356,19 +372,17 @@ def _probe_gmem(vm: ProbeVm, profile_flags: int) -> tuple[bool, bool, int, int]:
                 return False, False, EINVAL, flags_ok
             # arm64 7.x: only gmem-only slots, on a guest_memfd made mmap-able
             vm.close_fd(fd)
-            fd = vm.create_guest_memfd(2 * PAGE_SIZE, GUEST_MEMFD_FLAG_MMAP)
+            fd = vm.create_guest_memfd(2 * page, GUEST_MEMFD_FLAG_MMAP)
             if _errno_of(
                 lambda: vm.set_user_memory_region2(
-                    1, KVM_MEM_GUEST_MEMFD, 0, PAGE_SIZE, _PROBE_HVA, 0, fd
+                    1, KVM_MEM_GUEST_MEMFD, 0, page, _PROBE_HVA, 0, fd
                 )
             ):
                 return False, False, EINVAL, flags_ok
             needs_mmap = True
         bound_errno = 0
         try:
-            vm.set_user_memory_region2(
-                2, KVM_MEM_GUEST_MEMFD, PAGE_SIZE, PAGE_SIZE, _PROBE_HVA, 0, fd
-            )
+            vm.set_user_memory_region2(2, KVM_MEM_GUEST_MEMFD, page, page, _PROBE_HVA, 0, fd)
         except MemslotError as exc:
             bound_errno = exc.errno or 0
         else:
@@ -379,7 +393,12 @@ def _probe_gmem(vm: ProbeVm, profile_flags: int) -> tuple[bool, bool, int, int]:
         vm.close_fd(fd)
 
 
-def _probe(kernel: ProbeKernel, release: str, arch: str) -> KernelProfile:
+def _probe(kernel: ProbeKernel, release: str, arch: str, page: int = PAGE_SIZE) -> KernelProfile:
+    """Probe ``kernel``, whose pages are ``page`` bytes: every slot, hva and guest_memfd
+    the probes try is made of whole pages of that size."""
+    shift = page.bit_length() - 1
+    if page != 1 << shift or shift not in PAGE_SHIFTS:
+        raise ValueError(f"page size {page}: KVM's kernels have 4, 16 or 64 KiB pages")
     cap = kernel.check_extension
     version = _version(release)
     ring = cap(abi.KVM_CAP_DIRTY_LOG_RING)
@@ -389,20 +408,20 @@ def _probe(kernel: ProbeKernel, release: str, arch: str) -> KernelProfile:
     try:
         nr_as = max(1, vm.check_extension(abi.KVM_CAP_MULTI_ADDRESS_SPACE))
         max_gfn = _bisect(
-            lambda g: _accepts(vm, g << PAGE_SHIFT, PAGE_SIZE, _PROBE_HVA),
-            0, (1 << (64 - PAGE_SHIFT)) - 1,
+            lambda g: _accepts(vm, g << shift, page, _PROBE_HVA),
+            0, (1 << (64 - shift)) - 1,
         )  # fmt: skip
         # the last user page whose one-page slot is accepted: the hva range ends at or
         # below task_size_max
         last_page = _bisect(
-            lambda p: _accepts(vm, 0, PAGE_SIZE, p << PAGE_SHIFT),
-            0, (1 << (64 - PAGE_SHIFT)) - 1,
+            lambda p: _accepts(vm, 0, page, p << shift),
+            0, (1 << (64 - shift)) - 1,
         )  # fmt: skip
-        task_size_max = (last_page + 1) << PAGE_SHIFT
+        task_size_max = (last_page + 1) << shift
         # what a slot one page past the highest gfn gets (none past 2^64: EINVAL, a wrap)
-        past = (max_gfn + 1) << PAGE_SHIFT
+        past = (max_gfn + 1) << shift
         max_gfn_errno = (
-            _errno_of(lambda: vm.set_user_memory_region(0, 0, past, PAGE_SIZE, _PROBE_HVA))
+            _errno_of(lambda: vm.set_user_memory_region(0, 0, past, page, _PROBE_HVA))
             if past < 1 << 64
             else EINVAL
         )
@@ -410,7 +429,7 @@ def _probe(kernel: ProbeKernel, release: str, arch: str) -> KernelProfile:
         # KVM_CREATE_GUEST_MEMFD where it is missing, else the architecture's default
         unknown_ioctl_errno = ENOTTY if arch == "x86_64" else EINVAL
         if not guest_memfd:
-            unknown_ioctl_errno = _errno_of(lambda: vm.create_guest_memfd(PAGE_SIZE, 0))
+            unknown_ioctl_errno = _errno_of(lambda: vm.create_guest_memfd(page, 0))
         try:
             vm.reset_dirty_rings()
             reset = True
@@ -419,7 +438,7 @@ def _probe(kernel: ProbeKernel, release: str, arch: str) -> KernelProfile:
         private_mem, needs_mmap, bound_errno, gmem_flags = False, False, EINVAL, 0
         if guest_memfd:
             private_mem, needs_mmap, bound_errno, gmem_flags = _probe_gmem(
-                vm, cap(abi.KVM_CAP_GUEST_MEMFD_FLAGS)
+                vm, cap(abi.KVM_CAP_GUEST_MEMFD_FLAGS), page
             )
     finally:
         vm.close()
@@ -428,6 +447,7 @@ def _probe(kernel: ProbeKernel, release: str, arch: str) -> KernelProfile:
         release=release,
         version=version,
         arch=arch,
+        page_shift=shift,
         paging_levels=5 if task_size_max > (1 << 48 if arch == "arm64" else 1 << 47) else 4,
         memslot_design="tree" if version >= (5, 17) else "array",
         source="probed: KVM_CHECK_EXTENSION and probes on scratch VMs",
@@ -462,7 +482,7 @@ def _probe_path(path: str) -> KernelProfile:
     with abi.KvmSystem(path) as system:
         uname = os.uname()
         arch = "arm64" if uname.machine == "aarch64" else uname.machine
-        return _probe(system, uname.release, arch)
+        return _probe(system, uname.release, arch, os.sysconf("SC_PAGE_SIZE"))
 
 
 # ======================================================================================
@@ -514,12 +534,24 @@ def _named() -> Iterator[KernelProfile]:
     yield dataclasses.replace(
         arm64, name="6.12", release="6.12", version=(6, 12), guest_memfd=False
     )
-    yield dataclasses.replace(
-        # guest_memfd, whose slots must be mmap-able (gmem-only) on arm64
+    arm64_72 = dataclasses.replace(
+        # guest_memfd, whose slots must be mmap-able (gmem-only) on arm64, and
+        # kvm_gmem_bind's EEXIST for a range already bound, as on x86
         arm64, name="7.2", release="7.2", version=(7, 2), private_mem=True,
-        gmem_needs_mmap=True,
+        gmem_needs_mmap=True, gmem_bound_errno=EEXIST,
         guest_memfd_flags=GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
     )  # fmt: skip
+    yield arm64_72
+    # Debian's arm64-16k flavour (CONFIG_ARM64_16K_PAGES): the same answers in 16 KiB
+    # pages; the 40-bit IPA of VM type 0 is 2^26 gfns
+    pages16k: dict[str, Any] = {
+        "page_shift": 14, "max_gfn": (1 << 26) - 1,
+        "source": "measured on Debian's arm64-16k kernel under QEMU (virt, GICv3)",
+    }  # fmt: skip
+    yield dataclasses.replace(
+        arm64, name="6.12", release="6.12", version=(6, 12), guest_memfd=False, **pages16k
+    )
+    yield dataclasses.replace(arm64_72, **pages16k)
     yield KernelProfile(
         # the development host: KVM's PVM backend, no SMM address space, no guest_memfd
         # (CONFIG_KVM_GUEST_MEMFD off since its 2026-12 build); max gfn 2^40 - 1
@@ -529,4 +561,4 @@ def _named() -> Iterator[KernelProfile]:
     )  # fmt: skip
 
 
-_NAMED: Final = {f"{p.name}/{p.arch}": p for p in _named()}
+_NAMED: Final = {p.key: p for p in _named()}

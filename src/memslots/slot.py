@@ -28,7 +28,9 @@ class Memslot:
     it is shared by a slot and its copies while logging stays on, and every change to it
     holds :data:`memslots.dirty_log.bitmap_lock`.
     ``arch`` is an opaque per-architecture value, carried over on FLAGS_ONLY changes like
-    the kernel's ``slot->arch``.
+    the kernel's ``slot->arch``. ``page_shift`` is the kernel's page size (12: 4 KiB, the
+    default; 14 and 16 on arm64 kernels with 16 and 64 KiB pages): a gfn is ``gpa >>
+    page_shift`` and every byte value below (gpa, size, hvas) follows it.
 
     >>> from memslots import KVM_MEM_READONLY
     >>> s = Memslot(1, 0, 0x100, 16, KVM_MEM_READONLY, 0x7F0000000000)
@@ -39,6 +41,8 @@ class Memslot:
     (False, True, (0, 1, 256, 16, 2, 139637976727552))
     >>> Memslot(2, 1, 0, 1, 0, 0).slot   # the ABI number: as_id << 16 | id
     65538
+    >>> hex(Memslot(3, 0, 0x100, 16, 0, 0, page_shift=14).guest_phys_addr)   # 16 KiB pages
+    '0x400000'
     """
 
     __slots__ = (
@@ -50,6 +54,7 @@ class Memslot:
         "gmem",
         "id",
         "npages",
+        "page_shift",
         "userspace_addr",
     )
 
@@ -63,6 +68,7 @@ class Memslot:
         userspace_addr: int,
         dirty_bitmap: bytearray | None = None,
         arch: Any = None,
+        page_shift: int = PAGE_SHIFT,
     ) -> None:
         self.id = id
         self.as_id = as_id
@@ -72,6 +78,8 @@ class Memslot:
         self.userspace_addr = userspace_addr
         self.dirty_bitmap = dirty_bitmap
         self.arch = arch
+        #: log2 of the kernel's page size: 12, 14 or 16
+        self.page_shift = page_shift
         #: ``(GuestMemfdFile, offset)`` for a KVM_MEM_GUEST_MEMFD slot, else None
         self.gmem: Any = None
 
@@ -94,18 +102,18 @@ class Memslot:
     @property
     def guest_phys_addr(self) -> int:
         """The first guest physical address of the slot."""
-        return self.base_gfn << PAGE_SHIFT
+        return self.base_gfn << self.page_shift
 
     @property
     def memory_size(self) -> int:
         """The size of the slot in bytes."""
-        return self.npages << PAGE_SHIFT
+        return self.npages << self.page_shift
 
     @property
     def hva_last(self) -> int:
         """The last host virtual address of the slot (inclusive, as the kernel's
         ``hva_node.last``)."""
-        return self.userspace_addr + (self.npages << PAGE_SHIFT) - 1
+        return self.userspace_addr + (self.npages << self.page_shift) - 1
 
     def copy(self) -> Memslot:
         """``kvm_copy_memslot``: a new object with the same fields (bitmap shared)."""
@@ -118,6 +126,7 @@ class Memslot:
             self.userspace_addr,
             self.dirty_bitmap,
             self.arch,
+            self.page_shift,
         )
         c.gmem = self.gmem
         return c
@@ -170,4 +179,4 @@ def gfn_to_hva_memslot_prot(slot: Memslot | None, gfn: int, write: bool) -> int:
         return KVM_HVA_ERR_BAD
     if write and slot.flags & KVM_MEM_READONLY:
         return KVM_HVA_ERR_RO_BAD
-    return slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
+    return slot.userspace_addr + ((gfn - slot.base_gfn) << slot.page_shift)

@@ -34,6 +34,7 @@ from memslots.constants import (
     KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
     KVM_USER_MEM_SLOTS_X86,
     PAGE_SHIFT,
+    PAGE_SHIFTS,
     PAGE_SIZE,
     U64_MAX,
     X86_MAX_GFN,
@@ -67,8 +68,11 @@ class VmLimits:
     address range that ``access_ok`` accepts: 2^47 - 4 KiB with 4-level paging, 2^56 -
     4 KiB with 5-level), ``readonly_mem`` (``KVM_MEM_READONLY``), ``private_mem``
     (``KVM_MEM_GUEST_MEMFD`` slots are valid on this VM), ``user_memory2`` (the
-    ``KVM_SET_USER_MEMORY_REGION2`` ioctl exists: 6.8+), ``page_shift`` (the kernel's
-    page size).
+    ``KVM_SET_USER_MEMORY_REGION2`` ioctl exists: 6.8+), ``page_shift`` (log2 of the
+    kernel's page size: 12 for 4 KiB, 14 and 16 for arm64 kernels built with 16 and
+    64 KiB pages; gfns, slot sizes, every alignment check, guest_memfd sizes and offsets
+    and the dirty ring's minimum size follow it, while ``KVM_MEM_MAX_NR_PAGES`` stays
+    2^31 - 1 pages).
 
     guest_memfd (``virt/kvm/guest_memfd.c``): ``guest_memfd`` (the
     ``KVM_CREATE_GUEST_MEMFD`` ioctl exists: 6.8+ with ``CONFIG_KVM_GUEST_MEMFD``, or its
@@ -124,12 +128,13 @@ class VmLimits:
             raise ValueError("nr_address_spaces must be in 1..65535")
         if not 1 <= self.max_user_slots <= KVM_MEM_SLOTS_NUM:
             raise ValueError(f"max_user_slots must be in 1..{KVM_MEM_SLOTS_NUM}")
-        if not 0 <= self.max_gfn < 1 << (64 - PAGE_SHIFT):
-            raise ValueError("max_gfn must be a gfn (0 .. 2^52-1)")
-        if self.page_shift != PAGE_SHIFT:
+        if self.page_shift not in PAGE_SHIFTS:
             raise ValueError(
-                f"page_shift {self.page_shift}: this engine models {PAGE_SIZE}-byte pages"
+                f"page_shift {self.page_shift}: the kernel's pages are 4, 16 or 64 KiB"
+                " (page_shift 12, 14 or 16)"
             )
+        if not 0 <= self.max_gfn < 1 << (64 - self.page_shift):
+            raise ValueError(f"max_gfn must be a gfn (0 .. 2^{64 - self.page_shift}-1)")
         if not 0 < self.task_size_max < 1 << 64:
             raise ValueError("task_size_max must be in 1 .. 2^64-1")
         if not 1 <= self.max_vcpu_ids <= 1 << 32 or not 1 <= self.max_vcpus <= 1 << 32:
@@ -423,13 +428,15 @@ def check_set_user_memory_region(
     as_id = slot >> 16
     id = slot & 0xFFFF
     fn = KVM_SET_MEMORY_REGION
-    if memory_size & (PAGE_SIZE - 1):
+    shift = limits.page_shift
+    mask = (1 << shift) - 1
+    if memory_size & mask:
         _refuse(EINVAL, "size-unaligned", fn, f"memory_size {memory_size:#x} is not page aligned")
-    if guest_phys_addr & (PAGE_SIZE - 1):
+    if guest_phys_addr & mask:
         _refuse(
             EINVAL, "gpa-unaligned", fn, f"guest_phys_addr {guest_phys_addr:#x} is not page aligned"
         )
-    if userspace_addr & (PAGE_SIZE - 1):
+    if userspace_addr & mask:
         _refuse(
             EINVAL, "hva-unaligned", fn, f"userspace_addr {userspace_addr:#x} is not page aligned"
         )
@@ -440,7 +447,7 @@ def check_set_user_memory_region(
             f"({limits.task_size_max:#x}, access_ok)",
         )  # fmt: skip
     if flags & KVM_MEM_GUEST_MEMFD and (
-        guest_memfd_offset & (PAGE_SIZE - 1) or (guest_memfd_offset + memory_size) >> 64
+        guest_memfd_offset & mask or (guest_memfd_offset + memory_size) >> 64
     ):
         _refuse(
             EINVAL, "gmem-offset", fn,
@@ -453,10 +460,10 @@ def check_set_user_memory_region(
         )  # fmt: skip
     if (guest_phys_addr + memory_size) >> 64:
         _refuse(EINVAL, "gpa-wraps", fn, "guest physical range wraps past 2^64")
-    if id < limits.max_user_slots and (memory_size >> PAGE_SHIFT) > KVM_MEM_MAX_NR_PAGES:
+    if id < limits.max_user_slots and (memory_size >> shift) > KVM_MEM_MAX_NR_PAGES:
         _refuse(
             EINVAL, "npages", fn,
-            f"{memory_size >> PAGE_SHIFT} pages: more than KVM_MEM_MAX_NR_PAGES (2^31-1)",
+            f"{memory_size >> shift} pages: more than KVM_MEM_MAX_NR_PAGES (2^31-1)",
         )  # fmt: skip
 
     slots = active[as_id]
@@ -472,8 +479,8 @@ def check_set_user_memory_region(
             old.userspace_addr,
         )  # fmt: skip
 
-    base_gfn = guest_phys_addr >> PAGE_SHIFT
-    npages = memory_size >> PAGE_SHIFT
+    base_gfn = guest_phys_addr >> shift
+    npages = memory_size >> shift
     if old is None:
         change = Change.CREATE
         if (nr_memslot_pages + npages) >> 64:
@@ -519,8 +526,8 @@ def check_set_user_memory_region(
                 _refuse(
                     EEXIST, "overlap", KVM_CHECK_MEMSLOT_OVERLAP,
                     f"gpa {guest_phys_addr:#x}-{guest_phys_addr + memory_size - 1:#x} overlaps "
-                    f"slot {s.id}, gpa {s.base_gfn << PAGE_SHIFT:#x}-"
-                    f"{((s.base_gfn + s.npages) << PAGE_SHIFT) - 1:#x}",
+                    f"slot {s.id}, gpa {s.base_gfn << shift:#x}-"
+                    f"{((s.base_gfn + s.npages) << shift) - 1:#x}",
                     s,
                 )  # fmt: skip
     return Decision(

@@ -283,7 +283,10 @@ class Vm(VmApi[MemslotSet]):
             new: Memslot | None = None
             if d.change is not Change.DELETE:
                 self.faults.check("kzalloc_new")
-                new = Memslot(d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr)
+                new = Memslot(
+                    d.id, d.as_id, d.base_gfn, d.npages, d.flags, d.userspace_addr,
+                    None, None, self.limits.page_shift,
+                )  # fmt: skip
                 if d.flags & KVM_MEM_GUEST_MEMFD:
                     self.guest_memfds.bind(
                         new, d.guest_memfd, d.guest_memfd_offset, self.limits.gmem_bound_errno
@@ -536,7 +539,7 @@ class Vm(VmApi[MemslotSet]):
     def enable_dirty_ring(self, size: int, acq_rel: bool = False) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING, size)`` (``..._ACQ_REL`` with
         ``acq_rel``): a ring of ``size`` bytes for each vCPU created afterwards. The
-        kernel's checks and errnos in its order: EINVAL (not a power of two, below 4096),
+        kernel's checks and errnos in its order: EINVAL (not a power of two, below the page size),
         E2BIG (over 1 MiB), EINVAL (already on, or a vCPU was ever created); ``size`` is
         truncated to u32 first. O(1)."""
         _dirty_ring.enable_dirty_ring(self, size, acq_rel)

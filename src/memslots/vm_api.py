@@ -51,8 +51,6 @@ from memslots.constants import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
-    PAGE_SHIFT,
-    PAGE_SIZE,
 )
 from memslots.errors import MemslotError, Refusal, require
 from memslots.faults import FaultInjector
@@ -77,7 +75,6 @@ SetT = TypeVar("SetT", bound=SlotsView)
 SetT_contra = TypeVar("SetT_contra", bound=SlotsView, contravariant=True)
 #: a ctypes type read by :meth:`VmApi.read_obj`
 _CT = TypeVar("_CT", bound="ctypes._CData")
-_PAGE_MASK = PAGE_SIZE - 1
 
 
 class PublishObserver(Protocol[SetT_contra]):
@@ -291,7 +288,9 @@ class VmApi(Generic[SetT]):
         for creation flags ``kvm_gmem_create`` does not accept, then for a size that is
         zero or not page aligned."""
         self.check_create_guest_memfd(size, flags)
-        return self.guest_memfds.create(size, flags, self.limits.guest_memfd_flags)
+        return self.guest_memfds.create(
+            size, flags, self.limits.guest_memfd_flags, self.limits.page_shift
+        )
 
     def check_create_guest_memfd(self, size: int, flags: int) -> None:
         """What ``KVM_CREATE_GUEST_MEMFD`` answers, without creating anything: ENOTTY where
@@ -302,7 +301,9 @@ class VmApi(Generic[SetT]):
                 "KVM_CREATE_GUEST_MEMFD does not exist in this kernel",
                 Refusal("no-ioctl", "virt/kvm/kvm_main.c: kvm_vm_ioctl"),
             )
-        _guest_memfd.check_create(size, flags, self.limits.guest_memfd_flags)
+        _guest_memfd.check_create(
+            size, flags, self.limits.guest_memfd_flags, self.limits.page_shift
+        )
 
     def register_invalidate_callback(self, cb: InvalidateCallback) -> None:
         """Call ``cb(old_slot)`` whenever a slot is invalidated (DELETE and MOVE, right
@@ -557,13 +558,14 @@ class VmApi(Generic[SetT]):
         return out
 
     def find_free_gpa(
-        self, size: int, *, align: int = PAGE_SIZE, start: int = 0, as_id: int = 0
+        self, size: int, *, align: int | None = None, start: int = 0, as_id: int = 0
     ) -> int | None:
         """The lowest guest physical address at or above ``start``, a multiple of
         ``align``, where ``size`` bytes are covered by no slot of ``as_id`` and lie below
         the VM's highest gfn; None when there is no such place. ``size``: a positive
-        multiple of the page size; ``align``: a power of two, at least the page size
-        (ValueError otherwise). O(log n + k) for the k slots skipped.
+        multiple of the kernel's page size (``limits.page_shift``); ``align``: a power of
+        two, at least the page size (the default) (ValueError otherwise). O(log n + k) for
+        the k slots skipped.
 
         >>> from memslots import Vm
         >>> vm = Vm()
@@ -571,14 +573,18 @@ class VmApi(Generic[SetT]):
         >>> hex(vm.find_free_gpa(0x200000, align=0x200000))   # 2 MiB, 2 MiB-aligned
         '0x200000'
         """
-        if size <= 0 or size & _PAGE_MASK:
-            raise ValueError(f"size {size:#x} is not a positive multiple of {PAGE_SIZE:#x}")
-        if align < PAGE_SIZE or align & (align - 1):
-            raise ValueError(f"align {align:#x} is not a power of two >= {PAGE_SIZE:#x}")
+        shift = self.limits.page_shift
+        page = 1 << shift
+        if align is None:
+            align = page
+        if size <= 0 or size & (page - 1):
+            raise ValueError(f"size {size:#x} is not a positive multiple of {page:#x}")
+        if align < page or align & (align - 1):
+            raise ValueError(f"align {align:#x} is not a power of two >= {page:#x}")
         if start < 0:
             raise ValueError(f"start {start:#x} is negative")
-        npages = size >> PAGE_SHIFT
-        step = align >> PAGE_SHIFT
+        npages = size >> shift
+        step = align >> shift
         limit = self.limits.max_gfn + 1
         gfn = -(-start // align) * step  # start rounded up to align, in pages
         with self.read_section():
@@ -588,7 +594,7 @@ class VmApi(Generic[SetT]):
                 end = s.base_gfn + s.npages
                 if end > gfn:
                     gfn = -(-end // step) * step
-        return gfn << PAGE_SHIFT if gfn + npages <= limit else None
+        return gfn << shift if gfn + npages <= limit else None
 
     def free_slot_id(self, *, as_id: int = 0) -> int | None:
         """The lowest slot id (0 .. ``limits.max_user_slots - 1``) that address space

@@ -22,12 +22,15 @@ from pathlib import Path
 
 import pytest
 
+from memslots.profiles import KernelProfile
+
 TRACES = sorted((Path(__file__).parent.parent / "data" / "traces").glob("*.log"))
 OPS = int(os.environ.get("MEMSLOTS_MATRIX_OPS", "2000"))
 SEED = int(os.environ.get("MEMSLOTS_MATRIX_SEED", "1"))
 
 #: (series, arch, extra options): Debian's x86-64 kernels with 4-level paging, 7.2 with
-#: 5-level paging too, and the arm64 kernels
+#: 5-level paging too, and the arm64 kernels, with 4 KiB pages and with 16 KiB pages
+#: (Debian's arm64-16k flavour: ``debian:SERIES/16k``)
 KERNELS = [
     ("5.10", "x86_64", ()),
     ("6.1", "x86_64", ()),
@@ -36,6 +39,8 @@ KERNELS = [
     ("7.2", "x86_64", ("--paging", "5")),
     ("6.12", "arm64", ()),
     ("7.2", "arm64", ()),
+    ("6.12/16k", "arm64", ()),
+    ("7.2/16k", "arm64", ()),
 ]
 
 #: rows of the summary table, filled by the tests
@@ -64,7 +69,9 @@ def _memslots(*args: str, timeout: float = 900) -> tuple[subprocess.CompletedPro
 
 
 def _name(series: str, arch: str, extra: tuple[str, ...]) -> str:
-    return f"{series}/{arch}" + (" la57" if extra else "")
+    """``7.2/x86_64 la57``, ``6.12/arm64-16k``: the named profile's name, and the paging."""
+    series, _, pages = series.partition("/")
+    return f"{series}/{arch}" + (f"-{pages}" if pages else "") + (" la57" if extra else "")
 
 
 @pytest.mark.parametrize(
@@ -97,6 +104,10 @@ def test_conform_agrees_on_every_call(series: str, arch: str, extra: tuple[str, 
     assert report["agreement"] == 1.0
     assert report["calls"] >= OPS * 0.9  # nearly every operation is a compared call
     assert done.returncode == 0
+    if arch == "arm64":  # the named profile is what the probe measured
+        probed = KernelProfile.from_dict(kernel)
+        named = KernelProfile.named(_name(series, arch, extra))
+        assert named.differences(probed) == []
 
 
 @pytest.mark.parametrize("series", ["6.1", "7.2"])

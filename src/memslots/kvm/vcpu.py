@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from memslots.constants import PAGE_SIZE
 from memslots.errors import MemslotError
 from memslots.kvm.abi import (
     KVM_DIRTY_LOG_PAGE_OFFSET,
@@ -307,7 +306,7 @@ class KvmVcpu(_Fd):
                 nbytes,
                 mmap.MAP_SHARED,
                 mmap.PROT_READ | mmap.PROT_WRITE,
-                offset=KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE,
+                offset=KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE,  # the host's pages
             )
         return self._ring_map
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 # the module, not the class: importing memslots.profiles first imports this package
 # (for memslots.kvm.abi) while profiles is still half-initialised
 from memslots import profiles as _profiles
-from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, U32_MAX, U64_MAX
+from memslots.constants import KVM_MEM_LOG_DIRTY_PAGES, U32_MAX, U64_MAX
 from memslots.dirty_log import dirty_bitmap_bytes, dirty_pages
 from memslots.errors import MemslotError, errno_name
 from memslots.guest_memfd import GuestMemfdTable
@@ -639,7 +639,7 @@ class KvmVm(Vm):
                     owned = [(m.addr, m.addr + m.size) for m in self._owned_memory]
                     for s in self.slots() if owned else ():
                         start = s.userspace_addr
-                        end = start + (s.npages << PAGE_SHIFT)
+                        end = start + (s.npages << s.page_shift)
                         if any(start < hi and lo < end for lo, hi in owned):
                             with contextlib.suppress(MemslotError):
                                 self.fd.set_user_memory_region(s.slot, 0, 0, 0, 0)

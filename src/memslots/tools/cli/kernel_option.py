@@ -28,8 +28,9 @@ def add_kernel_options(p: Any) -> None:
         "--kernel",
         metavar="SPEC",
         help="debian:SERIES (5.10, 6.1, 6.12, 7.2: the newest Debian kernel of that series,"
-        " fetched once into ~/.cache/memslots) or the path of a kernel image"
-        " (e.g. arch/x86/boot/bzImage)",
+        " fetched once into ~/.cache/memslots), debian:SERIES/16k (6.12, 7.2 with --arch"
+        " arm64: Debian's arm64-16k flavour, 16 KiB pages) or the path of a kernel image"
+        " (e.g. arch/x86/boot/bzImage; its page size is read from the running guest)",
     )
     g.add_argument(
         "--arch",

@@ -47,15 +47,17 @@ def run(args: argparse.Namespace) -> int:
         nearest = _nearest(probed)
         if nearest is not None:
             diffs = nearest.differences(probed)
-            print(
-                f"  differs from {nearest.name}/{nearest.arch} in: "
-                + ("; ".join(diffs) or "nothing")
-            )
+            print(f"  differs from {nearest.key} in: " + ("; ".join(diffs) or "nothing"))
     return 0
 
 
 def _nearest(probed: KernelProfile) -> KernelProfile | None:
-    """The named profile of the same architecture with the closest version at or below."""
-    same = [KernelProfile.named(n) for n in profile_names() if n.endswith("/" + probed.arch)]
+    """The named profile of the same architecture and page size with the closest version
+    at or below."""
+    same = [
+        p
+        for p in map(KernelProfile.named, profile_names())
+        if p.arch == probed.arch and p.page_shift == probed.page_shift
+    ]
     below = [p for p in same if p.version <= probed.version]
     return max(below, key=lambda p: p.version) if below else None

@@ -53,7 +53,6 @@ __all__ = ["OpGenerator"]
 
 T = TypeVar("T")
 
-_PAGE_MASK: Final = PAGE_SIZE - 1
 #: generated hvas: unmapped, legal user addresses (the kernel does not check the mapping);
 #: a VM with a ring maps host memory there (:class:`MapMemory`)
 _HVA_BASE: Final = MEM_HVA
@@ -161,11 +160,18 @@ class OpGenerator:
     def use_limits(self, limits: VmLimits) -> None:
         """Draw for a VM with ``limits`` (the kernel's, as probed): slot ids up to its slot
         count, both address spaces where it has two, vCPU ids up to its limit and past
-        it, hvas up to its user-address line and past it, its guest_memfd flags."""
+        it, hvas up to its user-address line and past it, its guest_memfd flags, and
+        gpas, sizes, hvas, guest_memfd offsets and sizes and ring sizes in its page size
+        (``limits.page_shift``; misaligned ones on purpose, also by multiples of 4 KiB
+        where the page is larger)."""
         self.limits = limits
         self.max_gfn = limits.max_gfn
         self.max_user_slots = limits.max_user_slots
         self.task_size_max = limits.task_size_max
+        #: the kernel's page: log2, bytes, mask
+        self.shift = limits.page_shift
+        self.page = 1 << self.shift
+        self.page_mask = self.page - 1
 
     def vm_type(self, profile: KernelProfile | None) -> int:
         """The type of the next VM (0 while the kernel is not known yet): on arm64 mostly
@@ -210,20 +216,33 @@ class OpGenerator:
         return as_bits | self.rng.randrange(self.ids)
 
     def _pages(self) -> int:
+        """A slot's size in pages: up to 4096 pages of 4 KiB; with larger pages the
+        largest sizes scale down, and none passes 16 MiB (what the ring's host memory
+        leaves behind its hvas)."""
         rng = self.rng
-        return _weighted(
+        scale = self.shift - PAGE_SHIFT
+        n = _weighted(
             rng,
             (
                 (rng.randint(1, 8), 50),
                 (rng.randint(9, 64), 25),
                 (rng.choice((64, 128, 192, 256)), 8),
                 (rng.randint(65, 512), 15),
-                (rng.randint(513, 4096), 2),
+                (rng.randint(513, 4096) >> scale, 2),
             ),
         )
+        return min(n, (1 << 24) >> self.shift)
 
     def _gpa(self) -> int:
-        return self.rng.randrange(self.gpa_pages) << PAGE_SHIFT
+        return self.rng.randrange(self.gpa_pages) << self.shift
+
+    def _misalign(self) -> int:
+        """A non-zero offset below the page size: any, or (larger pages) a multiple of
+        4 KiB, aligned for a 4 KiB kernel but not for this one."""
+        rng = self.rng
+        if self.page > PAGE_SIZE and rng.random() < 0.5:
+            return rng.randrange(1, self.page >> PAGE_SHIFT) << PAGE_SHIFT
+        return rng.randint(1, self.page_mask)
 
     def _hva(self, npages: int) -> int:
         rng = self.rng
@@ -231,11 +250,12 @@ class OpGenerator:
         if r < 0.03:
             return 0
         if r < 0.05:
-            return self.task_size_max - (npages << PAGE_SHIFT)  # ends exactly at the limit
+            return self.task_size_max - (npages << self.shift)  # ends exactly at the limit
         if r < 0.07:  # around where another paging mode draws the line
             line = rng.choice(_PAGING_LINES)
-            return line - (npages << PAGE_SHIFT) - rng.choice((0, PAGE_SIZE, -PAGE_SIZE))
-        return _HVA_BASE + (rng.randrange(1 << 18) << PAGE_SHIFT)
+            return line - (npages << self.shift) - rng.choice((0, self.page, -self.page))
+        # within the first GiB of the mapped area, whatever the page size
+        return _HVA_BASE + (rng.randrange(1 << (30 - self.shift)) << self.shift)
 
     def _random_flags(self) -> int:
         return self.rng.choice((0, 0, 1, 1, 2, 3))
@@ -265,9 +285,8 @@ class OpGenerator:
             slot, flags, gpa, size, hva, guest_memfd_offset=offset, guest_memfd=fd, v2=True
         )
 
-    @staticmethod
-    def _size(s: Memslot) -> int:
-        return s.npages << PAGE_SHIFT
+    def _size(self, s: Memslot) -> int:
+        return s.npages << self.shift
 
     # -- the operation kinds ---------------------------------------------------------
     def next(self, slots: Sequence[Memslot], vcpus: Sequence[int] = (), ring_size: int = 0) -> Op:
@@ -295,7 +314,7 @@ class OpGenerator:
 
     def _new_call(self, id_: int, npages: int) -> MemslotCall:
         return self._call(
-            id_, self._random_flags(), self._gpa(), npages << PAGE_SHIFT, self._hva(npages)
+            id_, self._random_flags(), self._gpa(), npages << self.shift, self._hva(npages)
         )
 
     def _op_delete(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
@@ -310,32 +329,32 @@ class OpGenerator:
         flags = s.flags ^ (KVM_MEM_LOG_DIRTY_PAGES if rng.random() < 0.3 else 0)
         gpa = self._gpa()
         if rng.random() < 0.3:  # a small step: overlaps its own old range
-            step = rng.randint(-4, 4) << PAGE_SHIFT
-            gpa = max(0, (s.base_gfn << PAGE_SHIFT) + step)
+            step = rng.randint(-4, 4) << self.shift
+            gpa = max(0, (s.base_gfn << self.shift) + step)
         return self._call(s.slot, flags, gpa, self._size(s), self._ua(s))
 
     def _op_flags(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
         s = self.rng.choice(plain)
         return self._call(
-            s.slot, s.flags ^ KVM_MEM_LOG_DIRTY_PAGES, s.base_gfn << PAGE_SHIFT, self._size(s),
+            s.slot, s.flags ^ KVM_MEM_LOG_DIRTY_PAGES, s.base_gfn << self.shift, self._size(s),
             self._ua(s),
         )  # fmt: skip
 
     def _op_noop(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
         s = self.rng.choice(plain)
-        return self._call(s.slot, s.flags, s.base_gfn << PAGE_SHIFT, self._size(s), self._ua(s))
+        return self._call(s.slot, s.flags, s.base_gfn << self.shift, self._size(s), self._ua(s))
 
     def _op_modify_bad(self, slots: Sequence[Memslot], plain: Sequence[Memslot]) -> Op:
         rng = self.rng
         s = rng.choice(plain)
-        gpa = s.base_gfn << PAGE_SHIFT if rng.random() < 0.5 else self._gpa()
+        gpa = s.base_gfn << self.shift if rng.random() < 0.5 else self._gpa()
         size, hva, flags = self._size(s), self._ua(s), s.flags
         what = rng.choice(("hva", "size", "readonly", "hva+size"))
         if "hva" in what:
             hva = self._hva(s.npages)
         if "size" in what:
-            size = (s.npages + rng.choice((-1, 1, 7))) << PAGE_SHIFT
-            size = size or PAGE_SIZE * 2
+            size = (s.npages + rng.choice((-1, 1, 7))) << self.shift
+            size = size or self.page * 2
         if what == "readonly":
             flags ^= KVM_MEM_READONLY
         return self._call(s.slot, flags, gpa, size, hva)
@@ -369,13 +388,17 @@ class OpGenerator:
             )
         )  # fmt: skip
         replace = dataclasses.replace
-        npages = max(c.memory_size >> PAGE_SHIFT, 1)
+        shift = self.shift
+        npages = max(c.memory_size >> shift, 1)
         if rule == "gpa":
-            return replace(c, guest_phys_addr=c.guest_phys_addr | rng.randint(1, _PAGE_MASK))
+            return replace(c, guest_phys_addr=c.guest_phys_addr | self._misalign())
         if rule == "size":
-            return replace(c, memory_size=c.memory_size + rng.randint(1, _PAGE_MASK))
+            return replace(c, memory_size=c.memory_size + self._misalign())
         if rule == "hva":
-            return replace(c, userspace_addr=c.userspace_addr | rng.choice((1, 8, 2048)))
+            bad = rng.choice((1, 8, 2048))
+            if self.page > PAGE_SIZE and rng.random() < 0.5:
+                bad = self._misalign()
+            return replace(c, userspace_addr=c.userspace_addr | bad)
         if rule == "flag":
             return replace(c, flags=c.flags | (1 << rng.randint(3, 31)))
         if rule == "gmem_v1":
@@ -390,8 +413,8 @@ class OpGenerator:
         if rule == "hva_end":  # the range runs past the user address limit
             return replace(
                 c,
-                userspace_addr=self.task_size_max - (rng.randint(0, npages - 1) << PAGE_SHIFT),
-                memory_size=npages << PAGE_SHIFT,
+                userspace_addr=self.task_size_max - (rng.randint(0, npages - 1) << shift),
+                memory_size=npages << shift,
             )
         if rule == "hva_last":
             return replace(c, userspace_addr=self.task_size_max)
@@ -400,19 +423,17 @@ class OpGenerator:
         if rule == "hva_noncanonical":
             return replace(c, userspace_addr=rng.choice((1 << 47, 1 << 56, 1 << 57, 1 << 62)))
         if rule == "wrap":
-            back = rng.randint(0, npages - 1) << PAGE_SHIFT
+            back = rng.randint(0, npages - 1) << shift
             return replace(
-                c, guest_phys_addr=(1 << 64) - PAGE_SIZE - back, memory_size=npages << PAGE_SHIFT
+                c, guest_phys_addr=(1 << 64) - self.page - back, memory_size=npages << shift
             )
         if rule == "max_pages":
-            return replace(
-                c, memory_size=(KVM_MEM_MAX_NR_PAGES + rng.randint(1, 1 << 20)) << PAGE_SHIFT
-            )
+            return replace(c, memory_size=(KVM_MEM_MAX_NR_PAGES + rng.randint(1, 1 << 20)) << shift)
         if rule == "max_gfn":  # ends 1 .. 2^20 pages past the highest gfn
             last = self.max_gfn + rng.choice((1, 2, rng.randint(1, 1 << 20)))
             first = max(last - npages + 1, 0)
             return replace(
-                c, guest_phys_addr=first << PAGE_SHIFT, memory_size=(last - first + 1) << PAGE_SHIFT
+                c, guest_phys_addr=first << shift, memory_size=(last - first + 1) << shift
             )
         # delete of a slot that does not exist
         used = {s.id for s in slots}
@@ -428,17 +449,20 @@ class OpGenerator:
             flags = rng.choice(
                 (KVM_MEM_GUEST_MEMFD, 0, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_GUEST_MEMFD | 1)
             )
-            gpa = s.base_gfn << PAGE_SHIFT if rng.random() < 0.5 else self._gpa()
+            gpa = s.base_gfn << self.shift if rng.random() < 0.5 else self._gpa()
             return self._call(s.slot, flags, gpa, self._size(s), self._ua(s), v2=True)
         if bound and r < 0.35:  # deletes: the offset is checked when the flag is given
             s = rng.choice(bound)
             flags = rng.choice((0, KVM_MEM_GUEST_MEMFD))
-            offset = rng.choice((0, 0, 0, 1, PAGE_SIZE, 1 << 63, U64_MAX & ~_PAGE_MASK))
+            offsets: tuple[int, ...] = (0, 0, 0, 1, PAGE_SIZE, 1 << 63, U64_MAX & ~self.page_mask)
+            if self.page > PAGE_SIZE:
+                offsets += (self.page,)
+            offset = rng.choice(offsets)
             return self._call(s.slot, flags, 0, 0, 0, v2=rng.random() < 0.7, offset=offset, fd=0)
         if plain and r < 0.42:  # the flag on a slot that has no binding
             s = rng.choice(plain)
             return self._call(
-                s.slot, KVM_MEM_GUEST_MEMFD, s.base_gfn << PAGE_SHIFT, self._size(s),
+                s.slot, KVM_MEM_GUEST_MEMFD, s.base_gfn << self.shift, self._size(s),
                 self._ua(s), v2=True, offset=0, fd=GMEM_FD,
             )  # fmt: skip
         return self._gmem_create(slots)
@@ -451,11 +475,11 @@ class OpGenerator:
         offset = _weighted(
             rng,
             (
-                (rng.randrange(GMEM_SIZE >> PAGE_SHIFT) << PAGE_SHIFT, 80),
-                (rng.randint(1, _PAGE_MASK), 5),
+                (rng.randrange(GMEM_SIZE >> self.shift) << self.shift, 80),
+                (self._misalign(), 5),
                 (GMEM_SIZE, 4),
                 (1 << 63, 3),
-                (U64_MAX & ~_PAGE_MASK, 3),
+                (U64_MAX & ~self.page_mask, 3),
             ),
         )
         fd = _weighted(rng, ((GMEM_FD, 80), (OTHER_FD, 7), (CLOSED_FD, 7), (0, 3), (1 << 31, 1)))
@@ -468,7 +492,7 @@ class OpGenerator:
             ),
         )
         return self._call(
-            rng.choice(free), flags, self._gpa(), npages << PAGE_SHIFT, self._hva(npages),
+            rng.choice(free), flags, self._gpa(), npages << self.shift, self._hva(npages),
             v2=True, offset=offset, fd=fd,
         )  # fmt: skip
 
@@ -496,7 +520,12 @@ class OpGenerator:
                 (0, 10),
             ),
         )
-        size = _weighted(rng, ((GMEM_SIZE, 80), (0, 7), (PAGE_SIZE + 1, 7), (PAGE_SIZE, 6)))
+        sizes: tuple[tuple[int, float], ...] = (
+            (GMEM_SIZE, 80), (0, 7), (self.page + 1, 7), (self.page, 6),
+        )  # fmt: skip
+        if self.page > PAGE_SIZE:  # aligned for a 4 KiB kernel only
+            sizes += ((self.page + PAGE_SIZE, 3), (PAGE_SIZE, 3))
+        size = _weighted(rng, sizes)
         return CreateGuestMemfd(GMEM_FLAGS_FD, size, flags)
 
     def _dirty_slot(self, slots: Sequence[Memslot]) -> tuple[int, Memslot | None]:
@@ -589,7 +618,11 @@ class OpGenerator:
     def _op_ring_enable(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
         self._enables += 1
         rng = self.rng
-        return EnableDirtyRing(_weighted(rng, _RING_SIZES), rng.random() < 0.35)
+        sizes: tuple[tuple[int, float], ...] = _RING_SIZES
+        if self.page > PAGE_SIZE:  # around this kernel's minimum, one page
+            page = self.page
+            sizes += ((page, 10), (page * 2, 5), (page // 2, 5), (page + PAGE_SIZE, 2))
+        return EnableDirtyRing(_weighted(rng, sizes), rng.random() < 0.35)
 
     def _op_vcpu(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
         rng = self.rng
@@ -630,16 +663,17 @@ class OpGenerator:
 
     def _op_vcpu_write(self, slots: Sequence[Memslot], vcpus: Sequence[int]) -> Op:
         rng = self.rng
-        gpa = self._ring_gfn(slots) << PAGE_SHIFT
+        page = self.page
+        gpa = self._ring_gfn(slots) << self.shift
         if rng.random() < 0.5:
-            gpa += rng.randrange(PAGE_SIZE)
+            gpa += rng.randrange(page)
         length = _weighted(
             rng,
             (
                 (rng.randint(1, 16), 30),
-                (PAGE_SIZE, 20),
-                (rng.randint(1, 3 * PAGE_SIZE), 15),
-                (rng.randint(2, 64) * PAGE_SIZE, 15),
+                (page, 20),
+                (rng.randint(1, 3 * page), 15),
+                (rng.randint(2, 64) * page, 15),
             ),
         )
         return VcpuWriteGuest(rng.choice(vcpus), gpa, length)

@@ -50,6 +50,7 @@ __all__ = [
     "DebianKernel",
     "apt_config_text",
     "fetch_debian_kernel",
+    "package_pattern",
     "rank_packages",
 ]
 
@@ -97,6 +98,17 @@ def sources_list_text(suites: tuple[str, ...]) -> str:
     return "".join(
         f"deb [signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {suite} main\n" for suite in suites
     )
+
+
+def package_pattern(series: str, debarch: str, flavour: str = "") -> str:
+    """The regex of the image packages of ``series`` for the Debian architecture
+    ``debarch`` and ``flavour`` (``"-16k"``: ``linux-image-6.12.117+deb13-arm64-16k``).
+
+    >>> names = ["linux-image-6.12.9+deb13-arm64", "linux-image-6.12.9+deb13-arm64-16k"]
+    >>> rank_packages(names, package_pattern("6.12", "arm64", "-16k"))
+    ['linux-image-6.12.9+deb13-arm64-16k']
+    """
+    return DEBIAN_SERIES[series][1].format(arch=re.escape(debarch + flavour))
 
 
 def rank_packages(names: list[str], pattern: str) -> list[str]:
@@ -213,10 +225,11 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def fetch_debian_kernel(series: str, arch: str = "x86_64") -> DebianKernel:
+def fetch_debian_kernel(series: str, arch: str = "x86_64", flavour: str = "") -> DebianKernel:
     """The newest Debian kernel of ``series`` for ``arch``, fetched and unpacked into the
-    cache (only the lists are refreshed when it is there already). Progress on stderr.
-    Raises :class:`KernelBootError`."""
+    cache (only the lists are refreshed when it is there already); ``flavour`` is the
+    suffix of another flavour of that architecture (``"-16k"``: arm64 with 16 KiB pages).
+    Progress on stderr. Raises :class:`KernelBootError`."""
     if series not in DEBIAN_SERIES:
         raise KernelBootError(
             f"unknown Debian kernel series {series!r}: known are {', '.join(DEBIAN_SERIES)}"
@@ -226,26 +239,23 @@ def fetch_debian_kernel(series: str, arch: str = "x86_64") -> DebianKernel:
     # one process at a time per series: apt's own locks would fail a second one
     with (root / ".memslots.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _fetch_locked(series, arch, root)
+        return _fetch_locked(series, arch, root, flavour)
 
 
-def _fetch_locked(series: str, arch: str, root: Path) -> DebianKernel:
+def _fetch_locked(series: str, arch: str, root: Path, flavour: str = "") -> DebianKernel:
     debarch = ARCHES[arch]
-    suites, pattern = DEBIAN_SERIES[series]
+    suites = DEBIAN_SERIES[series][0]
     apt = _Apt(root, suites)
     apt.update()
+    pattern = package_pattern(series, debarch, flavour)
     prefix = pattern.split("\\")[0]  # "linux-image-5"
-    names = rank_packages(
-        apt.run("apt-cache", "pkgnames", prefix).split(), pattern.format(arch=debarch)
-    )
+    names = rank_packages(apt.run("apt-cache", "pkgnames", prefix).split(), pattern)
     for name in names:
         fields = apt.show(f"{name}:{debarch}")
         if fields.get("Version"):
             break
     else:
-        raise KernelBootError(
-            f"debian:{series}: no {pattern.format(arch=debarch)} package in {', '.join(suites)}"
-        )
+        raise KernelBootError(f"debian:{series}: no {pattern} package in {', '.join(suites)}")
     version = fields["Version"]
     dest = cache_dir() / "debian" / f"{name}_{version}"
     if not dest.is_dir():

@@ -245,8 +245,9 @@ class GuestKernel:
         if spec.series is not None:
             from memslots.tools.kernels.debian import fetch_debian_kernel
 
-            kernel = fetch_debian_kernel(spec.series, spec.arch)
-            self.description = f"debian:{spec.series} {kernel.package} {kernel.version}"
+            kernel = fetch_debian_kernel(spec.series, spec.arch, spec.flavour)
+            name = str(spec).rpartition(" (")[0]
+            self.description = f"{name} {kernel.package} {kernel.version}"
             return kernel.image, kernel.modules
         assert spec.image is not None
         return spec.image, spec.modules

@@ -190,11 +190,12 @@ class RemoteKvmSystem(_RemoteFd):
     def profile(self) -> KernelProfile:
         """The guest kernel's :class:`memslots.profiles.KernelProfile`, probed through
         this device (scratch VMs; a few hundred calls, about a second), with the guest's
-        release and architecture; what ``KvmVm(system=..., profile=...)`` takes."""
+        release, architecture and page size; what ``KvmVm(system=..., profile=...)``
+        takes."""
         info = self.guest.info
         assert info is not None
         arch = "arm64" if info.machine == "aarch64" else info.machine
-        return KernelProfile.probe(self, release=info.release, arch=arch)
+        return KernelProfile.probe(self, release=info.release, arch=arch, page_size=info.page_size)
 
     def vm_factory(self, profile: KernelProfile | None = None) -> Callable[..., KvmVm]:
         """A factory of :class:`memslots.kvm.KvmVm` on this kernel (what the tools'

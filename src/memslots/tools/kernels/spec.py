@@ -1,10 +1,12 @@
 """What ``--kernel KERNEL`` names, the cache folder, and the error every step raises.
 
 KERNEL is ``debian:SERIES`` (the newest Debian kernel package of that series:
-:data:`DEBIAN_SERIES`) or the path of a kernel image (``arch/x86/boot/bzImage``,
-``arch/arm64/boot/Image``, a distribution's ``vmlinuz``), with ``modules`` the folder of
-its modules when KVM is built as modules (a ``/lib/modules/VER`` tree or a flat folder of
-``.ko`` files). The architecture is ``x86_64`` (the default) or ``arm64``.
+:data:`DEBIAN_SERIES`), ``debian:SERIES/16k`` (arm64: Debian's ``arm64-16k`` flavour, a
+kernel with 16 KiB pages; :data:`DEBIAN_PAGE_FLAVOURS`) or the path of a kernel image
+(``arch/x86/boot/bzImage``, ``arch/arm64/boot/Image``, a distribution's ``vmlinuz``),
+with ``modules`` the folder of its modules when KVM is built as modules (a
+``/lib/modules/VER`` tree or a flat folder of ``.ko`` files). The architecture is
+``x86_64`` (the default) or ``arm64``.
 
 Cache layout (``$MEMSLOTS_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/memslots/kernels``)::
 
@@ -30,6 +32,7 @@ from typing import Final
 
 __all__ = [
     "ARCHES",
+    "DEBIAN_PAGE_FLAVOURS",
     "DEBIAN_SERIES",
     "KernelBootError",
     "KernelSpec",
@@ -47,6 +50,11 @@ DEBIAN_SERIES: Final[dict[str, tuple[tuple[str, ...], str]]] = {
 
 #: supported guest architectures -> Debian architecture name
 ARCHES: Final = {"x86_64": "amd64", "arm64": "arm64"}
+
+#: ``debian:SERIES/PAGES``: page size -> the suffix of Debian's flavour name for arm64
+#: (``linux-image-VER-arm64-16k``, 6.12 and 7.x); 4k is the plain flavour. Debian has no
+#: 64 KiB flavour: such a kernel is given by path (its page size comes from the guest).
+DEBIAN_PAGE_FLAVOURS: Final = {"4k": "", "16k": "-16k"}
 
 
 class KernelBootError(Exception):
@@ -68,9 +76,13 @@ class KernelSpec:
     series: str | None = None
     image: Path | None = None
     modules: Path | None = None
+    #: the Debian flavour's suffix (``"-16k"``; ``""``: the plain flavour)
+    flavour: str = ""
 
     def __str__(self) -> str:
         what = f"debian:{self.series}" if self.series else str(self.image)
+        if self.flavour:
+            what += "/" + self.flavour.removeprefix("-")
         return f"{what} ({self.arch})"
 
 
@@ -80,6 +92,8 @@ def parse_spec(spec: str, *, arch: str = "x86_64", modules: str | None = None) -
 
     >>> parse_spec("debian:6.1").series
     '6.1'
+    >>> parse_spec("debian:6.12/16k", arch="arm64").flavour
+    '-16k'
     >>> parse_spec("debian:4.19")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -91,14 +105,26 @@ def parse_spec(spec: str, *, arch: str = "x86_64", modules: str | None = None) -
     if mods is not None and not mods.is_dir():
         raise KernelBootError(f"{mods}: no such modules directory")
     if spec.startswith("debian:"):
-        series = spec.removeprefix("debian:")
+        series, _, pages = spec.removeprefix("debian:").partition("/")
+        flavour = ""
+        if pages:
+            if pages.lower() not in DEBIAN_PAGE_FLAVOURS:
+                raise KernelBootError(
+                    f"{spec}: unknown page size {pages!r}: Debian's arm64 kernels come with"
+                    f" {' and '.join(DEBIAN_PAGE_FLAVOURS)} pages (give another kernel by path)"
+                )
+            flavour = DEBIAN_PAGE_FLAVOURS[pages.lower()]
+            if flavour and arch != "arm64":
+                raise KernelBootError(
+                    f"{spec}: Debian's {pages} kernels are arm64 ones (--arch arm64)"
+                )
         if series not in DEBIAN_SERIES:
             raise KernelBootError(
                 f"unknown Debian kernel series {series!r}: known are {', '.join(DEBIAN_SERIES)}"
             )
         if mods is not None:
             raise KernelBootError("--modules goes with a kernel image path, not debian:SERIES")
-        return KernelSpec(arch=arch, series=series)
+        return KernelSpec(arch=arch, series=series, flavour=flavour)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise KernelBootError(

@@ -16,7 +16,6 @@ from memslots.constants import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     PAGE_SHIFT,
-    PAGE_SIZE,
 )
 from memslots.errors import errno_name
 from memslots.slot import Memslot
@@ -117,7 +116,8 @@ def agreement_percent(agreeing: int, total: int) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MapEntry:
-    """One slot of a final memory map (hva as in the trace)."""
+    """One slot of a final memory map (hva as in the trace); ``page_shift`` is the
+    kernel's page size (12: 4 KiB)."""
 
     as_id: int
     id: int
@@ -125,11 +125,15 @@ class MapEntry:
     npages: int
     flags: int
     userspace_addr: int
+    page_shift: int = PAGE_SHIFT
 
     @classmethod
     def of(cls, s: Memslot) -> MapEntry:
         """The entry of a :class:`~memslots.slot.Memslot`. O(1)."""
-        return cls(s.as_id, s.id, s.base_gfn, s.npages, s.flags & 0xFFFF, s.userspace_addr)
+        return cls(
+            s.as_id, s.id, s.base_gfn, s.npages, s.flags & 0xFFFF, s.userspace_addr,
+            s.page_shift,
+        )  # fmt: skip
 
     @property
     def slot(self) -> int:
@@ -139,12 +143,12 @@ class MapEntry:
     @property
     def gpa_start(self) -> int:
         """First guest physical address."""
-        return self.base_gfn * PAGE_SIZE
+        return self.base_gfn << self.page_shift
 
     @property
     def size(self) -> int:
         """Bytes."""
-        return self.npages * PAGE_SIZE
+        return self.npages << self.page_shift
 
     @property
     def gpa_end(self) -> int:
@@ -301,16 +305,19 @@ class Hazard:
     end: int
     call: HvaChange
     index: int = 0
+    #: the kernel's page size (12: 4 KiB)
+    page_shift: int = PAGE_SHIFT
 
     @property
     def gfn_start(self) -> int:
         """First gfn whose memory was hit."""
-        return self.base_gfn + ((self.start - self.userspace_addr) >> PAGE_SHIFT)
+        return self.base_gfn + ((self.start - self.userspace_addr) >> self.page_shift)
 
     @property
     def gfn_end(self) -> int:
         """One past the last gfn whose memory was hit."""
-        return self.base_gfn + ((self.end - self.userspace_addr + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        last = self.end - self.userspace_addr + (1 << self.page_shift) - 1
+        return self.base_gfn + (last >> self.page_shift)
 
     def describe(self) -> str:
         """One line: the call, the slot and what of it was hit."""
@@ -340,7 +347,7 @@ class Hazard:
             "gfn_start": self.gfn_start,
             "gfn_end": self.gfn_end,
             "slot_hva": self.userspace_addr,
-            "slot_size": self.npages * PAGE_SIZE,
+            "slot_size": self.npages << self.page_shift,
         }
 
 

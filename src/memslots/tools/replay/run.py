@@ -263,7 +263,7 @@ class _Runner:
         for start, end in rec.removed():
             for as_id in range(t.nr_address_spaces):
                 for s in t.memslots(as_id).iter_hva_range(start, end - 1):
-                    hva_end = s.userspace_addr + (s.npages << 12)
+                    hva_end = s.userspace_addr + (s.npages << s.page_shift)
                     self.hazards.append(
                         Hazard(
                             vm=self.vm_number,
@@ -278,6 +278,7 @@ class _Runner:
                             end=min(end, hva_end),
                             call=rec,
                             index=index,
+                            page_shift=s.page_shift,
                         )
                     )
 

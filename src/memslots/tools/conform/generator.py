@@ -175,16 +175,21 @@ class OpGenerator:
 
     def vm_type(self, profile: KernelProfile | None) -> int:
         """The type of the next VM (0 while the kernel is not known yet): on arm64 mostly
-        the default, else IPA sizes from 32 bits to the kernel's limit and out of range;
-        on x86 now and then a type the kernel may not offer."""
+        the default, else IPA sizes from 32 to 44 bits and sizes out of range (below 32,
+        past the kernel's limit, bits outside the size); on x86 now and then a type the
+        kernel may not offer.
+
+        IPA sizes above 44 bits are left out of the VMs made: tearing down a VM with a
+        48-bit IPA takes about 1 s under QEMU's emulation and with a 52-bit one 12 s to
+        minutes (the stage-2 page tables are walked over the whole range), and nothing a
+        memslot call answers depends on them beyond the highest gfn, which 32-44 bits
+        exercise already. The limit itself is still probed: limit + 1 is refused."""
         rng = self.rng
         if profile is None or rng.random() < 0.6:
             return 0
         if profile.arch == "arm64":
             limit = profile.ipa_limit or 40
-            return rng.choice(
-                (32, 33, 36, 40, 42, 44, 48, limit, limit, 31, 16, limit + 1, 0x100 | 40)
-            )
+            return rng.choice((32, 33, 36, 40, 42, 44, 44, 31, 16, limit + 1, 0x100 | 40))
         return 0 if rng.random() < 0.8 else rng.choice((1, 2, 3, 4, 0x80))
 
     # -- building blocks -------------------------------------------------------------

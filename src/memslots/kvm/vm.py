@@ -227,11 +227,16 @@ class KvmVcpuHandle(Vcpu):
 class KvmVm(Vm):
     """A real VM on ``/dev/kvm`` behind the memslots API of :class:`memslots.Vm`.
 
-    ``KvmVm(strict=True, path="/dev/kvm")``: opens the device and creates a VM. The engine
-    limits come from the kernel: ``KVM_CAP_MULTI_ADDRESS_SPACE`` (address spaces),
-    ``KVM_CAP_NR_MEMSLOTS`` (slot ids), ``KVM_CAP_READONLY_MEM``, ``KVM_CAP_GUEST_MEMFD``
-    (guest_memfd slots on this VM type) and the highest gfn found by
-    :func:`probe_max_gfn`. Use it as a context manager or call :meth:`close`, which
+    ``KvmVm(strict=True, path="/dev/kvm", system=None, profile=None, vm_type=0)``: opens
+    the device (or uses ``system``, a kernel elsewhere with
+    :class:`memslots.kvm.abi.KvmSystem`'s calls, such as one booted under QEMU by
+    :mod:`memslots.tools.kernels`) and creates a VM of ``vm_type``. The engine answers as
+    that kernel: its :class:`memslots.profiles.KernelProfile` is probed
+    (:meth:`~memslots.profiles.KernelProfile.probe`, cached per device) unless given, and
+    the VM's limits are the profile's for the type (:attr:`profile`). ``KVM_CREATE_VM`` is
+    compared too: a type the kernel and the profile answer differently raises
+    :class:`ConformanceError` in either mode, since no VM could mirror the other. Use it
+    as a context manager or call :meth:`close`, which
     deletes the slots over the VM's own memory in the kernel, then releases vCPUs and
     the VM fd (destroying the VM and its other slots) and unmaps the
     :class:`HostMemory` mappings made by :meth:`host_memory`.

@@ -9,7 +9,7 @@ named profile), and keeps for each record a :class:`Event`: what it did to the s
 The engine follows the kernel: a call the trace records as failed changes nothing even
 when the engine would accept it (the change is undone), so every later record sees the
 kernel's state. A call the kernel accepted but the engine refuses cannot be followed; it
-is noted in :attr:`VmHistory.notes`.
+is noted in the ``notes`` of its :class:`VmHistory`.
 """
 
 from __future__ import annotations

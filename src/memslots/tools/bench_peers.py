@@ -40,11 +40,14 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from bisect import bisect_left
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from itertools import pairwise
 from typing import Any
 
@@ -216,7 +219,8 @@ class EngineWorker:
         self._proc: subprocess.Popen[str] | None = None
         try:
             if pure:
-                self._dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+                with _ctrl_c_deferred():  # the folder exists only once it is remembered
+                    self._dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
                 path = pure_sources(self._dir)
                 env["PYTHONPATH"] = path + (
                     os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else ""
@@ -278,9 +282,24 @@ class EngineWorker:
             if proc is not None:
                 _stop(proc)
         finally:
-            directory, self._dir = self._dir, None
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+            with _ctrl_c_deferred():  # a Ctrl-C halfway through would leave the rest
+                directory, self._dir = self._dir, None
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """SIGINT held back while the block runs (its KeyboardInterrupt comes right after):
+    a temporary folder is made and remembered, or removed, whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread runs Python's signal handlers
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

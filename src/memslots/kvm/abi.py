@@ -77,6 +77,8 @@ __all__ = [
     "exit_reason_name",
     "kvm_available",
     "kvm_unavailable",
+    "memory_region",
+    "memory_region2",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -563,6 +565,51 @@ def _check_range(name: str, value: int, limit: int) -> None:
         raise ValueError(f"{name}={value:#x} does not fit its uapi field (0..{limit:#x})")
 
 
+def memory_region(
+    slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+) -> kvm_userspace_memory_region:
+    """The argument of ``KVM_SET_USER_MEMORY_REGION``; ``ValueError`` naming the field
+    for a value that does not fit it. Whichever kernel gets it (this machine's, or one
+    under QEMU: :mod:`memslots.tools.kernels.remote`)."""
+    if not (
+        0 <= slot <= _U32
+        and 0 <= flags <= _U32
+        and 0 <= guest_phys_addr <= _U64
+        and 0 <= memory_size <= _U64
+        and 0 <= userspace_addr <= _U64
+    ):  # one expression: this is the hot path of replay and conformance runs
+        _check_range("slot", slot, _U32)
+        _check_range("flags", flags, _U32)
+        _check_range("guest_phys_addr", guest_phys_addr, _U64)
+        _check_range("memory_size", memory_size, _U64)
+        _check_range("userspace_addr", userspace_addr, _U64)
+    return kvm_userspace_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+
+
+def memory_region2(
+    slot: int,
+    flags: int,
+    guest_phys_addr: int,
+    memory_size: int,
+    userspace_addr: int,
+    guest_memfd_offset: int = 0,
+    guest_memfd: int = 0,
+) -> kvm_userspace_memory_region2:
+    """The argument of ``KVM_SET_USER_MEMORY_REGION2``, checked as
+    :func:`memory_region` checks its fields."""
+    _check_range("slot", slot, _U32)
+    _check_range("flags", flags, _U32)
+    _check_range("guest_phys_addr", guest_phys_addr, _U64)
+    _check_range("memory_size", memory_size, _U64)
+    _check_range("userspace_addr", userspace_addr, _U64)
+    _check_range("guest_memfd_offset", guest_memfd_offset, _U64)
+    _check_range("guest_memfd", guest_memfd, _U32)
+    return kvm_userspace_memory_region2(
+        slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset,
+        guest_memfd,
+    )  # fmt: skip
+
+
 class _GuardedBuffer:
     """A user buffer of ``size`` bytes that ends exactly at an inaccessible guard page.
 
@@ -754,21 +801,7 @@ class VmFd(_Fd):
         """``KVM_SET_USER_MEMORY_REGION``: create, move, change flags of or (``memory_size``
         0) delete memslot ``slot`` (``as_id << 16 | id``). The kernel's cost is O(log n)
         in the number of slots plus a grace period."""
-        if not (
-            0 <= slot <= _U32
-            and 0 <= flags <= _U32
-            and 0 <= guest_phys_addr <= _U64
-            and 0 <= memory_size <= _U64
-            and 0 <= userspace_addr <= _U64
-        ):  # one expression: this is the hot path of replay and conformance runs
-            _check_range("slot", slot, _U32)
-            _check_range("flags", flags, _U32)
-            _check_range("guest_phys_addr", guest_phys_addr, _U64)
-            _check_range("memory_size", memory_size, _U64)
-            _check_range("userspace_addr", userspace_addr, _U64)
-        region = kvm_userspace_memory_region(
-            slot, flags, guest_phys_addr, memory_size, userspace_addr
-        )
+        region = memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr)
         _ioctl_checked(
             self.fd,
             KVM_SET_USER_MEMORY_REGION,
@@ -788,22 +821,10 @@ class VmFd(_Fd):
     ) -> None:
         """``KVM_SET_USER_MEMORY_REGION2``: as :meth:`set_user_memory_region`, plus the
         guest_memfd binding (used only with ``KVM_MEM_GUEST_MEMFD``). Linux 6.8+."""
-        _check_range("slot", slot, _U32)
-        _check_range("flags", flags, _U32)
-        _check_range("guest_phys_addr", guest_phys_addr, _U64)
-        _check_range("memory_size", memory_size, _U64)
-        _check_range("userspace_addr", userspace_addr, _U64)
-        _check_range("guest_memfd_offset", guest_memfd_offset, _U64)
-        _check_range("guest_memfd", guest_memfd, _U32)
-        region = kvm_userspace_memory_region2(
-            slot,
-            flags,
-            guest_phys_addr,
-            memory_size,
-            userspace_addr,
-            guest_memfd_offset,
+        region = memory_region2(
+            slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset,
             guest_memfd,
-        )
+        )  # fmt: skip
         _ioctl_checked(
             self.fd,
             KVM_SET_USER_MEMORY_REGION2,

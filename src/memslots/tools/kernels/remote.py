@@ -64,8 +64,8 @@ from memslots.kvm.abi import (
     kvm_create_guest_memfd,
     kvm_dirty_log,
     kvm_enable_cap,
-    kvm_userspace_memory_region,
-    kvm_userspace_memory_region2,
+    memory_region,
+    memory_region2,
 )
 from memslots.kvm.vcpu import DEFAULT_TSS_ADDR, RunObserver
 from memslots.kvm.vm import KvmVm
@@ -247,17 +247,7 @@ class RemoteVmFd(_RemoteFd):
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
     ) -> Call:
         """The prepared ``KVM_SET_USER_MEMORY_REGION`` (for :meth:`batch`)."""
-        for name, value, limit in (
-            ("slot", slot, _U32),
-            ("flags", flags, _U32),
-            ("guest_phys_addr", guest_phys_addr, _U64),
-            ("memory_size", memory_size, _U64),
-            ("userspace_addr", userspace_addr, _U64),
-        ):
-            _check_range(name, value, limit)
-        region = kvm_userspace_memory_region(
-            slot, flags, guest_phys_addr, memory_size, userspace_addr
-        )
+        region = memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr)
         return encode_ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, arg=bytes(region))
 
     def set_user_memory_region2_call(
@@ -271,25 +261,10 @@ class RemoteVmFd(_RemoteFd):
         guest_memfd: int = 0,
     ) -> Call:
         """The prepared ``KVM_SET_USER_MEMORY_REGION2`` (for :meth:`batch`)."""
-        for name, value, limit in (
-            ("slot", slot, _U32),
-            ("flags", flags, _U32),
-            ("guest_phys_addr", guest_phys_addr, _U64),
-            ("memory_size", memory_size, _U64),
-            ("userspace_addr", userspace_addr, _U64),
-            ("guest_memfd_offset", guest_memfd_offset, _U64),
-            ("guest_memfd", guest_memfd, _U32),
-        ):
-            _check_range(name, value, limit)
-        region = kvm_userspace_memory_region2(
-            slot,
-            flags,
-            guest_phys_addr,
-            memory_size,
-            userspace_addr,
-            guest_memfd_offset,
+        region = memory_region2(
+            slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset,
             guest_memfd,
-        )
+        )  # fmt: skip
         return encode_ioctl(self.fd, KVM_SET_USER_MEMORY_REGION2, arg=bytes(region))
 
     def batch(self, calls: list[Call]) -> list[Reply]:
